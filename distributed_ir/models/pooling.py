@@ -1,0 +1,28 @@
+"""Pooling token states into one vector: ``cls``, ``mean`` or ``last`` (last real token)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real (mask == 1) token of each row, for left *or* right padding.
+
+    ``mask.sum(1) - 1`` is only right for right padding; taking the argmax of
+    ``mask * position`` finds the last real token wherever the pads are.
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(dim=1)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """``hidden``: [batch, seq, dim]; ``attention_mask``: [batch, seq] -> [batch, dim]."""
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    if mode == "last":
+        idx = last_token_index(attention_mask)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    raise ValueError(f"unknown pooling {mode!r}: expected cls, mean or last")

@@ -1,0 +1,88 @@
+"""The whole retrieval pipeline on a BEIR dataset: (mine) -> train -> encode -> search -> evaluate.
+
+Writes ``OUT/metrics.json`` (rows ``base`` and ``finetuned`` plus training facts),
+``OUT/run.trec`` (the fine-tuned model's run) and ``OUT/train/model`` (the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distributed_ir.config import ModelConfig, PipelineConfig, to_dict
+from distributed_ir.data.beir import ensure_beir, load_beir, resolve_data_dir
+from distributed_ir.data.records import pairs_from_qrels, triplets_from_run, write_records
+from distributed_ir.eval.metrics import DEFAULT_METRICS, write_run
+from distributed_ir.eval.retrieval import evaluate_model, ranked_ids, search
+from distributed_ir.models.embedder import Embedder
+from distributed_ir.train.launch import run_training
+
+
+def metrics_table(rows: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table of metric rows (for logs and the terminal)."""
+    cols = list(DEFAULT_METRICS) + ["num_queries"]
+    lines = [f"{'model':<12}" + "".join(f"{c:>12}" for c in cols)]
+    for name, row in rows.items():
+        cells = "".join(f"{row[c]:>12.4f}" if isinstance(row[c], float) else f"{row[c]:>12}" for c in cols)
+        lines.append(f"{name:<12}{cells}")
+    return "\n".join(lines)
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    folder = ensure_beir(resolve_data_dir(cfg.data_dir), cfg.dataset)
+    train_ds = load_beir(folder, cfg.train_split)
+    eval_ds = load_beir(folder, cfg.eval_split, base=train_ds)
+    ev = cfg.eval
+    rows: dict[str, dict[str, Any]] = {}
+    report: dict[str, Any] = {"config": to_dict(cfg)}
+
+    # ---- base model: evaluate, and mine hard negatives from the same index
+    base_index = None
+    if not cfg.skip_base_eval or cfg.mining.enabled:
+        base = Embedder.from_config(cfg.train.model)
+        print(f"[pipeline] encoding {len(eval_ds.corpus)} documents with the base model", flush=True)
+        rows["base"], base_run, base_index = evaluate_model(base, eval_ds, ev.top_k, ev.batch_size, ev.bf16,
+                                                            ev.max_queries)
+        print(metrics_table(rows), flush=True)
+    train_path = out / "train_records.jsonl"
+    if cfg.mining.enabled:
+        m = cfg.mining
+        mined = search(base, base_index, train_ds.split_queries(), m.rank_end, ev.batch_size, ev.bf16)
+        records, counts = triplets_from_run(train_ds, ranked_ids(mined), m.rank_start, m.rank_end, m.per_query,
+                                            seed=cfg.train.seed)
+        report["mining"] = counts
+        print(f"[pipeline] mined hard negatives: {counts}", flush=True)
+    else:
+        records = pairs_from_qrels(train_ds)
+    write_records(train_path, records)
+    del base_index
+
+    # ---- fine-tune on Ray Train
+    train_cfg = replace(cfg.train, train_path=str(train_path), output_dir=str(out / "train"))
+    result = run_training(train_cfg)
+    report["train"] = {"seconds": round(result.seconds, 1), "records": len(records), **{
+        k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+    print(f"[pipeline] training took {result.seconds:.0f}s; model at {result.model_path}", flush=True)
+
+    # ---- fine-tuned model: encode, search, evaluate
+    tuned = Embedder.from_config(ModelConfig(name_or_path=str(result.model_path)))
+    rows["finetuned"], run, _ = evaluate_model(tuned, eval_ds, ev.top_k, ev.batch_size, ev.bf16, ev.max_queries)
+    write_run(out / "run.trec", run)
+    if "base" in rows:
+        write_run(out / "run_base.trec", base_run)
+    report["metrics"] = rows
+    report["model_path"] = str(result.model_path)
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    print(metrics_table(rows), flush=True)
+    print(f"[pipeline] wrote {out / 'metrics.json'} and {out / 'run.trec'}", flush=True)
+    return report

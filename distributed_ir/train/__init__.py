@@ -1,0 +1,1 @@
+"""Training: per-worker loop, batching, checkpoints, Ray Train launch."""

@@ -1,0 +1,83 @@
+"""Deterministic per-worker batches of training records.
+
+Each epoch the records are permuted with ``seed + epoch``; global step s takes records
+``perm[s*W*B : (s+1)*W*B]`` and rank r takes the r-th slice of B.  So 2 workers x B see exactly
+the records 1 worker x 2B sees, the data order does not depend on the world size, and a resumed
+run can skip to (epoch, step) without replaying anything.  The last incomplete global batch is
+dropped (every rank must gather equal shapes); a different tail is dropped each epoch.
+Positive/negative choice is seeded by (seed, epoch, record index), also world-size independent.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from distributed_ir.data.records import ScoredRecord, TrainRecord
+
+
+@dataclass
+class TextBatch:
+    """Texts for one micro-step on one worker; ``negatives`` is query-major, k per query."""
+
+    queries: list[str]
+    positives: list[str]
+    negatives: list[str]
+    labels: list[float] | None = None  # scored pairs: positives hold the documents
+
+
+def steps_per_epoch(num_records: int, world_size: int, batch_size: int) -> int:
+    return num_records // (world_size * batch_size)
+
+
+def epoch_batches(
+    records: list[TrainRecord] | list[ScoredRecord],
+    epoch: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    num_negatives: int,
+    seed: int,
+    start_step: int = 0,
+) -> Iterator[TextBatch]:
+    """Yield this rank's micro-batches of ``epoch``, starting at global micro-step ``start_step``."""
+    perm = np.random.default_rng(seed + epoch).permutation(len(records))
+    n_steps = steps_per_epoch(len(records), world_size, batch_size)
+    neg_pool = _negative_pool(records) if num_negatives else []
+    for step in range(start_step, n_steps):
+        lo = step * world_size * batch_size + rank * batch_size
+        idx = perm[lo : lo + batch_size]
+        yield _make_batch(records, idx, epoch, num_negatives, seed, neg_pool)
+
+
+def _negative_pool(records: list) -> list[str]:
+    pool: list[str] = []
+    for rec in records:
+        if isinstance(rec, TrainRecord):
+            pool.extend(rec.negative or rec.positive[:1])
+    return pool
+
+
+def _make_batch(records: list, idx: np.ndarray, epoch: int, k: int, seed: int, neg_pool: list[str]) -> TextBatch:
+    first = records[int(idx[0])]
+    if isinstance(first, ScoredRecord):
+        rows = [records[int(i)] for i in idx]
+        return TextBatch([r.query for r in rows], [r.document for r in rows], [], [r.label for r in rows])
+    queries, positives, negatives = [], [], []
+    for i in idx:
+        rec: TrainRecord = records[int(i)]
+        rng = random.Random(f"{seed}:{epoch}:{int(i)}")
+        queries.append(rec.query)
+        positives.append(rng.choice(rec.positive))
+        if k:
+            if len(rec.negative) >= k:
+                negatives.extend(rng.sample(rec.negative, k))
+            elif rec.negative:  # fewer than k mined: sample with replacement
+                negatives.extend(rng.choices(rec.negative, k=k))
+            else:  # no mined negatives: random documents from the pool, never a positive
+                picks = [d for d in rng.sample(neg_pool, min(len(neg_pool), 4 * k + 4)) if d not in rec.positive]
+                negatives.extend((picks * k)[:k] if picks else rng.choices(neg_pool, k=k))
+    return TextBatch(queries, positives, negatives)

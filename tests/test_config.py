@@ -1,0 +1,70 @@
+"""Config loading: every YAML in jobs/ and cluster/ loads; bad keys, types and values fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distributed_ir.config import ConfigError, PipelineConfig, TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config_class(path: Path):
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    return PipelineConfig if ("train" in data or "dataset" in data) else TrainConfig
+
+
+@pytest.mark.parametrize("path", sorted(p for d in ("jobs", "cluster") for p in (REPO / d).rglob("*.yaml")
+                                        if "configs" in p.parts), ids=lambda p: p.name)
+def test_every_job_config_loads(path):
+    cfg = load_config(_config_class(path), path)
+    assert cfg is not None
+
+
+def test_there_are_job_configs():
+    assert list((REPO / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_overrides_are_typed():
+    cfg = load_config(PipelineConfig, None, ["train.optim.lr=1e-4", "train.epochs=3", "train.bf16=true",
+                                             "train.model.pooling=cls", "eval.top_k=10"])
+    assert cfg.train.optim.lr == pytest.approx(1e-4)
+    assert cfg.train.epochs == 3 and cfg.train.bf16 is True and cfg.train.model.pooling == "cls"
+    assert cfg.eval.top_k == 10
+
+
+def test_unknown_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  optim:\n    lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*train\.optim\.lrr"):
+        load_config(PipelineConfig, bad)
+
+
+def test_wrong_type_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: three\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*epochs.*expected int"):
+        load_config(TrainConfig, bad)
+    with pytest.raises(ConfigError, match="bf16.*true/false"):
+        load_config(TrainConfig, None, ["bf16=maybe"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.pooling=max", "pooling"),
+    ("model.query_instruction=query:", "needs exactly one '{}'"),
+    ("optim.scheduler=step", "scheduler"),
+    ("batch_size=0", "batch_size"),
+    ("loss.name=hinge", "loss.name"),
+])
+def test_invalid_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, None, [override])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(TrainConfig, "/nonexistent/x.yaml")
