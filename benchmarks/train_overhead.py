@@ -76,7 +76,7 @@ def ray_train(args: argparse.Namespace, train_path: Path) -> float:
     from distributed_ir.config import TrainConfig, from_dict
     from distributed_ir.train.launch import run_training
 
-    ray.init(num_cpus=args.threads, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(num_cpus=args.threads, _node_ip_address="127.0.0.1", log_to_driver=False)
     with tempfile.TemporaryDirectory() as out:
         # Window 1 = warmup steps, window 2 = the measured steps (log_every = steps).
         assert args.warmup <= args.steps
@@ -124,7 +124,7 @@ def main() -> None:
                 results[kind].append(value)
                 print(f"run {run + 1} {kind:>4}: {value:.2f} samples/s", flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"\n| loop | runs (samples/s) | median |\n|---|---|---|")
+    print("\n| loop | runs (samples/s) | median |\n|---|---|---|")
     for k, v in results.items():
         print(f"| {k} | {', '.join(f'{x:.2f}' for x in v)} | {med[k]:.2f} |")
     print(f"\nratio ray/bare (median): {med['ray'] / med['bare']:.3f}")

@@ -1,4 +1,4 @@
-"""``distributed-ir`` command line: train / evaluate / pipeline (index, search, rerank, mine follow).
+"""``distributed-ir`` command line: train / index / search / evaluate / pipeline.
 
 Every command that takes ``--config FILE`` also takes ``key.path=value`` overrides.
 """
@@ -53,6 +53,32 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index(args: argparse.Namespace) -> int:
+    from distributed_ir.index.pipeline import IndexOptions, build_faiss, encode_corpus
+    from distributed_ir.train.launch import init_ray
+
+    opts = IndexOptions(model=args.model, corpus=args.corpus, out=args.out, index_type=args.index_type,
+                        num_shards=args.num_shards, index_shards=args.index_shards, batch_size=args.batch_size,
+                        precision=args.precision, use_gpu=args.use_gpu, actors=args.actors)
+    init_ray()
+    manifest = encode_corpus(opts)
+    index = build_faiss(Path(opts.out).resolve(), manifest, opts.index_type, opts.index_shards, opts.use_gpu)
+    size = sum(f.stat().st_size for f in (Path(opts.out) / "index").glob("index-*.faiss"))
+    summary = {"docs": manifest["num_docs"], "indexed": index.ntotal, **manifest["last_run"],
+               "index_type": opts.index_type, "index_bytes": size, "out": str(Path(opts.out).resolve())}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from distributed_ir.index.search import search_index
+
+    _, summary = search_index(args.index, args.queries, args.out, args.top_k, args.qrels, args.batch_size,
+                              args.precision, args.use_gpu)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distributed-ir", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=False, help="YAML config (TrainConfig)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("index", help="encode a corpus with Ray Data into embedding shards and a FAISS index")
+    p.add_argument("--model", default="default", help="saved embedder folder or 'default'")
+    p.add_argument("--corpus", required=True, nargs="+", help="JSONL/Parquet files, folders or globs")
+    p.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    p.add_argument("--index-type", default="Flat", help="faiss index_factory string: Flat, IVF4096,Flat, HNSW32, ...")
+    p.add_argument("--num-shards", type=int, default=4, help="embedding shards (units of resume)")
+    p.add_argument("--index-shards", type=int, default=1, help="FAISS indexes to split the corpus over")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--use-gpu", action="store_true", help="one encode actor per GPU; FAISS on GPU")
+    p.add_argument("--actors", type=int, default=0, help="encode actors (0 = from cluster resources)")
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("search", help="search an index built by `index`; write a TREC run")
+    p.add_argument("--index", required=True, help="the --out folder of `distributed-ir index`")
+    p.add_argument("--queries", required=True, help="BEIR queries.jsonl")
+    p.add_argument("--qrels", help="only search the queries in these qrels")
+    p.add_argument("--out", required=True, help="TREC run file to write")
+    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--use-gpu", action="store_true")
+    p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("evaluate", help="score a TREC run against qrels (trec_eval semantics)")
     p.add_argument("--run", required=True, help="TREC run file")
@@ -80,7 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse binds a trailing `key=value ...` list only when it directly follows the other
+    # positionals; collect overrides placed after options (`train embedder --config F a=b`) too.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:

@@ -8,6 +8,7 @@ key path (and the file, when loaded from one).  YAML is read with ``yaml.safe_lo
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,8 +115,8 @@ class ScalingConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("scaling.num_workers must be >= 1")
-        if self.cpus_per_worker <= 0:
-            raise ConfigError("scaling.cpus_per_worker must be > 0")
+        if self.cpus_per_worker <= 0 or self.torch_threads < 0:
+            raise ConfigError("scaling.cpus_per_worker must be > 0 and torch_threads >= 0")
 
 
 @dataclass
@@ -156,6 +157,10 @@ class EvalConfig:
     bf16: bool = _help("bf16 autocast while encoding", default=False)
     max_queries: int = _help("evaluate only the first N queries (0 = all)", default=0)
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.top_k < 1 or self.max_queries < 0:
+            raise ConfigError("eval: batch_size and top_k must be >= 1, max_queries >= 0")
+
 
 @dataclass
 class MiningConfig:
@@ -167,6 +172,8 @@ class MiningConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.rank_start < self.rank_end:
             raise ConfigError("mining: need 0 <= rank_start < rank_end")
+        if self.per_query < 1:
+            raise ConfigError("mining.per_query must be >= 1")
 
 
 @dataclass
@@ -186,11 +193,27 @@ class PipelineConfig:
 
 # ----------------------------------------------------------------------------- loading
 
+class _Raw(str):
+    """An override value as typed on the command line; parsed once its field's type is known."""
+
+
+def _parse_raw(value: _Raw, tp: Any, where: str) -> Any:
+    arms = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if str in arms:
+        return str(value)  # a string field takes the text as typed: "query: {}", "2019"
+    try:
+        return yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: cannot parse {str(value)!r}: {e}") from None
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
+    if isinstance(value, _Raw):
+        value = _parse_raw(value, tp, where)
     origin = typing.get_origin(tp)
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
@@ -216,9 +239,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float and not isinstance(value, bool):
         # YAML 1.1 reads "1e-4" as a string; users mean a float.
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
@@ -253,14 +279,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=c`` overrides; values are parsed as YAML scalars (``1e-4``, ``true``)."""
+    """Apply ``a.b=c`` overrides; each value is parsed for its field's type (``1e-4``, ``true``)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
-            value = raw  # "query: {}" is an instruction template, not a mapping
+        value = _Raw(raw)
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -11,7 +11,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +65,6 @@ def ray_cluster():
     import ray
 
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, _node_ip_address="127.0.0.1",
-             log_to_driver=True)
+    ray.init(num_cpus=2, _temp_dir=tmp, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
     yield
     ray.shutdown()

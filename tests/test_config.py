@@ -68,3 +68,16 @@ def test_invalid_values(override, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config(TrainConfig, "/nonexistent/x.yaml")
+
+
+def test_string_overrides_keep_the_text_as_typed():
+    cfg = load_config(PipelineConfig, None, ["train.model.query_instruction=query: {}", "dataset=2019",
+                                             "train.model.document_instruction={}"])
+    assert cfg.train.model.query_instruction == "query: {}" and cfg.dataset == "2019"
+    assert cfg.train.model.document_instruction == "{}"
+
+
+@pytest.mark.parametrize("override", ["train.optim.lr=nan", "train.optim.lr=inf", "train.epochs=[1"])
+def test_non_finite_or_unparsable_values(override):
+    with pytest.raises(ConfigError, match="train"):
+        load_config(PipelineConfig, None, [override])

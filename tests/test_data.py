@@ -72,7 +72,7 @@ def test_empty_query_text(tmp_path):
     ("q0\td0", "expected 3 tab-separated columns"),
 ])
 def test_qrels_errors(beir, row, message):
-    path = _write(beir / "qrels" / "bad.tsv", ["query-id\tcorpus-id\tscore", "q0\td0\t1", row])
+    _write(beir / "qrels" / "bad.tsv", ["query-id\tcorpus-id\tscore", "q0\td0\t1", row])
     with pytest.raises(DataError, match=rf"bad\.tsv:3: {message}"):
         load_beir(beir, "bad")
 
@@ -101,11 +101,19 @@ def test_pair_record_errors(tmp_path, row, message):
         read_records(path)
 
 
-def test_triplet_missing_negative_list(tmp_path):
+def test_triplet_negative_list_may_be_empty_but_not_missing(tmp_path):
     path = _write(tmp_path / "t.jsonl", [json.dumps({"query": "q", "positive": ["p"], "negative": ["n"]}),
-                                          json.dumps({"query": "q", "positive": ["p"], "negative": []})])
-    with pytest.raises(DataError, match=r"t\.jsonl:2: field 'negative': empty list"):
+                                          json.dumps({"query": "q", "positive": ["p"], "negative": []}),
+                                          json.dumps({"query": "q", "positive": ["p"]})])
+    with pytest.raises(DataError, match=r"t\.jsonl:3: field 'negative': missing"):
         read_records(path)
+
+
+def test_mixed_records_written_as_one_format(tmp_path):
+    """A mined file where some queries got no negatives keeps every negative when read back."""
+    recs = [TrainRecord("q1", ["p1"]), TrainRecord("q2", ["p2"], ["n2"])]
+    write_records(tmp_path / "m.jsonl", recs)
+    assert read_records(tmp_path / "m.jsonl") == ("triplet", recs)
 
 
 @pytest.mark.parametrize("label", ["high", None, True, float("nan")])

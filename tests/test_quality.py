@@ -56,6 +56,6 @@ def test_short_finetune_beats_base(scifact_dir, tmp_path, ray_cluster):
     print(json.dumps(report["metrics"], indent=2))
     assert base["num_queries"] == tuned["num_queries"] == 100
     assert 0.5 < base["ndcg@10"] < 0.95
-    assert tuned["ndcg@10"] > base["ndcg@10"] + 0.005
+    assert tuned["ndcg@10"] > base["ndcg@10"]
     assert report["mining"]["negatives"] > 0
     assert (tmp_path / "out" / "run.trec").is_file()

@@ -29,6 +29,8 @@ class TripletMarginLoss(nn.Module):
             k = negative.shape[0] // query.shape[0]
             neg = torch.einsum("bd,bkd->bk", query, negative.float().view(query.shape[0], k, -1))
             return torch.relu(self.margin - pos + neg).mean()
+        if query.shape[0] < 2:
+            raise ValueError("in-batch triplet loss needs a batch of at least 2 (or hard negatives)")
         scores = query @ positive.T  # [B, B]
         off_diag = ~torch.eye(query.shape[0], dtype=torch.bool, device=query.device)
         return torch.relu(self.margin - pos + scores)[off_diag].mean()

@@ -33,7 +33,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
@@ -45,11 +46,18 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     storage = cfg.storage_path or str(out / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
     # A reused RunConfig name with the same storage silently resumes the old run: unique names.
     name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     loop_config = to_dict(cfg)
+    # Ray Train workers run in their own working directory: hand them absolute paths only.
     loop_config["train_path"] = str(Path(cfg.train_path).resolve())
     loop_config["output_dir"] = str(out)
+    if cfg.resume_from:
+        loop_config["resume_from"] = str(Path(cfg.resume_from).resolve())
+    if cfg.model.name_or_path != "default" and Path(cfg.model.name_or_path).exists():
+        loop_config["model"]["name_or_path"] = str(Path(cfg.model.name_or_path).resolve())
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

@@ -102,10 +102,16 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     # ---- setup: data, model (from a checkpoint when resuming), optimizer, schedule
     fmt, records = read_records(cfg.train_path)
+    wants = {"cosent": ("scored",), "infonce": ("pair", "triplet"), "triplet": ("pair", "triplet")}[cfg.loss.name]
+    if fmt not in wants:
+        raise ValueError(f"{cfg.train_path}: loss {cfg.loss.name!r} needs {' or '.join(wants)} records, "
+                         f"the file holds {fmt} records")
     resume_dir = _resume_dir(cfg, in_ray)
     model_cfg = replace(cfg.model, name_or_path=str(resume_dir / "model")) if resume_dir else cfg.model
     embedder = Embedder.from_config(model_cfg).to(device)
     embedder.train()
+    # Distinct dropout per rank (DDP broadcasts rank 0's weights, so init is unaffected).
+    torch.manual_seed(cfg.seed + rank)
     module: nn.Module = DualEncoder(embedder)
     if world_size > 1:
         module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -166,12 +172,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             position = {"step": step, "epoch": epoch, "micro_in_epoch": micro}
             if micro >= micro_used:
                 position = {"step": step, "epoch": epoch + 1, "micro_in_epoch": 0}
-            if step % cfg.log_every == 0 or done:
+            save = done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            if step % cfg.log_every == 0 or save:
                 last = _metrics(window, step, total_steps, epoch, scheduler)
                 history.append(last)
                 if rank == 0:
                     print(_progress_line(last), flush=True)
-            save = done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
             if save:
                 _checkpoint(embedder, optimizer, scheduler, position, cfg, rank, in_ray, last, final=done)
             elif in_ray and step % cfg.log_every == 0:
@@ -183,6 +189,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             state["micro_in_epoch"] = 0
     if world_size > 1:
         dist.barrier()
+    if resume_dir and in_ray:
+        shutil.rmtree(resume_dir, ignore_errors=True)  # our local copy of Ray's checkpoint
     return {**last, "history": history}
 
 

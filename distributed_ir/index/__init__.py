@@ -1,0 +1,1 @@
+"""Indexing: Ray Data corpus encoding (EncodeStage) into Parquet shards and FAISS indexes."""

@@ -1,0 +1,148 @@
+"""Corpus staging: validate every document once and split the corpus into Parquet shards.
+
+Input: BEIR-style JSONL (``_id``, ``title``, ``text``) or Parquet (``_id``/``doc_id``, ``title``,
+``text``), many files or a glob. Each document is checked (id present, non-empty, unique across
+all files; text a non-empty string) and bad input stops with FILE:LINE; a duplicate names both
+places. Document k (in reading order) goes to shard ``k % num_shards``. Shards are written
+atomically and described in ``stage.json`` with counts, so a rerun on the same corpus reuses them.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distributed_ir.data.beir import _id, _text, iter_jsonl
+from distributed_ir.data.errors import DataError
+
+STAGE_FILE = "stage.json"
+FLUSH = 8192
+
+
+@dataclass
+class StagedShard:
+    index: int
+    path: Path
+    count: int
+
+
+def expand_corpus(spec: str | list[str]) -> list[Path]:
+    """Paths from a file, a folder (its *.jsonl / *.parquet), a glob, or a list of those."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    paths: list[Path] = []
+    for s in specs:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(p.glob("*.jsonl")) + sorted(p.glob("*.parquet"))
+        elif any(c in s for c in "*?["):
+            found = [Path(x) for x in sorted(glob.glob(s))]
+        else:
+            found = [p] if p.is_file() else []
+        if not found:
+            raise DataError(s, None, "no corpus files found (expected .jsonl or .parquet)")
+        paths.extend(found)
+    return paths
+
+
+def iter_documents(paths: list[Path]) -> Iterator[tuple[Path, int, str, str]]:
+    """Yield ``(file, line, doc_id, text)`` for every document, validated."""
+    for path in paths:
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            for line, row in enumerate(table.to_pylist(), start=1):
+                if "_id" not in row and "doc_id" in row:
+                    row["_id"] = row["doc_id"]
+                yield path, line, *_document(path, line, row)
+        else:
+            for line, row in iter_jsonl(path):
+                yield path, line, *_document(path, line, row)
+
+
+def _document(path: Path, line: int, row: dict) -> tuple[str, str]:
+    doc_id = _id(path, line, row)
+    text = f"{_text(path, line, row, 'title', required=False)} {_text(path, line, row, 'text', required=True)}".strip()
+    if not text:
+        raise DataError(path, line, "empty document (title and text are blank)", field="text")
+    return doc_id, text
+
+
+def corpus_fingerprint(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def stage_corpus(paths: list[Path], stage_dir: Path, num_shards: int) -> tuple[list[StagedShard], str]:
+    """Validate and shard the corpus into ``stage_dir``; reuse an identical earlier staging.
+
+    Returns the shards and a stage id (corpus fingerprint + shard count): embeddings made for
+    another stage id must not be reused. Empty shards are dropped (fewer docs than shards).
+    """
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = corpus_fingerprint(paths)
+    stage_id = f"{fingerprint}-{num_shards}"
+    meta_file = stage_dir / STAGE_FILE
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        if meta["fingerprint"] == fingerprint and meta["num_shards"] == num_shards:
+            return [StagedShard(s["index"], stage_dir / s["file"], s["count"]) for s in meta["shards"]], stage_id
+    for old in stage_dir.glob("shard-*.parquet"):
+        old.unlink()
+    # Streams: at most FLUSH rows per shard are buffered; only the ids (for the duplicate
+    # check) are held for the whole corpus.
+    schema = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("shard", pa.int32())])
+    names = [f"shard-{i:05d}.parquet" for i in range(num_shards)]
+    writers = [pq.ParquetWriter(stage_dir / (n + ".tmp"), schema) for n in names]
+    buffers: list[tuple[list[str], list[str]]] = [([], []) for _ in range(num_shards)]
+    counts = [0] * num_shards
+    seen: dict[str, tuple[Path, int]] = {}
+
+    def flush(i: int) -> None:
+        ids, texts = buffers[i]
+        if ids:
+            writers[i].write_table(pa.table({"doc_id": ids, "text": texts, "shard": pa.array([i] * len(ids), pa.int32())},
+                                            schema=schema))
+            buffers[i] = ([], [])
+
+    try:
+        for k, (path, line, doc_id, text) in enumerate(iter_documents(paths)):
+            if doc_id in seen:
+                first_path, first_line = seen[doc_id]
+                raise DataError(path, line, f"duplicate id {doc_id!r}, first at {first_path}:{first_line}",
+                                field="_id")
+            seen[doc_id] = (path, line)
+            i = k % num_shards
+            buffers[i][0].append(doc_id)
+            buffers[i][1].append(text)
+            counts[i] += 1
+            if len(buffers[i][0]) >= FLUSH:
+                flush(i)
+        for i in range(num_shards):
+            flush(i)
+    finally:
+        for w in writers:
+            w.close()
+    shards = []
+    for i, name in enumerate(names):
+        if counts[i] == 0:
+            (stage_dir / (name + ".tmp")).unlink()
+            continue
+        os.replace(stage_dir / (name + ".tmp"), stage_dir / name)
+        shards.append(StagedShard(i, stage_dir / name, counts[i]))
+    meta = {"fingerprint": fingerprint, "num_shards": num_shards, "num_docs": len(seen),
+            "files": [str(p) for p in paths],
+            "shards": [{"index": s.index, "file": s.path.name, "count": s.count} for s in shards]}
+    tmp = meta_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_file)
+    return shards, stage_id

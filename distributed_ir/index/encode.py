@@ -1,0 +1,97 @@
+"""EncodeStage: a plain callable class that turns a batch of texts into embeddings.
+
+Ray Data builds one per actor (``__init__`` loads the model once); unit tests and single-GPU
+benchmarks call it directly. No Ray imports here.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distributed_ir.config import ModelConfig
+from distributed_ir.models.embedder import Embedder
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matmul (AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``auto`` -> bf16 where the hardware runs it natively (GPU with bf16, CPU with AMX/AVX512-BF16)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError("fp16 autocast needs a GPU; use bf16 or fp32 on CPU")
+        return torch.float16
+    if precision != "auto":
+        raise ValueError(f"precision {precision!r}: expected auto, fp32, bf16 or fp16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+class EncodeStage:
+    """``__call__({"doc_id", "text", ...}) -> {"doc_id", ..., "embedding"}``, batched by length inside.
+
+    Args:
+        model: saved embedder folder or ``default``; its own saved settings decide pooling,
+            instructions, max length and normalisation (``overrides`` may not contradict them).
+        kind: ``document`` or ``query`` (selects the instruction template and max length).
+        batch_size: texts per forward pass (the Ray batch may be larger; it is split, sorted by
+            length so each forward pads little).
+        precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16``.
+        device: ``auto`` (first visible GPU, else CPU), ``cpu`` or ``cuda``.
+        threads: torch intra-op threads (0 = leave torch's default).
+    """
+
+    def __init__(self, model: str, kind: str = "document", batch_size: int = 64, precision: str = "auto",
+                 device: str = "auto", threads: int = 0, overrides: dict | None = None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if threads:
+            torch.set_num_threads(threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.embedder = Embedder.from_config(ModelConfig(name_or_path=model, **(overrides or {}))).to(self.device)
+        self.embedder.eval()
+        self.kind = kind
+        self.batch_size = batch_size
+        self.dtype = resolve_dtype(precision, self.device)
+
+    @property
+    def dim(self) -> int:
+        return self.embedder.dim
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """float32 ``[len(texts), dim]`` in input order."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+        with torch.inference_mode(), autocast:
+            for start in range(0, len(texts), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                enc = self.embedder.tokenize([texts[i] for i in idx], self.kind)
+                enc = {k: v.to(self.device, non_blocking=True) for k, v in enc.items()}
+                out[idx] = self.embedder(**enc).float().cpu().numpy()
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Replace the ``text`` column with ``embedding``; other columns (ids, shard) pass through."""
+        out = {k: np.asarray(v) for k, v in batch.items() if k != "text"}
+        out["embedding"] = self.encode([str(t) for t in batch["text"]])
+        return out

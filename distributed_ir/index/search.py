@@ -1,0 +1,41 @@
+"""Search a built index with the model that built it; write a TREC run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from distributed_ir.data.beir import load_qrels, load_queries
+from distributed_ir.eval.metrics import Run, write_run
+from distributed_ir.index.encode import EncodeStage
+from distributed_ir.index.faiss_index import ShardedIndex
+from distributed_ir.index.pipeline import MANIFEST
+
+
+def search_index(index_dir: str | Path, queries_path: str | Path, out: str | Path, top_k: int = 100,
+                 qrels_path: str | Path | None = None, batch_size: int = 64, precision: str = "auto",
+                 use_gpu: bool = False, progress: bool = True) -> tuple[Run, dict]:
+    """Encode queries (the model's saved query settings), search every index shard, merge, write."""
+    root = Path(index_dir)
+    manifest = json.loads((root / MANIFEST).read_text())
+    index = ShardedIndex.load(root / "index")
+    queries = load_queries(queries_path)
+    if qrels_path:
+        qrels = load_qrels(qrels_path, queries=queries)
+        queries = {q: t for q, t in queries.items() if q in qrels}
+    t0 = time.perf_counter()
+    stage = EncodeStage(manifest["model"], kind="query", batch_size=batch_size, precision=precision,
+                        device="cuda" if use_gpu else "cpu")
+    qids = list(queries)
+    vectors = stage.encode([queries[q] for q in qids])
+    scores, positions = index.search(vectors, top_k, use_gpu=use_gpu, progress=progress)
+    run: Run = {
+        qid: {index.doc_ids[p]: float(s) for s, p in zip(scores[i], positions[i]) if p >= 0}
+        for i, qid in enumerate(qids)
+    }
+    write_run(out, run)
+    seconds = time.perf_counter() - t0
+    summary = {"queries": len(qids), "top_k": top_k, "seconds": round(seconds, 2),
+               "queries_per_s": round(len(qids) / seconds, 1), "index_docs": index.ntotal, "run": str(out)}
+    return run, summary

@@ -1,0 +1,13 @@
+"""Ray job: encode a corpus with Ray Data into embedding shards + a FAISS index (resumable).
+
+    ray job submit --working-dir . -- python jobs/index_corpus.py \
+        --model default --corpus "$IR_DATA_DIR/scifact/corpus.jsonl" --out outputs/scifact_index
+Takes the same flags as `distributed-ir index`.
+"""
+
+import sys
+
+from distributed_ir.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["index", *sys.argv[1:]]))
