@@ -67,7 +67,7 @@ def main() -> None:
     rows = []
     for factory in types:
         t0 = time.perf_counter()
-        index = build_index(docs, ids, factory, train_size=200_000, use_gpu=False)
+        index = build_index(docs, ids, factory, train_size=100_000, use_gpu=False)
         build = time.perf_counter() - t0
         settings = [None]
         if factory.startswith("IVF"):

@@ -1,6 +1,7 @@
 """Ray Train (1 worker) vs a bare torch loop: samples/s of the same training step.
 
-Both run the same step (all-MiniLM-L6-v2, SciFact train pairs, batch 16, in-batch InfoNCE,
+Variants: ``bare`` (a hand-written torch loop), ``loop`` (the project's per-worker loop called
+without Ray) and ``ray`` (that loop in a 1-worker TorchTrainer). All run the same step (all-MiniLM-L6-v2, SciFact train pairs, batch 16, in-batch InfoNCE,
 AdamW, bf16 autocast when --bf16) on the same cores, alternating, each in a fresh process.
 Samples/s is measured over the steady-state window (after --warmup steps); the Ray side
 includes the ray.train.report calls of a log interval, as a real run pays them.
@@ -70,24 +71,37 @@ def bare(args: argparse.Namespace, train_path: Path) -> float:
     return args.steps * args.batch_size / (time.perf_counter() - t0)
 
 
+def _loop_config(args: argparse.Namespace, train_path: Path, out: str):
+    from distributed_ir.config import TrainConfig, from_dict
+
+    # Window 1 = warmup steps, window 2 = the measured steps (log_every = steps).
+    return from_dict(TrainConfig, {
+        "train_path": str(train_path), "output_dir": out, "batch_size": args.batch_size,
+        "max_steps": 2 * args.steps, "log_every": args.steps, "bf16": args.bf16,
+        "model": {"query_max_length": 64, "document_max_length": 256},
+        "optim": {"lr": 5e-5, "warmup_ratio": 0.0},
+        "scaling": {"num_workers": 1, "cpus_per_worker": args.threads, "torch_threads": args.threads},
+    })
+
+
+def loop(args: argparse.Namespace, train_path: Path) -> float:
+    """The project's own per-worker loop, called without Ray (world size 1)."""
+    from distributed_ir.config import to_dict
+    from distributed_ir.train.loop import train_loop
+
+    with tempfile.TemporaryDirectory() as out:
+        result = train_loop(to_dict(_loop_config(args, train_path, out)))
+    return float(result["samples_per_s"])
+
+
 def ray_train(args: argparse.Namespace, train_path: Path) -> float:
     import ray
 
-    from distributed_ir.config import TrainConfig, from_dict
     from distributed_ir.train.launch import run_training
 
     ray.init(num_cpus=args.threads, _node_ip_address="127.0.0.1", log_to_driver=False)
     with tempfile.TemporaryDirectory() as out:
-        # Window 1 = warmup steps, window 2 = the measured steps (log_every = steps).
-        assert args.warmup <= args.steps
-        cfg = from_dict(TrainConfig, {
-            "train_path": str(train_path), "output_dir": out, "batch_size": args.batch_size,
-            "max_steps": 2 * args.steps, "log_every": args.steps, "bf16": args.bf16,
-            "model": {"query_max_length": 64, "document_max_length": 256},
-            "optim": {"lr": 5e-5, "warmup_ratio": 0.0},
-            "scaling": {"num_workers": 1, "cpus_per_worker": args.threads, "torch_threads": args.threads},
-        })
-        result = run_training(cfg)
+        result = run_training(_loop_config(args, train_path, out))
     ray.shutdown()
     return float(result.metrics["samples_per_s"])
 
@@ -96,22 +110,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=0, help="bare-loop warmup steps (default: --steps, so "
+                        "every variant times the same batches)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--one", choices=["bare", "ray"], help=argparse.SUPPRESS)
+    parser.add_argument("--kinds", default="bare,loop,ray")
+    parser.add_argument("--one", choices=["bare", "loop", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--train-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.warmup = args.warmup or args.steps
     if args.one:
-        fn = bare if args.one == "bare" else ray_train
+        fn = {"bare": bare, "loop": loop, "ray": ray_train}[args.one]
         print(json.dumps({"samples_per_s": fn(args, Path(args.train_path))}))
         return
     with tempfile.TemporaryDirectory() as tmp:
         train_path = _records(Path(tmp))
-        results: dict[str, list[float]] = {"bare": [], "ray": []}
+        kinds = args.kinds.split(",")
+        results: dict[str, list[float]] = {k: [] for k in kinds}
         for run in range(args.runs):
-            for kind in ("bare", "ray"):  # alternate so noise hits both alike
+            for kind in kinds:  # alternate so noise hits all alike
                 cmd = [sys.executable, __file__, "--one", kind, "--train-path", str(train_path),
                        "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
@@ -127,7 +145,8 @@ def main() -> None:
     print("\n| loop | runs (samples/s) | median |\n|---|---|---|")
     for k, v in results.items():
         print(f"| {k} | {', '.join(f'{x:.2f}' for x in v)} | {med[k]:.2f} |")
-    print(f"\nratio ray/bare (median): {med['ray'] / med['bare']:.3f}")
+    for k in kinds[1:]:
+        print(f"ratio {k}/{kinds[0]} (median): {med[k] / med[kinds[0]]:.3f}")
 
 
 if __name__ == "__main__":

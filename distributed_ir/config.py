@@ -141,6 +141,9 @@ class TrainConfig:
     resume_from: str = _help("checkpoint dir to resume from ('' = none)", default="")
     storage_path: str = _help("Ray Train storage path ('' = <output_dir>/ray)", default="")
     max_failures: int = _help("Ray Train worker-failure retries", default=0)
+    ray_train_metrics: bool = _help(
+        "export Ray Train's own Prometheus metrics (about 15% slower steps measured on a 2-core node)", default=False
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum_steps", "log_every"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import uuid
@@ -23,8 +24,6 @@ class TrainResult:
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join ``address`` (or $RAY_ADDRESS), else start a local cluster bound to 127.0.0.1."""
-    import os
-
     import ray
 
     if ray.is_initialized():
@@ -42,6 +41,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train's controller/worker metrics callbacks cost measurable step time on small nodes
+    # (BENCHMARKS.md); they are read from the driver's environment when the trainer is built.
+    os.environ["RAY_TRAIN_METRICS_ENABLED"] = "1" if cfg.ray_train_metrics else "0"
     init_ray()
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
