@@ -41,8 +41,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    # Ray Train's controller/worker metrics callbacks cost measurable step time on small nodes
-    # (BENCHMARKS.md); they are read from the driver's environment when the trainer is built.
+    # Ray Train's controller/worker metrics callbacks take CPU that a small node's training step
+    # needs; Ray reads this switch from the driver's environment when the trainer is built.
     os.environ["RAY_TRAIN_METRICS_ENABLED"] = "1" if cfg.ray_train_metrics else "0"
     init_ray()
     out = Path(cfg.output_dir).resolve()
