@@ -1,0 +1,209 @@
+"""BEIR datasets: ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``.
+
+Every reader validates as it goes and raises :class:`DataError` naming file and line for
+malformed JSON, missing/empty ids, duplicate ids, wrong types, invalid UTF-8 and qrels that name
+unknown queries or documents.  Graded relevance is kept as an int (0 = judged non-relevant).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from distributed_ir.data.errors import DataError
+
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for each non-blank line; bad JSON/UTF-8 -> DataError."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, lineno, f"invalid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(path, lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _id(path: str | Path, lineno: int, obj: dict) -> str:
+    if "_id" not in obj:
+        raise DataError(path, lineno, "missing", field="_id")
+    value = obj["_id"]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(path, lineno, f"expected a string id, got {type(value).__name__}", field="_id")
+    value = str(value)
+    if not value.strip():
+        raise DataError(path, lineno, "empty id", field="_id")
+    return value
+
+
+def _text(path: str | Path, lineno: int, obj: dict, name: str, required: bool) -> str:
+    value = obj.get(name, None)
+    if value is None:
+        if required:
+            raise DataError(path, lineno, "missing", field=name)
+        return ""
+    if not isinstance(value, str):
+        raise DataError(path, lineno, f"expected a string, got {type(value).__name__}", field=name)
+    return value
+
+
+def load_corpus(path: str | Path) -> dict[str, str]:
+    """Map doc id -> ``"title text"`` (BEIR's convention), in file order."""
+    corpus: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for lineno, obj in iter_jsonl(path):
+        doc_id = _id(path, lineno, obj)
+        if doc_id in corpus:
+            raise DataError(path, lineno, f"duplicate id {doc_id!r} (first on line {first_line[doc_id]})", field="_id")
+        title = _text(path, lineno, obj, "title", required=False)
+        body = _text(path, lineno, obj, "text", required=True)
+        text = f"{title} {body}".strip()
+        if not text:
+            raise DataError(path, lineno, "empty document (title and text are blank)", field="text")
+        corpus[doc_id] = text
+        first_line[doc_id] = lineno
+    return corpus
+
+
+def load_queries(path: str | Path) -> dict[str, str]:
+    """Map query id -> query text, in file order."""
+    queries: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for lineno, obj in iter_jsonl(path):
+        qid = _id(path, lineno, obj)
+        if qid in queries:
+            raise DataError(path, lineno, f"duplicate id {qid!r} (first on line {first_line[qid]})", field="_id")
+        text = _text(path, lineno, obj, "text", required=True)
+        if not text.strip():
+            raise DataError(path, lineno, "empty query text", field="text")
+        queries[qid] = text
+        first_line[qid] = lineno
+    return queries
+
+
+def load_qrels(
+    path: str | Path,
+    queries: dict[str, str] | None = None,
+    corpus: dict[str, str] | None = None,
+) -> dict[str, dict[str, int]]:
+    """Read a BEIR qrels TSV (``query-id  corpus-id  score`` with a header line).
+
+    Also accepts TREC qrels (``qid 0 docid rel``, whitespace separated).  When ``queries`` /
+    ``corpus`` are given, a row naming an unknown id is an error naming its line.
+    """
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(path, lineno, f"invalid UTF-8 ({e.reason})") from None
+            if not line.strip():
+                continue
+            cols = line.split("\t") if "\t" in line else line.split()
+            if lineno == 1 and cols[0].strip().lower() in ("query-id", "qid", "query_id"):
+                continue
+            if len(cols) == 4:  # TREC format: qid iter docid rel
+                cols = [cols[0], cols[2], cols[3]]
+            if len(cols) != 3:
+                raise DataError(path, lineno, f"expected 3 tab-separated columns, got {len(cols)}")
+            qid, doc_id, score = (c.strip() for c in cols)
+            if not qid or not doc_id:
+                raise DataError(path, lineno, "empty query or document id")
+            try:
+                rel = int(score)
+            except ValueError:
+                raise DataError(path, lineno, f"relevance {score!r} is not an integer", field="score") from None
+            if queries is not None and qid not in queries:
+                raise DataError(path, lineno, f"unknown query id {qid!r}", field="query-id")
+            if corpus is not None and doc_id not in corpus:
+                raise DataError(path, lineno, f"unknown document id {doc_id!r}", field="corpus-id")
+            qrels.setdefault(qid, {})[doc_id] = rel
+    return qrels
+
+
+@dataclass
+class BeirDataset:
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+    def split_queries(self) -> dict[str, str]:
+        """Queries that appear in this split's qrels, in query-file order."""
+        return {qid: text for qid, text in self.queries.items() if qid in self.qrels}
+
+
+def resolve_data_dir(data_dir: str | None) -> Path:
+    """``data_dir`` or ``$IR_DATA_DIR``; error when neither is set."""
+    value = data_dir or os.environ.get("IR_DATA_DIR", "")
+    if not value:
+        raise DataError("IR_DATA_DIR", None, "no data folder: set IR_DATA_DIR or pass --data / data_dir=")
+    return Path(value)
+
+
+def load_beir(folder: str | Path, split: str, base: BeirDataset | None = None) -> BeirDataset:
+    """Load a BEIR dataset folder and one qrels split, cross-checking ids.
+
+    Pass ``base`` (another split of the same folder) to reuse its corpus and queries.
+    """
+    folder = Path(folder)
+    missing = [p for p in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv") if not (folder / p).is_file()]
+    if missing:
+        raise DataError(
+            folder, None,
+            f"not a BEIR dataset folder: missing {', '.join(missing)}. Put the BEIR files there "
+            f"(corpus.jsonl, queries.jsonl, qrels/{split}.tsv) or let `distributed-ir pipeline` "
+            "download them on an online machine",
+        )
+    corpus = base.corpus if base else load_corpus(folder / "corpus.jsonl")
+    queries = base.queries if base else load_queries(folder / "queries.jsonl")
+    qrels = load_qrels(folder / "qrels" / f"{split}.tsv", queries=queries, corpus=corpus)
+    return BeirDataset(corpus=corpus, queries=queries, qrels=qrels)
+
+
+def ensure_beir(data_dir: Path, name: str) -> Path:
+    """Return ``data_dir/name``; download BEIR's public zip there if it is missing.
+
+    Offline, the error says exactly which files to put where.
+    """
+    folder = data_dir / name
+    if (folder / "corpus.jsonl").is_file():
+        return folder
+    url = BEIR_URL.format(name=name)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
+            archive = Path(tmp) / f"{name}.zip"
+            with urllib.request.urlopen(url, timeout=30) as resp, archive.open("wb") as out:
+                shutil.copyfileobj(resp, out)
+            with zipfile.ZipFile(archive) as zf:
+                for member in zf.namelist():  # never extract outside tmp
+                    if member.startswith("/") or ".." in Path(member).parts:
+                        raise DataError(url, None, f"unsafe path in archive: {member}")
+                zf.extractall(tmp)
+            os.replace(Path(tmp) / name, folder)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DataError(
+            folder, None,
+            f"BEIR dataset {name!r} is not here and could not be downloaded from {url} ({e}). "
+            f"Offline: download that zip elsewhere and unpack it so that {folder}/corpus.jsonl, "
+            f"{folder}/queries.jsonl and {folder}/qrels/test.tsv exist, then set IR_DATA_DIR={data_dir}",
+        ) from None
+    return folder

@@ -1,0 +1,186 @@
+"""Training records in three formats, read from JSONL or Parquet and validated per line.
+
+- pair:    ``{"query": str, "positive": [str, ...]}``                  (in-batch negatives)
+- triplet: ``{"query": str, "positive": [str, ...], "negative": [str, ...]}`` (hard + in-batch)
+- scored:  ``{"query": str, "document": str, "label": number}``          (CoSENT / BCE)
+
+Fields are read by name, never by position.  The format is taken from the first record and
+every later record must match it.  Parquet rows are reported as "line" = row number (1-based).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distributed_ir.data.beir import BeirDataset, iter_jsonl
+from distributed_ir.data.errors import DataError
+
+FORMATS = ("pair", "triplet", "scored")
+
+
+@dataclass
+class TrainRecord:
+    """A query with its positives and (possibly empty) hard negatives."""
+
+    query: str
+    positive: list[str]
+    negative: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScoredRecord:
+    """A (query, document) pair with a numeric relevance label."""
+
+    query: str
+    document: str
+    label: float
+
+
+def _iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for i, row in enumerate(table.to_pylist(), start=1):
+            yield i, row
+    else:
+        yield from iter_jsonl(path)
+
+
+def _str(path: Path, line: int, row: dict, name: str) -> str:
+    if name not in row or row[name] is None:
+        raise DataError(path, line, "missing", field=name)
+    value = row[name]
+    if not isinstance(value, str):
+        raise DataError(path, line, f"expected a string, got {type(value).__name__}", field=name)
+    if not value.strip():
+        raise DataError(path, line, "empty text", field=name)
+    return value
+
+
+def _str_list(path: Path, line: int, row: dict, name: str, allow_empty: bool = False) -> list[str]:
+    if name not in row or row[name] is None:
+        raise DataError(path, line, "missing", field=name)
+    value = row[name]
+    if not isinstance(value, list):
+        raise DataError(path, line, f"expected a list of strings, got {type(value).__name__}", field=name)
+    if not value and not allow_empty:
+        raise DataError(path, line, "empty list", field=name)
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise DataError(path, line, f"item {i} is {type(item).__name__}, expected a string", field=name)
+        if not item.strip():
+            raise DataError(path, line, f"item {i} is empty text", field=name)
+    return value
+
+
+def detect_format(row: dict) -> str:
+    """Format of a file, from its first record (every later record must match)."""
+    if "document" in row or "label" in row:
+        return "scored"
+    return "triplet" if "negative" in row else "pair"
+
+
+def parse_record(path: Path, line: int, row: dict, fmt: str) -> TrainRecord | ScoredRecord:
+    """Validate one row against ``fmt``; raise DataError naming file, line and field."""
+    query = _str(path, line, row, "query")
+    if fmt == "scored":
+        document = _str(path, line, row, "document")
+        if "label" not in row or row["label"] is None:
+            raise DataError(path, line, "missing", field="label")
+        label = row["label"]
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not math.isfinite(label):
+            raise DataError(path, line, f"expected a finite number, got {label!r}", field="label")
+        return ScoredRecord(query=query, document=document, label=float(label))
+    positive = _str_list(path, line, row, "positive")
+    # A triplet file may hold queries for which mining found nothing: they train on in-batch
+    # (and pooled random) negatives; an empty positive list is always an error.
+    negative = _str_list(path, line, row, "negative", allow_empty=True) if fmt == "triplet" else []
+    return TrainRecord(query=query, positive=positive, negative=negative)
+
+
+def read_records(path: str | Path, fmt: str = "auto") -> tuple[str, list[TrainRecord] | list[ScoredRecord]]:
+    """Read every record of a JSONL/Parquet file; returns ``(format, records)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "training file not found")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(path, None, f"unknown record format {fmt!r}; expected auto, {', '.join(FORMATS)}")
+    records: list[Any] = []
+    for line, row in _iter_rows(path):
+        if fmt == "auto":
+            fmt = detect_format(row)
+        records.append(parse_record(path, line, row, fmt))
+    if not records:
+        raise DataError(path, None, "no training records")
+    return fmt, records
+
+
+def write_records(path: str | Path, records: list[TrainRecord] | list[ScoredRecord]) -> Path:
+    """Write records as JSONL (atomic: temp file then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    # One format per file: if any record has negatives, every record carries the field.
+    triplet = any(isinstance(r, TrainRecord) and r.negative for r in records)
+    with tmp.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            row = rec.__dict__.copy()
+            if isinstance(rec, TrainRecord) and not triplet:
+                row.pop("negative")
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def pairs_from_qrels(ds: BeirDataset) -> list[TrainRecord]:
+    """One pair record per query with at least one relevant (score > 0) document."""
+    records = []
+    for qid, text in ds.queries.items():
+        rels = ds.qrels.get(qid)
+        if not rels:
+            continue
+        positives = [ds.corpus[d] for d, rel in rels.items() if rel > 0]
+        if positives:
+            records.append(TrainRecord(query=text, positive=positives))
+    return records
+
+
+def triplets_from_run(
+    ds: BeirDataset,
+    run: dict[str, list[str]],
+    rank_start: int,
+    rank_end: int,
+    per_query: int,
+    seed: int = 0,
+) -> tuple[list[TrainRecord], dict[str, int]]:
+    """Hard negatives from a ranked run: ranks ``[rank_start, rank_end)`` minus every judged doc.
+
+    Returns the records and counts (queries, with_negatives, negatives, dropped_positives).
+    """
+    rng = random.Random(seed)
+    records, counts = [], {"queries": 0, "negatives": 0, "dropped_positives": 0, "without_negatives": 0}
+    for qid, text in ds.queries.items():
+        rels = ds.qrels.get(qid)
+        positives = [ds.corpus[d] for d, rel in (rels or {}).items() if rel > 0]
+        if not positives:
+            continue
+        counts["queries"] += 1
+        window = run.get(qid, [])[rank_start:rank_end]
+        pool = [d for d in window if d not in rels]
+        counts["dropped_positives"] += len(window) - len(pool)
+        chosen = rng.sample(pool, min(per_query, len(pool)))
+        if not chosen:
+            counts["without_negatives"] += 1
+            # keep the query: the loop falls back to in-batch negatives for it
+            records.append(TrainRecord(query=text, positive=positives))
+            continue
+        counts["negatives"] += len(chosen)
+        records.append(TrainRecord(query=text, positive=positives, negative=[ds.corpus[d] for d in chosen]))
+    return records, counts
