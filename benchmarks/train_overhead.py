@@ -99,7 +99,11 @@ def ray_train(args: argparse.Namespace, train_path: Path) -> float:
 
     from distributed_ir.train.launch import run_training
 
-    ray.init(num_cpus=args.threads, _node_ip_address="127.0.0.1", log_to_driver=False)
+    kwargs = {}
+    if args.ray_lean:  # experiment: fewer Ray daemons/callbacks competing for the 2 cores
+        os.environ.update(RAY_TRAIN_METRICS_ENABLED="0", RAY_worker_niceness="0")
+        kwargs["include_dashboard"] = False
+    ray.init(num_cpus=args.threads, _node_ip_address="127.0.0.1", log_to_driver=False, **kwargs)
     with tempfile.TemporaryDirectory() as out:
         result = run_training(_loop_config(args, train_path, out))
     ray.shutdown()
@@ -116,6 +120,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--kinds", default="bare,loop,ray")
+    parser.add_argument("--ray-lean", action="store_true", help="Ray without dashboard, metrics, worker nice")
     parser.add_argument("--one", choices=["bare", "loop", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--train-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -135,6 +140,8 @@ def main() -> None:
                        "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
                 if args.bf16:
                     cmd.append("--bf16")
+                if args.ray_lean:
+                    cmd.append("--ray-lean")
                 out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
                 if out.returncode != 0:
                     sys.exit(f"{kind} run failed:\n{out.stderr[-4000:]}")
