@@ -223,7 +223,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
-        errors = []
+        errors: list[str] = []
         for arm in typing.get_args(tp):
             if arm is type(None):
                 if value is None:
@@ -233,7 +233,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arm, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+        raise ConfigError(f"{where}: {value!r} matches none of {tp} ({'; '.join(errors)})")
     if origin in (dict, list):
         want = dict if origin is dict else list
         if not isinstance(value, want):

@@ -64,38 +64,43 @@ def _text(path: str | Path, lineno: int, obj: dict, name: str, required: bool) -
     return value
 
 
-def load_corpus(path: str | Path) -> dict[str, str]:
-    """Map doc id -> ``"title text"`` (BEIR's convention), in file order."""
-    corpus: dict[str, str] = {}
+def document_text(path: str | Path, lineno: int, obj: dict) -> str:
+    """BEIR's ``"title text"`` for one corpus row; blank documents are errors."""
+    title = _text(path, lineno, obj, "title", required=False)
+    text = f"{title} {_text(path, lineno, obj, 'text', required=True)}".strip()
+    if not text:
+        raise DataError(path, lineno, "empty document (title and text are blank)", field="text")
+    return text
+
+
+def query_text(path: str | Path, lineno: int, obj: dict) -> str:
+    text = _text(path, lineno, obj, "text", required=True)
+    if not text.strip():
+        raise DataError(path, lineno, "empty query text", field="text")
+    return text
+
+
+def _load_texts(path: str | Path, make_text) -> dict[str, str]:
+    """Map id -> ``make_text(row)`` in file order; a repeated id names its first line."""
+    texts: dict[str, str] = {}
     first_line: dict[str, int] = {}
     for lineno, obj in iter_jsonl(path):
-        doc_id = _id(path, lineno, obj)
-        if doc_id in corpus:
-            raise DataError(path, lineno, f"duplicate id {doc_id!r} (first on line {first_line[doc_id]})", field="_id")
-        title = _text(path, lineno, obj, "title", required=False)
-        body = _text(path, lineno, obj, "text", required=True)
-        text = f"{title} {body}".strip()
-        if not text:
-            raise DataError(path, lineno, "empty document (title and text are blank)", field="text")
-        corpus[doc_id] = text
-        first_line[doc_id] = lineno
-    return corpus
+        key = _id(path, lineno, obj)
+        if key in texts:
+            raise DataError(path, lineno, f"duplicate id {key!r} (first on line {first_line[key]})", field="_id")
+        texts[key] = make_text(path, lineno, obj)
+        first_line[key] = lineno
+    return texts
+
+
+def load_corpus(path: str | Path) -> dict[str, str]:
+    """Map doc id -> ``"title text"`` (BEIR's convention), in file order."""
+    return _load_texts(path, document_text)
 
 
 def load_queries(path: str | Path) -> dict[str, str]:
     """Map query id -> query text, in file order."""
-    queries: dict[str, str] = {}
-    first_line: dict[str, int] = {}
-    for lineno, obj in iter_jsonl(path):
-        qid = _id(path, lineno, obj)
-        if qid in queries:
-            raise DataError(path, lineno, f"duplicate id {qid!r} (first on line {first_line[qid]})", field="_id")
-        text = _text(path, lineno, obj, "text", required=True)
-        if not text.strip():
-            raise DataError(path, lineno, "empty query text", field="text")
-        queries[qid] = text
-        first_line[qid] = lineno
-    return queries
+    return _load_texts(path, query_text)
 
 
 def load_qrels(

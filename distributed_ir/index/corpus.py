@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distributed_ir.data.beir import _id, _text, iter_jsonl
+from distributed_ir.data.beir import _id, document_text, iter_jsonl
 from distributed_ir.data.errors import DataError
 
 STAGE_FILE = "stage.json"
@@ -68,11 +68,7 @@ def iter_documents(paths: list[Path]) -> Iterator[tuple[Path, int, str, str]]:
 
 
 def _document(path: Path, line: int, row: dict) -> tuple[str, str]:
-    doc_id = _id(path, line, row)
-    text = f"{_text(path, line, row, 'title', required=False)} {_text(path, line, row, 'text', required=True)}".strip()
-    if not text:
-        raise DataError(path, line, "empty document (title and text are blank)", field="text")
-    return doc_id, text
+    return _id(path, line, row), document_text(path, line, row)
 
 
 def corpus_fingerprint(paths: list[Path]) -> str:
