@@ -233,3 +233,23 @@ def test_head_requires_the_token(ray_head):
     assert wrong.returncode != 0 and "invalid or incorrect" in wrong.stderr
     missing = ray_head.ray("job", "list", env={"RAY_AUTH_MODE": "disabled"})
     assert missing.returncode != 0 and "Missing authentication token" in missing.stderr
+
+
+def test_relative_outputs_go_under_ir_output_root(tmp_path, monkeypatch):
+    from distributed_ir.jobenv import output_path
+
+    monkeypatch.delenv("IR_OUTPUT_ROOT", raising=False)
+    assert output_path("outputs/x") == "outputs/x"  # unset: unchanged (relative to the cwd)
+    monkeypatch.setenv("IR_OUTPUT_ROOT", str(tmp_path))
+    assert output_path("outputs/x") == str(tmp_path / "outputs" / "x")
+    assert output_path("/abs/x") == "/abs/x" and output_path("s3://b/x") == "s3://b/x" and output_path("") == ""
+    # the CLI applies it to --out (here: evaluate's metrics file), run from another directory
+    (tmp_path / "run.trec").write_text("q1 Q0 d1 1 2.0 t\nq1 Q0 d2 2 1.0 t\n")
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")
+    env = {**os.environ, "IR_OUTPUT_ROOT": str(tmp_path / "root")}
+    res = subprocess.run([sys.executable, "-m", "distributed_ir.cli", "evaluate", "--run", str(tmp_path / "run.trec"),
+                          "--qrels", str(tmp_path / "qrels.tsv"), "--out", "eval/metrics.json"],
+                         cwd=REPO / "jobs", env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "root" / "eval" / "metrics.json").read_text())["mrr@10"] == 0.5
+    assert not (REPO / "jobs" / "eval").exists()
