@@ -13,6 +13,7 @@ from pathlib import Path
 
 from distributed_ir.config import ConfigError, PipelineConfig, TrainConfig, load_config
 from distributed_ir.data.errors import DataError
+from distributed_ir.jobenv import output_path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -23,6 +24,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if not cfg.train_path:
         raise ConfigError("train_path is empty: set it in the config or pass train_path=FILE")
+    cfg.output_dir, cfg.storage_path = output_path(cfg.output_dir), output_path(cfg.storage_path)
     result = run_training(cfg)
     print(json.dumps({"model_path": str(result.model_path), "seconds": round(result.seconds, 1),
                       **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}, indent=2))
@@ -49,7 +51,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data_dir={args.data}")
-    run_pipeline(load_config(PipelineConfig, args.config, overrides))
+    cfg = load_config(PipelineConfig, args.config, overrides)
+    cfg.output_dir, cfg.train.storage_path = output_path(cfg.output_dir), output_path(cfg.train.storage_path)
+    run_pipeline(cfg)
     return 0
 
 
@@ -138,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    for name in ("out", "index"):  # relative output folders/files go under $IR_OUTPUT_ROOT when it is set
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, output_path(getattr(args, name)))
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:
