@@ -67,7 +67,7 @@ def test_ddp_zero2_zero3_same_lora_trajectory_on_two_ray_workers(tiny_qwen2, tmp
         runs[name] = {"loss": [m["loss"] for m in history], "model": result.model_path,
                       "state_mb": history[-1]["state_mb"]}
     ref = runs["ddp"]["loss"]
-    assert len(ref) == 4 and ref[-1] < ref[0]
+    assert len(ref) == 4 and len(set(ref)) == 4  # 4 different batches: a trajectory, not a constant
     for name in ("zero2", "zero3"):
         np.testing.assert_allclose(runs[name]["loss"], ref, atol=1e-4, rtol=0, err_msg=name)
     # the exported (merged) models agree too, and ZeRO-3 holds less per worker
@@ -84,6 +84,7 @@ def test_zero3_export_equals_gathered_parameters(tiny_qwen2, tmp_path):
 
     from distributed_ir.train.engines import DeepSpeedEngine, deepspeed_config, init_deepspeed_distributed
 
+    write_records(tmp_path / "train.jsonl", _triplets(16))
     cfg = _cfg(tiny_qwen2, tmp_path, tmp_path / "out", engine={"name": "deepspeed", "zero_stage": 3},
                lora={**LORA, "export": "adapter"})
     task = get_task(cfg)
@@ -159,3 +160,33 @@ def test_deepspeed_checkpoint_resumes_exactly(tiny_qwen2, tmp_path):
     assert [m["step"] for m in resumed["history"]] == [4, 5, 6]
     np.testing.assert_allclose([m["loss"] for m in resumed["history"]],
                                [m["loss"] for m in straight["history"][3:]], atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_tiny_llm_lora_config_runs_the_pipeline(scifact_dir, tmp_path):
+    """jobs/configs/scifact_tiny_llm_lora.yaml as shipped (fewer steps/queries): ZeRO-2 + LoRA + eval."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    model = tmp_path / "tiny_qwen2"
+    subprocess.run([sys.executable, str(REPO / "jobs" / "make_tiny_llm.py"), "--out", str(model)], check=True,
+                   capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["IR_DATA_DIR"] = str(scifact_dir.parent)
+    res = subprocess.run([sys.executable, "-m", "distributed_ir.cli", "pipeline", "--config",
+                          str(REPO / "jobs" / "configs" / "scifact_tiny_llm_lora.yaml"),
+                          f"train.model.name_or_path={model}", f"output_dir={tmp_path / 'out'}", "train.max_steps=4",
+                          "train.scaling.cpus_per_worker=0.5", "eval.max_queries=20", "skip_base_eval=true"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    assert "engine deepspeed ZeRO-2" in log and "step 4/4" in log
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["metrics"]["finetuned"]["num_queries"] == 20
+    saved = json.loads((tmp_path / "out" / "train" / "model" / "distributed_ir.json").read_text())
+    assert saved["settings"]["pooling"] == "last" and saved["settings"]["query_instruction"] == LLM_QUERY_INSTRUCTION
+    assert saved["trained_with"] == {"task": "embedder", "engine": "deepspeed", "lora": True}

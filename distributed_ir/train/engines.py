@@ -269,6 +269,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         out: dict[str, torch.Tensor] = {}
+        keys = set(self.inner.state_dict().keys())  # persistent entries only (not e.g. rotary inv_freq)
         for name, param in self.inner.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if rank == 0:
@@ -276,7 +277,8 @@ class DeepSpeedEngine:
         if rank != 0:
             return None
         for name, buf in self.inner.named_buffers():
-            out[name] = buf.detach().cpu().clone()
+            if name in keys:
+                out[name] = buf.detach().cpu().clone()
         return out
 
     def memory(self) -> int:
