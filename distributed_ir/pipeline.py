@@ -1,7 +1,8 @@
 """The whole retrieval pipeline on a BEIR dataset: (mine) -> train -> encode -> search -> evaluate.
 
 Writes ``OUT/metrics.json`` (rows ``base`` and ``finetuned`` plus training facts),
-``OUT/run.trec`` (the fine-tuned model's run) and ``OUT/train/model`` (the checkpoint).
+``OUT/run.trec`` (the fine-tuned model's run), ``OUT/train/model`` (the checkpoint) and
+``OUT/report.md`` with its plots (training curves, metrics bar chart).
 """
 
 from __future__ import annotations
@@ -85,4 +86,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     print(metrics_table(rows), flush=True)
     print(f"[pipeline] wrote {out / 'metrics.json'} and {out / 'run.trec'}", flush=True)
+    try:  # the report is a convenience: a finished run never fails over it
+        from distributed_ir.report import write_report
+
+        print(f"[pipeline] wrote {write_report(out, report, getattr(result, 'history', []))}", flush=True)
+    except Exception as e:
+        print(f"[pipeline] report.md skipped: {e!r}", flush=True)
     return report

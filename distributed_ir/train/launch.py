@@ -6,7 +6,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ class TrainResult:
     metrics: dict[str, Any]
     checkpoint_path: str
     seconds: float
+    # rank 0's logged steps ({"step", "loss", "lr", ...}), from train_loop's return value
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -91,5 +93,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if model.exists():
         shutil.rmtree(model)
     shutil.copytree(final / "model", model)
+    returned = result.return_value if isinstance(result.return_value, dict) else {}
     return TrainResult(model_path=model, metrics=dict(result.metrics or {}), checkpoint_path=result.checkpoint.path,
-                       seconds=seconds)
+                       seconds=seconds, history=list(returned.get("history", [])))

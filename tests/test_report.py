@@ -1,0 +1,45 @@
+"""Run report: report.md + valid PNG plots from synthetic metrics and training history."""
+
+from __future__ import annotations
+
+import re
+
+from PIL import Image
+
+from distributed_ir.report import LOSS_PNG, METRICS_PNG, write_report
+
+
+def _history(n=12):
+    return [{"step": 5 * (i + 1), "total_steps": 5 * n, "epoch": 0, "loss": 2.0 / (i + 1), "lr": 5e-5 * (1 - i / n),
+             "grad_norm": 1.0, "samples_per_s": 30.0} for i in range(n)]
+
+
+def test_report_with_three_rows_and_history(tmp_path):
+    metrics = {"metrics": {
+        "base": {"ndcg@10": 0.645, "mrr@10": 0.61, "recall@100": 0.92, "map@100": 0.60, "num_queries": 300},
+        "finetuned": {"ndcg@10": 0.732, "mrr@10": 0.70, "recall@100": 0.95, "map@100": 0.69, "num_queries": 300},
+        "reranked": {"ndcg@10": 0.760, "mrr@10": 0.73, "recall@100": 0.95, "map@100": 0.72, "num_queries": 300},
+    }, "train": {"seconds": 1020.4, "records": 809}, "finished": "2030-01-01 00:00:00"}
+    report = write_report(tmp_path, metrics, _history())
+    text = report.read_text()
+    for png in (LOSS_PNG, METRICS_PNG):
+        assert f"]({png})" in text
+        with Image.open(tmp_path / png) as img:
+            img.verify()
+        with Image.open(tmp_path / png) as img:
+            assert img.format == "PNG" and img.size[0] > 400 and img.size[1] > 300
+            # not a blank canvas: bars and lines draw many distinct colours
+            assert len(img.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20
+    assert re.search(r"\| finetuned \| 0\.7320 \| 0\.7000 \| 0\.9500 \| 0\.6900 \|", text)
+    assert "finetuned vs base: ndcg@10 +0.0870" in text and "reranked vs finetuned: ndcg@10 +0.0280" in text
+    assert "num_queries" not in text  # counts are not scores: neither tabled nor plotted
+    assert "12 logged steps, step 5 to 60: loss 2.0000 -> 0.1667" in text and "Training took 1020 s on 809" in text
+
+
+def test_report_with_only_some_inputs(tmp_path):
+    report = write_report(tmp_path / "a", {"finetuned": {"ndcg@10": 0.5, "recall@100": 0.9}}, [])
+    text = report.read_text()
+    assert "No training history was recorded." in text and f"]({METRICS_PNG})" in text
+    assert not (tmp_path / "a" / LOSS_PNG).exists()
+    text = write_report(tmp_path / "b", {}, _history(3)).read_text()
+    assert "No retrieval metrics were given." in text and (tmp_path / "b" / LOSS_PNG).is_file()
