@@ -27,6 +27,12 @@ def _input_check(args: argparse.Namespace, default_dir: Path):
     return InputCheck(args.on_error or "raise", args.rejects or default_dir / "rejects.jsonl")
 
 
+def _flat_input(summary: dict) -> dict:
+    """Top-level keys for a command's JSON summary (kept flat: scripts parse the last object)."""
+    out = {"input_rows": summary["input"], "accepted": summary["accepted"], "rejected": summary["rejected"]}
+    return out | ({"rejects": summary["rejects"]} if "rejects" in summary else {})
+
+
 def _print_input(summary: dict) -> None:
     from distributed_ir.data.intake import summary_line
 
@@ -44,7 +50,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = run_training(cfg)
     print(json.dumps({"model_path": str(result.model_path), "seconds": round(result.seconds, 1),
                       **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-                      "input": result.input}, indent=2))
+                      **_flat_input(result.input)}, indent=2))
     return 0
 
 
@@ -91,7 +97,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     size = sum(f.stat().st_size for f in (Path(opts.out) / "index").glob("index-*.faiss"))
     summary = {"docs": manifest["num_docs"], "indexed": index.ntotal, **manifest["last_run"],
                "index_type": opts.index_type, "index_bytes": size, "out": str(Path(opts.out).resolve()),
-               "input": manifest["input"]}
+               **_flat_input(manifest["input"])}
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -102,8 +108,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     check = _input_check(args, Path(args.out).resolve().parent)
     _, summary = search_index(args.index, args.queries, args.out, args.top_k, args.qrels, args.batch_size,
                               args.precision, args.use_gpu, check=check)
-    _print_input(summary["input"])
-    print(json.dumps(summary, indent=2))
+    counts = summary.pop("input")
+    _print_input(counts)
+    print(json.dumps(summary | _flat_input(counts), indent=2))
     return 0
 
 

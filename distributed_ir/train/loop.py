@@ -26,6 +26,7 @@ from distributed_ir.data.records import read_records
 from distributed_ir.losses import build_loss
 from distributed_ir.models.embedder import Embedder
 from distributed_ir.train import checkpoint as ckpt
+from distributed_ir.train import faults
 from distributed_ir.train.batching import TextBatch, epoch_batches, steps_per_epoch
 
 
@@ -152,6 +153,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if micro >= micro_used or step >= total_steps:
                 break
             micro += 1
+            faults.trace_batch(rank, epoch, micro, step + 1, batch.queries)  # opt-in (env), tests only
             sync = micro % cfg.grad_accum_steps == 0
             no_sync = module.no_sync() if (world_size > 1 and not sync) else nullcontext()
             with no_sync:
@@ -168,6 +170,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            faults.maybe_kill(rank, step)  # opt-in (env) fault injection, tests only
             done = step >= total_steps
             position = {"step": step, "epoch": epoch, "micro_in_epoch": micro}
             if micro >= micro_used:
