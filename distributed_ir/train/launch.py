@@ -39,7 +39,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
         return
-    mode = os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray 2.60 turns token auth on for a new local cluster unless RAY_AUTH_MODE says otherwise
+    # (it sets RAY_AUTH_MODE=token itself and refreshes its cached config: setting the variable
+    # here, after `import ray`, would leave that cache stale and the GCS handshake would fail).
+    mode = os.environ.get("RAY_AUTH_MODE", "token").lower()
     if mode != "token":
         print(f"[ray] warning: RAY_AUTH_MODE={mode}: the local Ray cluster accepts unauthenticated "
               "requests on 127.0.0.1", flush=True)
