@@ -124,6 +124,8 @@ def map_encode(ds, model: str, opts: IndexOptions, plan: dict[str, Any]):
         compute=ActorPoolStrategy(size=plan["size"]),
         num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"],
+        # Ray 2.60 passes these through ray_remote_args (deprecated for removal in 2.64, which
+        # leaves Ray Data's own default: unbounded restarts/retries).
         max_restarts=opts.actor_restarts,
         max_task_retries=opts.actor_restarts,
         **({"runtime_env": {"env_vars": env}} if env else {}),
