@@ -16,18 +16,43 @@ from distributed_ir.data.errors import DataError
 from distributed_ir.jobenv import output_path
 
 
+def _input_overrides(args: argparse.Namespace) -> list[str]:
+    """``--on-error`` / ``--rejects`` as config overrides (they win over the config file)."""
+    extra = [f"input.on_error={args.on_error}"] if args.on_error else []
+    return extra + ([f"input.rejects_path={Path(args.rejects).resolve()}"] if args.rejects else [])
+
+
+def _input_check(args: argparse.Namespace, default_dir: Path):
+    from distributed_ir.data.intake import InputCheck
+
+    return InputCheck(args.on_error or "raise", args.rejects or default_dir / "rejects.jsonl")
+
+
+def _flat_input(summary: dict) -> dict:
+    """Top-level keys for a command's JSON summary (kept flat: scripts parse the last object)."""
+    out = {"input_rows": summary["input"], "accepted": summary["accepted"], "rejected": summary["rejected"]}
+    return out | ({"rejects": summary["rejects"]} if "rejects" in summary else {})
+
+
+def _print_input(summary: dict) -> None:
+    from distributed_ir.data.intake import summary_line
+
+    print(summary_line(summary), file=sys.stderr, flush=True)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from distributed_ir.train.launch import run_training
 
     if args.kind != "embedder":
         raise ConfigError(f"train {args.kind!r}: only 'embedder' is available in this version")
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    cfg = load_config(TrainConfig, args.config, list(args.overrides) + _input_overrides(args))
     if not cfg.train_path:
         raise ConfigError("train_path is empty: set it in the config or pass train_path=FILE")
     cfg.output_dir, cfg.storage_path = output_path(cfg.output_dir), output_path(cfg.storage_path)
     result = run_training(cfg)
     print(json.dumps({"model_path": str(result.model_path), "seconds": round(result.seconds, 1),
-                      **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}, indent=2))
+                      **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+                      **_flat_input(result.input)}, indent=2))
     return 0
 
 
@@ -36,7 +61,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from distributed_ir.eval.metrics import DEFAULT_METRICS, evaluate, read_run
 
     metrics = tuple(args.metrics.split(",")) if args.metrics else DEFAULT_METRICS
-    result = evaluate(read_run(args.run), load_qrels(args.qrels), metrics)
+    check = _input_check(args, Path(args.out).resolve().parent if args.out else Path.cwd())
+    qrels = load_qrels(args.qrels, check=check)
+    _print_input(check.summary())
+    result = evaluate(read_run(args.run), qrels, metrics)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +76,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from distributed_ir.pipeline import run_pipeline
 
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + _input_overrides(args)
     if args.data:
         overrides.append(f"data_dir={args.data}")
     cfg = load_config(PipelineConfig, args.config, overrides)
@@ -63,13 +91,17 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     opts = IndexOptions(model=args.model, corpus=args.corpus, out=args.out, index_type=args.index_type,
                         num_shards=args.num_shards, index_shards=args.index_shards, batch_size=args.batch_size,
-                        precision=args.precision, use_gpu=args.use_gpu, actors=args.actors)
+                        precision=args.precision, use_gpu=args.use_gpu, actors=args.actors,
+                        on_error=args.on_error or "raise", rejects_path=args.rejects or "",
+                        max_text_bytes=args.max_text_bytes)
     init_ray()
     manifest = encode_corpus(opts)
+    _print_input(manifest["input"])
     index = build_faiss(Path(opts.out).resolve(), manifest, opts.index_type, opts.index_shards, opts.use_gpu)
     size = sum(f.stat().st_size for f in (Path(opts.out) / "index").glob("index-*.faiss"))
     summary = {"docs": manifest["num_docs"], "indexed": index.ntotal, **manifest["last_run"],
-               "index_type": opts.index_type, "index_bytes": size, "out": str(Path(opts.out).resolve())}
+               "index_type": opts.index_type, "index_bytes": size, "out": str(Path(opts.out).resolve()),
+               **_flat_input(manifest["input"])}
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -77,10 +109,20 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from distributed_ir.index.search import search_index
 
+    check = _input_check(args, Path(args.out).resolve().parent)
     _, summary = search_index(args.index, args.queries, args.out, args.top_k, args.qrels, args.batch_size,
-                              args.precision, args.use_gpu)
-    print(json.dumps(summary, indent=2))
+                              args.precision, args.use_gpu, check=check)
+    counts = summary.pop("input")
+    _print_input(counts)
+    print(json.dumps(summary | _flat_input(counts), indent=2))
     return 0
+
+
+def _add_input_flags(p: argparse.ArgumentParser, default_rejects: str) -> None:
+    p.add_argument("--on-error", choices=["raise", "skip"], default=None,
+                   help="bad input rows: raise (default: stop with FILE:LINE: field) or skip them into the "
+                        "rejects file; the summary shows input = accepted + rejected per file")
+    p.add_argument("--rejects", default=None, help=f"rejects JSONL path (default {default_rejects})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["embedder"], help="what to train")
     p.add_argument("--config", required=False, help="YAML config (TrainConfig)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    _add_input_flags(p, "<output_dir>/rejects.jsonl")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("index", help="encode a corpus with Ray Data into embedding shards and a FAISS index")
@@ -104,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--use-gpu", action="store_true", help="one encode actor per GPU; FAISS on GPU")
     p.add_argument("--actors", type=int, default=0, help="encode actors (0 = from cluster resources)")
+    p.add_argument("--max-text-bytes", type=int, default=1 << 20,
+                   help="reject documents longer than this many UTF-8 bytes (default 1 MiB)")
+    _add_input_flags(p, "<out>/rejects.jsonl")
     p.set_defaults(func=_cmd_index)
 
     p = sub.add_parser("search", help="search an index built by `index`; write a TREC run")
@@ -115,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--use-gpu", action="store_true")
+    _add_input_flags(p, "rejects.jsonl beside --out")
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("evaluate", help="score a TREC run against qrels (trec_eval semantics)")
@@ -122,12 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qrels", required=True, help="BEIR qrels TSV or TREC qrels")
     p.add_argument("--out", help="write metrics JSON here")
     p.add_argument("--metrics", help="comma list, e.g. ndcg@10,mrr@10,recall@100,map@100")
+    _add_input_flags(p, "rejects.jsonl beside --out, else in the current folder")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("pipeline", help="train -> encode -> search -> evaluate on a BEIR dataset")
     p.add_argument("--config", required=True, help="YAML config (PipelineConfig)")
     p.add_argument("--data", help="folder holding BEIR datasets (default $IR_DATA_DIR)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    _add_input_flags(p, "<output_dir>/rejects.jsonl")
     p.set_defaults(func=_cmd_pipeline)
     return parser
 

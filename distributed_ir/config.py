@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,11 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A configuration value is unknown, mistyped or out of range."""
+    """A configuration value is unknown, mistyped or out of range; ``key`` is its dotted path."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -30,7 +35,7 @@ def _help(text: str, **kw: Any) -> Any:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}", key=name)
 
 
 def check_template(name: str, template: str) -> None:
@@ -38,7 +43,7 @@ def check_template(name: str, template: str) -> None:
     if template.count("{}") != 1:
         raise ConfigError(
             f"{name}={template!r}: an instruction template needs exactly one '{{}}' "
-            "marking where the text goes (e.g. 'query: {}')"
+            "marking where the text goes (e.g. 'query: {}')", key=name,
         )
 
 
@@ -170,6 +175,27 @@ class LoraConfig:
 
 
 @dataclass
+class InputConfig:
+    """What to do with bad input rows (see :mod:`distributed_ir.data.intake`)."""
+
+    on_error: str = _help("raise: stop at the first bad row (FILE:LINE: field); skip: write it to the "
+                          "rejects file and go on", default="raise")
+    rejects_path: str = _help("rejects JSONL ('' = <output dir>/rejects.jsonl)", default="")
+    max_text_bytes: int = _help("longest accepted text field in UTF-8 bytes (default 1 MiB)", default=1 << 20)
+
+    def __post_init__(self) -> None:
+        _check_choice("input.on_error", self.on_error, ("raise", "skip"))
+        if self.max_text_bytes < 1:
+            raise ConfigError("input.max_text_bytes must be >= 1", key="input.max_text_bytes")
+
+    def check(self, output_dir: str | Path):
+        """An :class:`~distributed_ir.data.intake.InputCheck` for one run writing to ``output_dir``."""
+        from distributed_ir.data.intake import InputCheck
+
+        return InputCheck(self.on_error, self.rejects_path or Path(output_dir) / "rejects.jsonl", self.max_text_bytes)
+
+
+@dataclass
 class TrainConfig:
     """Everything one embedder fine-tune needs; passed to every worker as a plain dict."""
 
@@ -183,6 +209,7 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     gradient_checkpointing: bool = _help("recompute activations in backward (less memory, ~30% slower)", default=False)
+    input: InputConfig = field(default_factory=InputConfig)
     epochs: int = _help("passes over the training records", default=1)
     max_steps: int = _help("stop after this many optimizer steps; -1 = epochs decide", default=-1)
     batch_size: int = _help("records per worker per micro-step", default=32)
@@ -248,6 +275,7 @@ class PipelineConfig:
     eval_split: str = _help("qrels split used for evaluation", default="test")
     output_dir: str = _help("where metrics.json, run.trec and the model go", default="outputs/pipeline")
     skip_base_eval: bool = _help("do not evaluate the base model", default=False)
+    input: InputConfig = field(default_factory=InputConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
@@ -266,7 +294,7 @@ def _parse_raw(value: _Raw, tp: Any, where: str) -> Any:
     try:
         return yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: cannot parse {str(value)!r}: {e}") from None
+        raise ConfigError(f"{where}: cannot parse {str(value)!r}: {e}", key=where) from None
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -279,7 +307,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}", key=where)
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         errors: list[str] = []
@@ -292,25 +320,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arm, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} matches none of {tp} ({'; '.join(errors)})")
+        raise ConfigError(f"{where}: {value!r} matches none of {tp} ({'; '.join(errors)})", key=where)
     if origin in (dict, list):
         want = dict if origin is dict else list
         if not isinstance(value, want):
-            raise ConfigError(f"{where}: expected {want.__name__}, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected {want.__name__}, got {type(value).__name__}", key=where)
         return value
     if tp is float and not isinstance(value, bool):
         # YAML 1.1 reads "1e-4" as a string; users mean a float.
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {value!r}", key=where) from None
         if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}", key=where)
         return number
     if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}", key=where)
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}", key=where)
     return value
 
 
@@ -323,7 +351,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         prefix = f"{where}." if where else ""
         raise ConfigError(
             f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"known: {', '.join(sorted(names))}"
+            f"known: {', '.join(sorted(names))}", key=prefix + unknown[0],
         )
     kwargs = {}
     for key, value in data.items():
@@ -332,12 +360,35 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+        # __post_init__ names its field relative to its own section: make the key absolute
+        key = f"{where}.{e.key.rsplit('.', 1)[-1]}" if where and e.key else e.key
+        raise ConfigError(f"{where + ': ' if where else ''}{e}", key=key) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (safe to pass to Ray workers and to write as YAML/JSON)."""
     return dataclasses.asdict(cfg)
+
+
+SECRET_WORDS = {"token", "secret", "password", "passwd", "apikey", "credential", "credentials", "key"}
+
+
+def is_secret_key(key: str) -> bool:
+    """``hf_token``, ``api_key``, ``db-password``...: a name part is a secret word (``max_tokens``,
+    ``tokenizer`` and ``key_path``-like names with a non-secret tail are not)."""
+    parts = [p for p in re.split(r"[_\-.]", key.lower()) if p]
+    return bool(parts) and (parts[-1] in SECRET_WORDS or any(p in SECRET_WORDS - {"key"} for p in parts))
+
+
+def redact(data: Any) -> Any:
+    """A copy of nested ``data`` with values of secret-looking keys replaced by ``"***"``
+    (for configs written to logs, metrics.json and checkpoints)."""
+    if isinstance(data, dict):
+        return {k: "***" if isinstance(k, str) and is_secret_key(k) and v not in (None, "") else redact(v)
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact(v) for v in data]
+    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -358,14 +409,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Load ``cls`` from a YAML file (optional) plus dotted overrides; errors name the file."""
+    """Load ``cls`` from a YAML file (optional) plus dotted overrides.
+
+    Errors read ``FILE:LINE: field 'a.b': message`` when the bad key is in the file.
+    """
     data: dict[str, Any] = {}
+    text = ""
     if path:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        with p.open(encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh)
+        text = p.read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         data = loaded or {}
@@ -373,4 +433,29 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        if not path:
+            raise
+        line = yaml_key_line(text, e.key) if e.key else None
+        where = f"{path}:{line}: field '{e.key}'" if line else str(path)
+        raise ConfigError(f"{where}: {e}", key=e.key) from None
+
+
+def yaml_key_line(text: str, key: str) -> int | None:
+    """1-based line of dotted ``key`` in YAML ``text`` (the nearest enclosing key that exists).
+
+    Uses ``yaml.compose`` (a node tree with positions; constructs no Python objects).
+    """
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in key.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+        if match is None:
+            break
+        line = match[0].start_mark.line + 1
+        node = match[1]
+    return line

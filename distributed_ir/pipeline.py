@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from distributed_ir.config import ModelConfig, PipelineConfig, to_dict
+from distributed_ir.config import ModelConfig, PipelineConfig, redact, to_dict
 from distributed_ir.data.beir import ensure_beir, load_beir, resolve_data_dir
 from distributed_ir.data.records import pairs_from_qrels, triplets_from_run, write_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, write_run
@@ -40,11 +40,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     folder = ensure_beir(resolve_data_dir(cfg.data_dir), cfg.dataset)
-    train_ds = load_beir(folder, cfg.train_split)
-    eval_ds = load_beir(folder, cfg.eval_split, base=train_ds)
+    check = cfg.input.check(out)
+    train_ds = load_beir(folder, cfg.train_split, check=check)
+    eval_ds = load_beir(folder, cfg.eval_split, base=train_ds, check=check)
+    print(check.summary_line(), flush=True)
     ev = cfg.eval
     rows: dict[str, dict[str, Any]] = {}
-    report: dict[str, Any] = {"config": to_dict(cfg)}
+    report: dict[str, Any] = {"config": redact(to_dict(cfg)), "input": check.summary()}
 
     # ---- base model: evaluate, and mine hard negatives from the same index
     base_index = None

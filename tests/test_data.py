@@ -55,7 +55,7 @@ def test_corpus_errors_name_file_and_line(tmp_path, line, message):
 def test_invalid_utf8_names_line(tmp_path):
     path = tmp_path / "queries.jsonl"
     path.write_bytes(b'{"_id": "q0", "text": "ok"}\n{"_id": "q1", "text": "\xff\xfe"}\n')
-    with pytest.raises(DataError, match=r"queries\.jsonl:2: invalid UTF-8"):
+    with pytest.raises(DataError, match=r"queries\.jsonl:2: field 'text': invalid UTF-8"):
         load_queries(path)
 
 

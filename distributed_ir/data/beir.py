@@ -2,43 +2,25 @@
 
 Every reader validates as it goes and raises :class:`DataError` naming file and line for
 malformed JSON, missing/empty ids, duplicate ids, wrong types, invalid UTF-8 and qrels that name
-unknown queries or documents.  Graded relevance is kept as an int (0 = judged non-relevant).
+unknown queries or documents; with ``InputCheck(on_error="skip")`` bad rows go to a rejects
+file instead (see :mod:`distributed_ir.data.intake`).  Graded relevance is kept as an int
+(0 = judged non-relevant).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from distributed_ir.data.errors import DataError
+from distributed_ir.data.intake import InputCheck, iter_jsonl
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
-
-
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)`` for each non-blank line; bad JSON/UTF-8 -> DataError."""
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(path, lineno, f"invalid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(path, lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
 
 
 def _id(path: str | Path, lineno: int, obj: dict) -> str:
@@ -80,68 +62,91 @@ def query_text(path: str | Path, lineno: int, obj: dict) -> str:
     return text
 
 
-def _load_texts(path: str | Path, make_text) -> dict[str, str]:
+def _load_texts(path: str | Path, make_text, check: InputCheck | None) -> dict[str, str]:
     """Map id -> ``make_text(row)`` in file order; a repeated id names its first line."""
+    check = check or InputCheck()
     texts: dict[str, str] = {}
     first_line: dict[str, int] = {}
-    for lineno, obj in iter_jsonl(path):
-        key = _id(path, lineno, obj)
-        if key in texts:
-            raise DataError(path, lineno, f"duplicate id {key!r} (first on line {first_line[key]})", field="_id")
-        texts[key] = make_text(path, lineno, obj)
+    for lineno, obj in iter_jsonl(path, check):
+        try:
+            key = _id(path, lineno, obj)
+            if key in texts:
+                raise DataError(path, lineno, f"duplicate id {key!r} (first on line {first_line[key]})", field="_id")
+            text = make_text(path, lineno, obj)
+        except DataError as e:
+            check.reject(e, obj)
+            continue
+        texts[key] = text
         first_line[key] = lineno
+        check.accept(path)
     return texts
 
 
-def load_corpus(path: str | Path) -> dict[str, str]:
+def load_corpus(path: str | Path, check: InputCheck | None = None) -> dict[str, str]:
     """Map doc id -> ``"title text"`` (BEIR's convention), in file order."""
-    return _load_texts(path, document_text)
+    return _load_texts(path, document_text, check)
 
 
-def load_queries(path: str | Path) -> dict[str, str]:
+def load_queries(path: str | Path, check: InputCheck | None = None) -> dict[str, str]:
     """Map query id -> query text, in file order."""
-    return _load_texts(path, query_text)
+    return _load_texts(path, query_text, check)
 
 
 def load_qrels(
     path: str | Path,
     queries: dict[str, str] | None = None,
     corpus: dict[str, str] | None = None,
+    check: InputCheck | None = None,
 ) -> dict[str, dict[str, int]]:
     """Read a BEIR qrels TSV (``query-id  corpus-id  score`` with a header line).
 
     Also accepts TREC qrels (``qid 0 docid rel``, whitespace separated).  When ``queries`` /
     ``corpus`` are given, a row naming an unknown id is an error naming its line.
     """
+    check = check or InputCheck()
     qrels: dict[str, dict[str, int]] = {}
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataError(path, lineno, f"invalid UTF-8 ({e.reason})") from None
-            if not line.strip():
+            if not raw.strip():
                 continue
-            cols = line.split("\t") if "\t" in line else line.split()
-            if lineno == 1 and cols[0].strip().lower() in ("query-id", "qid", "query_id"):
-                continue
-            if len(cols) == 4:  # TREC format: qid iter docid rel
-                cols = [cols[0], cols[2], cols[3]]
-            if len(cols) != 3:
-                raise DataError(path, lineno, f"expected 3 tab-separated columns, got {len(cols)}")
-            qid, doc_id, score = (c.strip() for c in cols)
-            if not qid or not doc_id:
-                raise DataError(path, lineno, "empty query or document id")
+            if lineno == 1 and raw.split(maxsplit=1)[0].strip().lower() in (b"query-id", b"qid", b"query_id"):
+                continue  # the header is not a row
+            check.read(path)
             try:
-                rel = int(score)
-            except ValueError:
-                raise DataError(path, lineno, f"relevance {score!r} is not an integer", field="score") from None
-            if queries is not None and qid not in queries:
-                raise DataError(path, lineno, f"unknown query id {qid!r}", field="query-id")
-            if corpus is not None and doc_id not in corpus:
-                raise DataError(path, lineno, f"unknown document id {doc_id!r}", field="corpus-id")
+                qid, doc_id, rel = _qrels_row(path, lineno, raw, queries, corpus)
+            except DataError as e:
+                check.reject(e, raw)
+                continue
             qrels.setdefault(qid, {})[doc_id] = rel
+            check.accept(path)
     return qrels
+
+
+def _qrels_row(path: str | Path, lineno: int, raw: bytes, queries: dict | None,
+               corpus: dict | None) -> tuple[str, str, int]:
+    try:
+        line = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise DataError(path, lineno, f"invalid UTF-8 ({e.reason} at byte {e.start})") from None
+    cols = line.split("\t") if "\t" in line else line.split()
+    if len(cols) == 4:  # TREC format: qid iter docid rel
+        cols = [cols[0], cols[2], cols[3]]
+    if len(cols) != 3:
+        raise DataError(path, lineno, f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}")
+    qid, doc_id, score = (c.strip() for c in cols)
+    if not qid:
+        raise DataError(path, lineno, "empty query id", field="query-id")
+    if not doc_id:
+        raise DataError(path, lineno, "empty document id", field="corpus-id")
+    try:
+        rel = int(score)
+    except ValueError:
+        raise DataError(path, lineno, f"relevance {score!r} is not an integer", field="score") from None
+    if queries is not None and qid not in queries:
+        raise DataError(path, lineno, f"unknown query id {qid!r}", field="query-id")
+    if corpus is not None and doc_id not in corpus:
+        raise DataError(path, lineno, f"unknown document id {doc_id!r}", field="corpus-id")
+    return qid, doc_id, rel
 
 
 @dataclass
@@ -163,7 +168,8 @@ def resolve_data_dir(data_dir: str | None) -> Path:
     return Path(value)
 
 
-def load_beir(folder: str | Path, split: str, base: BeirDataset | None = None) -> BeirDataset:
+def load_beir(folder: str | Path, split: str, base: BeirDataset | None = None,
+              check: InputCheck | None = None) -> BeirDataset:
     """Load a BEIR dataset folder and one qrels split, cross-checking ids.
 
     Pass ``base`` (another split of the same folder) to reuse its corpus and queries.
@@ -177,9 +183,9 @@ def load_beir(folder: str | Path, split: str, base: BeirDataset | None = None) -
             f"(corpus.jsonl, queries.jsonl, qrels/{split}.tsv) or let `distributed-ir pipeline` "
             "download them on an online machine",
         )
-    corpus = base.corpus if base else load_corpus(folder / "corpus.jsonl")
-    queries = base.queries if base else load_queries(folder / "queries.jsonl")
-    qrels = load_qrels(folder / "qrels" / f"{split}.tsv", queries=queries, corpus=corpus)
+    corpus = base.corpus if base else load_corpus(folder / "corpus.jsonl", check)
+    queries = base.queries if base else load_queries(folder / "queries.jsonl", check)
+    qrels = load_qrels(folder / "qrels" / f"{split}.tsv", queries=queries, corpus=corpus, check=check)
     return BeirDataset(corpus=corpus, queries=queries, qrels=qrels)
 
 

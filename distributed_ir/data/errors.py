@@ -10,6 +10,7 @@ class DataError(ValueError):
         self.path = str(path)
         self.line = line
         self.field = field
+        self.reason = message
         where = self.path if line is None else f"{self.path}:{line}"
         what = f"field '{field}': " if field else ""
         super().__init__(f"{where}: {what}{message}")

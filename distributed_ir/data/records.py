@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distributed_ir.data.beir import BeirDataset, iter_jsonl
+from distributed_ir.data.beir import BeirDataset
 from distributed_ir.data.errors import DataError
+from distributed_ir.data.intake import InputCheck, iter_jsonl, iter_parquet
 
 FORMATS = ("pair", "triplet", "scored")
 
@@ -42,15 +43,11 @@ class ScoredRecord:
     label: float
 
 
-def _iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def _iter_rows(path: Path, check: InputCheck) -> Iterator[tuple[int, dict]]:
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        for i, row in enumerate(table.to_pylist(), start=1):
-            yield i, row
+        yield from iter_parquet(path, check)
     else:
-        yield from iter_jsonl(path)
+        yield from iter_jsonl(path, check)
 
 
 def _str(path: Path, line: int, row: dict, name: str) -> str:
@@ -105,18 +102,28 @@ def parse_record(path: Path, line: int, row: dict, fmt: str) -> TrainRecord | Sc
     return TrainRecord(query=query, positive=positive, negative=negative)
 
 
-def read_records(path: str | Path, fmt: str = "auto") -> tuple[str, list[TrainRecord] | list[ScoredRecord]]:
-    """Read every record of a JSONL/Parquet file; returns ``(format, records)``."""
+def read_records(path: str | Path, fmt: str = "auto",
+                 check: InputCheck | None = None) -> tuple[str, list[TrainRecord] | list[ScoredRecord]]:
+    """Read every record of a JSONL/Parquet file; returns ``(format, records)``.
+
+    Bad rows raise, or (``check.on_error == "skip"``) are rejected and skipped.
+    """
+    check = check or InputCheck()
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, "training file not found")
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(path, None, f"unknown record format {fmt!r}; expected auto, {', '.join(FORMATS)}")
     records: list[Any] = []
-    for line, row in _iter_rows(path):
-        if fmt == "auto":
+    for line, row in _iter_rows(path, check):
+        try:
+            records.append(parse_record(path, line, row, detect_format(row) if fmt == "auto" else fmt))
+        except DataError as e:
+            check.reject(e, row)
+            continue
+        if fmt == "auto":  # the first accepted record fixes the file's format
             fmt = detect_format(row)
-        records.append(parse_record(path, line, row, fmt))
+        check.accept(path)
     if not records:
         raise DataError(path, None, "no training records")
     return fmt, records

@@ -2,7 +2,8 @@
 
 Input: BEIR-style JSONL (``_id``, ``title``, ``text``) or Parquet (``_id``/``doc_id``, ``title``,
 ``text``), many files or a glob. Each document is checked (id present, non-empty, unique across
-all files; text a non-empty string) and bad input stops with FILE:LINE; a duplicate names both
+all files; text a non-empty string, at most ``max_text_bytes``) and bad input stops with
+FILE:LINE and field, or with ``on_error=skip`` goes to the rejects file; a duplicate names both
 places. Document k (in reading order) goes to shard ``k % num_shards``; inside a shard, runs of
 up to FLUSH rows are sorted by length (cheap length-aware batching downstream). Shards are written
 atomically and described in ``stage.json`` with counts, so a rerun on the same corpus reuses them.
@@ -21,8 +22,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distributed_ir.data.beir import _id, document_text, iter_jsonl
+from distributed_ir.data.beir import _id, document_text
 from distributed_ir.data.errors import DataError
+from distributed_ir.data.intake import MAX_TEXT_BYTES, InputCheck, iter_jsonl, iter_parquet
 
 STAGE_FILE = "stage.json"
 FLUSH = 8192
@@ -53,22 +55,29 @@ def expand_corpus(spec: str | list[str]) -> list[Path]:
     return paths
 
 
-def iter_documents(paths: list[Path]) -> Iterator[tuple[Path, int, str, str]]:
-    """Yield ``(file, line, doc_id, text)`` for every document, validated."""
+def iter_documents(paths: list[Path], check: InputCheck) -> Iterator[tuple[Path, int, str, str, dict]]:
+    """Yield ``(file, line, doc_id, text, row)`` for every valid document; bad rows go to ``check``."""
     for path in paths:
-        if path.suffix == ".parquet":
-            table = pq.read_table(path)
-            for line, row in enumerate(table.to_pylist(), start=1):
-                if "_id" not in row and "doc_id" in row:
-                    row["_id"] = row["doc_id"]
-                yield path, line, *_document(path, line, row)
-        else:
-            for line, row in iter_jsonl(path):
-                yield path, line, *_document(path, line, row)
+        rows = iter_parquet(path, check) if path.suffix == ".parquet" else iter_jsonl(path, check)
+        for line, row in rows:
+            if path.suffix == ".parquet" and "_id" not in row and "doc_id" in row:
+                row["_id"] = row["doc_id"]
+            try:
+                doc_id, text = _id(path, line, row), document_text(path, line, row)
+            except DataError as e:
+                check.reject(e, row)
+                continue
+            yield path, line, doc_id, text, row
 
 
-def _document(path: Path, line: int, row: dict) -> tuple[str, str]:
-    return _id(path, line, row), document_text(path, line, row)
+def inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing absolute paths and ``..`` that leave ``root`` (a manifest
+    is data: a crafted one must not make us read or overwrite files elsewhere)."""
+    rel = Path(relative)
+    path = (root / rel).resolve()
+    if rel.is_absolute() or not path.is_relative_to(root.resolve()):
+        raise ValueError(f"path {relative!r} escapes {root}")
+    return path
 
 
 def corpus_fingerprint(paths: list[Path]) -> str:
@@ -79,20 +88,28 @@ def corpus_fingerprint(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def stage_corpus(paths: list[Path], stage_dir: Path, num_shards: int) -> tuple[list[StagedShard], str]:
+def stage_corpus(paths: list[Path], stage_dir: Path, num_shards: int,
+                 check: InputCheck | None = None) -> tuple[list[StagedShard], str]:
     """Validate and shard the corpus into ``stage_dir``; reuse an identical earlier staging.
 
-    Returns the shards and a stage id (corpus fingerprint + shard count): embeddings made for
-    another stage id must not be reused. Empty shards are dropped (fewer docs than shards).
+    Returns the shards and a stage id (corpus fingerprint + shard count + bad-input policy):
+    embeddings made for another stage id must not be reused. Empty shards are dropped (fewer
+    docs than shards). With ``check.on_error == "skip"`` bad documents go to the rejects file;
+    a reused staging restores the counts it recorded into ``check``.
     """
+    check = check or InputCheck()
     stage_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = corpus_fingerprint(paths)
     stage_id = f"{fingerprint}-{num_shards}"
+    if check.on_error != "raise" or check.max_text_bytes != MAX_TEXT_BYTES:
+        stage_id += f"-{check.on_error}-{check.max_text_bytes}"  # another policy stages other rows
     meta_file = stage_dir / STAGE_FILE
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
-        if meta["fingerprint"] == fingerprint and meta["num_shards"] == num_shards:
-            return [StagedShard(s["index"], stage_dir / s["file"], s["count"]) for s in meta["shards"]], stage_id
+        if meta.get("stage_id") == stage_id:
+            for name, counts in meta.get("input", {}).items():
+                check.counts[name] = dict(counts)
+            return [StagedShard(s["index"], inside(stage_dir, s["file"]), s["count"]) for s in meta["shards"]], stage_id
     for old in stage_dir.glob("shard-*.parquet"):
         old.unlink()
     # Streams: at most FLUSH rows per shard are buffered; only the ids (for the duplicate
@@ -116,13 +133,17 @@ def stage_corpus(paths: list[Path], stage_dir: Path, num_shards: int) -> tuple[l
             buffers[i] = ([], [])
 
     try:
-        for k, (path, line, doc_id, text) in enumerate(iter_documents(paths)):
+        k = 0
+        for path, line, doc_id, text, row in iter_documents(paths, check):
             if doc_id in seen:
                 first_path, first_line = seen[doc_id]
-                raise DataError(path, line, f"duplicate id {doc_id!r}, first at {first_path}:{first_line}",
-                                field="_id")
+                check.reject(DataError(path, line, f"duplicate id {doc_id!r}, first at {first_path}:{first_line}",
+                                       field="_id"), row)
+                continue
+            check.accept(path)
             seen[doc_id] = (path, line)
             i = k % num_shards
+            k += 1
             buffers[i][0].append(doc_id)
             buffers[i][1].append(text)
             counts[i] += 1
@@ -140,7 +161,8 @@ def stage_corpus(paths: list[Path], stage_dir: Path, num_shards: int) -> tuple[l
             continue
         os.replace(stage_dir / (name + ".tmp"), stage_dir / name)
         shards.append(StagedShard(i, stage_dir / name, counts[i]))
-    meta = {"fingerprint": fingerprint, "num_shards": num_shards, "num_docs": len(seen),
+    meta = {"stage_id": stage_id, "fingerprint": fingerprint, "num_shards": num_shards, "num_docs": len(seen),
+            "input": {str(p): check.counts.get(str(p), {}) for p in paths},
             "files": [str(p) for p in paths],
             "shards": [{"index": s.index, "file": s.path.name, "count": s.count} for s in shards]}
     tmp = meta_file.with_suffix(".tmp")

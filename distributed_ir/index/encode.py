@@ -16,6 +16,30 @@ import torch
 from distributed_ir.config import ModelConfig
 from distributed_ir.models.embedder import Embedder
 
+FAIL_AT_BATCH = "DIR_FAIL_ENCODE_AT_BATCH"  # fault injection (tests): an actor dies on its Nth batch
+FAULT_MARKER = "DIR_FAULT_MARKER"  # created first, so only one actor dies, once
+
+
+def forwarded_env() -> dict[str, str]:
+    """Fault-injection variables of this process, for the encode actors' runtime_env."""
+    return {k: os.environ[k] for k in (FAIL_AT_BATCH, FAULT_MARKER) if os.environ.get(k)}
+
+
+def _maybe_die(calls: int) -> None:
+    """Exit this process abruptly on call ``$DIR_FAIL_ENCODE_AT_BATCH``, once per marker file."""
+    at, marker = os.environ.get(FAIL_AT_BATCH), os.environ.get(FAULT_MARKER)
+    if not at or calls != int(at):
+        return
+    if not marker:
+        raise RuntimeError(f"{FAIL_AT_BATCH} is set without {FAULT_MARKER}: every retry would die")
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"encode actor pid {os.getpid()} died on batch {calls}\n".encode())
+    os.close(fd)
+    os._exit(1)
+
 
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 matmul (AMX or AVX512-BF16)."""
@@ -70,6 +94,7 @@ class EncodeStage:
         self.kind = kind
         self.batch_size = batch_size
         self.dtype = resolve_dtype(precision, self.device)
+        self.calls = 0
 
     @property
     def dim(self) -> int:
@@ -92,6 +117,8 @@ class EncodeStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Replace the ``text`` column with ``embedding``; other columns (ids, shard) pass through."""
+        self.calls += 1
+        _maybe_die(self.calls)
         out = {k: np.asarray(v) for k, v in batch.items() if k != "text"}
         out["embedding"] = self.encode([str(t) for t in batch["text"]])
         return out

@@ -23,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distributed_ir.index.corpus import StagedShard, expand_corpus, stage_corpus
+from distributed_ir.data.intake import MAX_TEXT_BYTES, InputCheck
+from distributed_ir.index.corpus import StagedShard, expand_corpus, inside, stage_corpus
 from distributed_ir.index.faiss_index import ShardedIndex, build_index
 from distributed_ir.models.embedder import resolve_model_path
 
@@ -42,6 +43,12 @@ class IndexOptions:
     precision: str = "auto"
     use_gpu: bool = False
     actors: int = 0  # 0 = size from cluster resources
+    on_error: str = "raise"  # raise | skip (bad documents go to rejects_path)
+    rejects_path: str = ""  # '' = <out>/rejects.jsonl
+    max_text_bytes: int = MAX_TEXT_BYTES
+    # An encode actor that dies (OOM, node loss) is restarted and its batch retried; bounded so a
+    # deterministic crash fails the job instead of looping forever.
+    actor_restarts: int = 3
     fail_after_shards: int = field(default_factory=lambda: int(os.environ.get("DIR_FAIL_AFTER_SHARDS", "0")))
 
 
@@ -73,10 +80,11 @@ def _atomic_json(path: Path, obj: Any) -> None:
 
 def shard_is_valid(out: Path, entry: dict) -> bool:
     """The manifest's shard file exists, is inside ``out`` and matches its checksum."""
-    path = (out / entry["file"]).resolve()
-    if not path.is_relative_to(out.resolve()) or not path.is_file():
+    try:
+        path = inside(out, entry["file"])
+    except ValueError:
         return False
-    return _sha256(path) == entry["sha256"]
+    return path.is_file() and _sha256(path) == entry["sha256"]
 
 
 def actor_plan(opts: IndexOptions) -> dict[str, Any]:
@@ -104,8 +112,9 @@ def map_encode(ds, model: str, opts: IndexOptions, plan: dict[str, Any]):
     """The one place that knows Ray Data's map_batches/actor-pool API (Ray 2.60: compute=)."""
     from ray.data import ActorPoolStrategy
 
-    from distributed_ir.index.encode import EncodeStage
+    from distributed_ir.index.encode import EncodeStage, forwarded_env
 
+    env = forwarded_env()
     return ds.map_batches(
         EncodeStage,
         fn_constructor_kwargs={"model": model, "kind": "document", "batch_size": opts.batch_size,
@@ -115,6 +124,11 @@ def map_encode(ds, model: str, opts: IndexOptions, plan: dict[str, Any]):
         compute=ActorPoolStrategy(size=plan["size"]),
         num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"],
+        # Ray 2.60 passes these through ray_remote_args (deprecated for removal in 2.64, which
+        # leaves Ray Data's own default: unbounded restarts/retries).
+        max_restarts=opts.actor_restarts,
+        max_task_retries=opts.actor_restarts,
+        **({"runtime_env": {"env_vars": env}} if env else {}),
     )
 
 
@@ -133,7 +147,7 @@ def write_shard(out: Path, index: int, ids: list[str], vectors: np.ndarray) -> d
 
 
 def read_shard(out: Path, entry: dict) -> tuple[list[str], np.ndarray]:
-    table = pq.read_table(out / entry["file"])
+    table = pq.read_table(inside(out, entry["file"]))
     dim = table.schema.field("embedding").type.list_size
     vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
     return table.column("doc_id").to_pylist(), vectors
@@ -147,7 +161,10 @@ def encode_corpus(opts: IndexOptions, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_path(opts.model)
     paths = expand_corpus(opts.corpus)
-    staged, stage_id = stage_corpus(paths, out / "stage", opts.num_shards)
+    check = InputCheck(opts.on_error, opts.rejects_path or out / "rejects.jsonl", opts.max_text_bytes)
+    staged, stage_id = stage_corpus(paths, out / "stage", opts.num_shards, check)
+    if check.summary()["rejected"]:
+        print(check.summary_line(), flush=True)
     fingerprint = model_fingerprint(model_dir)
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
@@ -157,7 +174,8 @@ def encode_corpus(opts: IndexOptions, progress: bool = True) -> dict[str, Any]:
     if manifest.get("stage_id") != stage_id:
         manifest["shards"] = {}  # corpus or sharding changed: nothing earlier can be reused
     manifest.update({"model": str(model_dir), "model_fingerprint": fingerprint, "stage_id": stage_id,
-                     "num_docs": sum(s.count for s in staged), "corpus": [str(p) for p in paths], "dtype": "float32"})
+                     "num_docs": sum(s.count for s in staged), "corpus": [str(p) for p in paths], "dtype": "float32",
+                     "input": check.summary()})
     staged_keys = {str(s.index) for s in staged}
     done = {k: v for k, v in manifest.get("shards", {}).items() if k in staged_keys and shard_is_valid(out, v)}
     manifest["shards"] = done

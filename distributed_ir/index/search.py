@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from distributed_ir.data.beir import load_qrels, load_queries
+from distributed_ir.data.intake import InputCheck
 from distributed_ir.eval.metrics import Run, write_run
 from distributed_ir.index.encode import EncodeStage
 from distributed_ir.index.faiss_index import ShardedIndex
@@ -15,14 +16,15 @@ from distributed_ir.index.pipeline import MANIFEST
 
 def search_index(index_dir: str | Path, queries_path: str | Path, out: str | Path, top_k: int = 100,
                  qrels_path: str | Path | None = None, batch_size: int = 64, precision: str = "auto",
-                 use_gpu: bool = False, progress: bool = True) -> tuple[Run, dict]:
+                 use_gpu: bool = False, progress: bool = True, check: InputCheck | None = None) -> tuple[Run, dict]:
     """Encode queries (the model's saved query settings), search every index shard, merge, write."""
     root = Path(index_dir)
     manifest = json.loads((root / MANIFEST).read_text())
     index = ShardedIndex.load(root / "index")
-    queries = load_queries(queries_path)
+    check = check or InputCheck()
+    queries = load_queries(queries_path, check)
     if qrels_path:
-        qrels = load_qrels(qrels_path, queries=queries)
+        qrels = load_qrels(qrels_path, queries=queries, check=check)
         queries = {q: t for q, t in queries.items() if q in qrels}
     t0 = time.perf_counter()
     stage = EncodeStage(manifest["model"], kind="query", batch_size=batch_size, precision=precision,
@@ -37,5 +39,6 @@ def search_index(index_dir: str | Path, queries_path: str | Path, out: str | Pat
     write_run(out, run)
     seconds = time.perf_counter() - t0
     summary = {"queries": len(qids), "top_k": top_k, "seconds": round(seconds, 2),
-               "queries_per_s": round(len(qids) / seconds, 1), "index_docs": index.ntotal, "run": str(out)}
+               "queries_per_s": round(len(qids) / seconds, 1), "index_docs": index.ntotal, "run": str(out),
+               "input": check.summary()}
     return run, summary

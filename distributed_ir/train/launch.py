@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from distributed_ir.config import TrainConfig, to_dict
+from distributed_ir.data.records import read_records, write_records
+from distributed_ir.train import faults
 from distributed_ir.train.loop import train_loop
 
 
@@ -20,12 +22,17 @@ class TrainResult:
     metrics: dict[str, Any]
     checkpoint_path: str
     seconds: float
+    input: dict[str, Any] = field(default_factory=dict)  # accepted/rejected training records
     # rank 0's logged steps ({"step", "loss", "lr", ...}), from train_loop's return value
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (or $RAY_ADDRESS), else start a local cluster bound to 127.0.0.1."""
+    """Join ``address`` (or $RAY_ADDRESS), else start a local cluster bound to 127.0.0.1.
+
+    A local cluster keeps Ray's token authentication on (``RAY_AUTH_MODE=token`` unless the user
+    chose otherwise): anyone who can reach an unauthenticated Ray port can run code on it.
+    """
     import ray
 
     if ray.is_initialized():
@@ -33,9 +40,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:
-        # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+        return
+    # Ray 2.60 turns token auth on for a new local cluster unless RAY_AUTH_MODE says otherwise
+    # (it sets RAY_AUTH_MODE=token itself and refreshes its cached config: setting the variable
+    # here, after `import ray`, would leave that cache stale and the GCS handshake would fail).
+    mode = os.environ.get("RAY_AUTH_MODE", "token").lower()
+    if mode != "token":
+        print(f"[ray] warning: RAY_AUTH_MODE={mode}: the local Ray cluster accepts unauthenticated "
+              "requests on 127.0.0.1", flush=True)
+    # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
+    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+    token = Path.home() / ".ray" / "auth_token"
+    if mode == "token" and token.is_file() and token.stat().st_mode & 0o077:
+        token.chmod(0o600)  # Ray writes it 0644; the token is a password
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
@@ -57,6 +74,14 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     loop_config = to_dict(cfg)
     # Ray Train workers run in their own working directory: hand them absolute paths only.
     loop_config["train_path"] = str(Path(cfg.train_path).resolve())
+    # Validate the records once, here: bad input fails before any worker starts (a clean
+    # FILE:LINE: field error), and with on_error=skip the workers read only accepted records.
+    check = cfg.input.check(out)
+    _, records = read_records(cfg.train_path, check=check)
+    print(check.summary_line(), flush=True)
+    if check.summary()["rejected"]:
+        loop_config["train_path"] = str(write_records(out / "train_records.accepted.jsonl", records))
+    del records
     loop_config["output_dir"] = str(out)
     if cfg.resume_from:
         loop_config["resume_from"] = str(Path(cfg.resume_from).resolve())
@@ -76,6 +101,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Worker processes do not inherit the driver's environment: forward the opt-in
+            # fault-injection/trace switches (empty unless a test or drill sets them).
+            worker_runtime_env={"env_vars": faults.forwarded_env()},
         ),
     )
     t0 = time.perf_counter()
@@ -95,4 +123,4 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     shutil.copytree(final / "model", model)
     returned = result.return_value if isinstance(result.return_value, dict) else {}
     return TrainResult(model_path=model, metrics=dict(result.metrics or {}), checkpoint_path=result.checkpoint.path,
-                       seconds=seconds, history=list(returned.get("history", [])))
+                       seconds=seconds, input=check.summary(), history=list(returned.get("history", [])))

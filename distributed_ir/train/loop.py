@@ -21,6 +21,7 @@ import torch.distributed as dist
 from distributed_ir.config import TrainConfig, from_dict
 from distributed_ir.data.records import read_records
 from distributed_ir.train import checkpoint as ckpt
+from distributed_ir.train import faults
 from distributed_ir.train.batching import epoch_batches, steps_per_epoch
 from distributed_ir.train.engines import (
     DDPEngine,
@@ -120,6 +121,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if micro >= micro_used or step >= total_steps:
                 break
             micro += 1
+            faults.trace_batch(rank, epoch, micro, step + 1, batch.queries)  # opt-in (env), tests only
             boundary = micro % cfg.grad_accum_steps == 0
             inputs = _to_device(task.inputs(engine.inner, batch), device)
             loss, grad_norm = engine.train_step(inputs, boundary)
@@ -130,6 +132,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 continue
             window["grad_norm"] = grad_norm
             step += 1
+            faults.maybe_kill(rank, step)  # opt-in (env) fault injection, tests only
             done = step >= total_steps
             position = {"step": step, "epoch": epoch, "micro_in_epoch": micro}
             if micro >= micro_used:
