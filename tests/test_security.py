@@ -94,7 +94,7 @@ def test_weights_are_safetensors_and_state_is_weights_only(tmp_path, tiny_bert):
     (tmp_path / "ck").mkdir()
     torch.save({"optimizer": Payload()}, tmp_path / "ck" / STATE_FILE)
     with pytest.raises(Exception, match="(?i)weights.only|unsupported global"):
-        load_training_state(tmp_path / "ck", None, None)
+        load_training_state(tmp_path / "ck")
     assert not sentinel.exists()
 
 
