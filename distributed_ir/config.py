@@ -120,6 +120,56 @@ class ScalingConfig:
 
 
 @dataclass
+class EngineConfig:
+    """How gradients, optimizer state and parameters are spread over workers.
+
+    ``ddp``: every worker holds the whole model and optimizer (torch DDP).  ``deepspeed``: the
+    DeepSpeed engine with ZeRO ``zero_stage`` 0-3 (1 shards optimizer state, 2 also gradients,
+    3 also parameters), optionally offloading optimizer state / parameters to CPU memory.
+    Batch size, accumulation, clipping and bf16/fp16 are mapped onto DeepSpeed's own settings.
+    """
+
+    name: str = _help("ddp | deepspeed", default="ddp")
+    zero_stage: int = _help("DeepSpeed ZeRO stage 0-3", default=2)
+    offload_optimizer: bool = _help("keep optimizer state in CPU memory (ZeRO-Offload)", default=False)
+    offload_params: bool = _help("keep parameters in CPU memory (ZeRO-3 only)", default=False)
+    torch_adam: bool = _help(
+        "use torch's AdamW inside DeepSpeed (no JIT op build); false = DeepSpeed's fused/CPU Adam", default=True
+    )
+    config_file: str = _help("extra DeepSpeed JSON merged over the generated config ('' = none)", default="")
+
+    def __post_init__(self) -> None:
+        _check_choice("engine.name", self.name, ("ddp", "deepspeed"))
+        if not 0 <= self.zero_stage <= 3:
+            raise ConfigError("engine.zero_stage must be 0, 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("engine.offload_params needs engine.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (peft) on the backbone; only adapter weights train."""
+
+    enabled: bool = _help("train LoRA adapters instead of all weights", default=False)
+    r: int = _help("adapter rank", default=16)
+    alpha: int = _help("adapter scaling numerator (scale = alpha / r)", default=32)
+    dropout: float = _help("dropout on the adapter input", default=0.05)
+    target_modules: list[str] = _help(
+        "module names to adapt; ['all-linear'] = every linear layer but the output head", default_factory=lambda: ["all-linear"]
+    )
+    export: str = _help("merged (plain model, LoRA folded in) | adapter (adapter files + base path)", default="merged")
+
+    def __post_init__(self) -> None:
+        _check_choice("lora.export", self.export, ("merged", "adapter"))
+        if self.r < 1 or self.alpha < 1 or not 0 <= self.dropout < 1:
+            raise ConfigError("lora: need r >= 1, alpha >= 1 and 0 <= dropout < 1")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module (or 'all-linear')")
+
+
+@dataclass
 class TrainConfig:
     """Everything one embedder fine-tune needs; passed to every worker as a plain dict."""
 
@@ -129,12 +179,17 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    task: str = _help("what is trained: embedder (rerankers register their own tasks)", default="embedder")
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = _help("recompute activations in backward (less memory, ~30% slower)", default=False)
     epochs: int = _help("passes over the training records", default=1)
     max_steps: int = _help("stop after this many optimizer steps; -1 = epochs decide", default=-1)
     batch_size: int = _help("records per worker per micro-step", default=32)
     grad_accum_steps: int = _help("micro-steps per optimizer step", default=1)
     num_negatives: int = _help("hard negatives per query taken from triplet records", default=1)
     bf16: bool = _help("bf16 autocast (CPU with AMX/avx512_bf16, or GPU)", default=False)
+    fp16: bool = _help("fp16 mixed precision (GPU; deepspeed uses dynamic loss scaling)", default=False)
     seed: int = _help("seed for init, shuffling and negative sampling", default=42)
     log_every: int = _help("report metrics every N optimizer steps", default=10)
     checkpoint_every: int = _help("checkpoint every N optimizer steps; 0 = final only", default=0)
@@ -151,6 +206,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1")
         if self.num_negatives < 0 or self.checkpoint_every < 0:
             raise ConfigError("num_negatives and checkpoint_every must be >= 0")
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16 and fp16 are exclusive: pick one")
+        if self.fp16 and self.engine.name == "ddp" and not self.scaling.use_gpu:
+            raise ConfigError("fp16 needs a GPU (scaling.use_gpu=true); on CPU use bf16")
 
 
 @dataclass

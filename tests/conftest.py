@@ -11,6 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# DeepSpeed JIT-builds its CPU ops (shm_comm) once; every test and Ray worker of this run shares
+# the build (workers inherit the environment).  CI sets it per run; locally it is kept in .cache/.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 
 REPO = Path(__file__).resolve().parents[1]
 

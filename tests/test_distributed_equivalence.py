@@ -1,23 +1,21 @@
 """2 workers with gathered negatives == 1 worker on the union batch (loss and gradients, 1e-5).
 
-Runs the real training step (DualEncoder + compute_loss + DDP) in 2 gloo processes.
+Runs the real training step (the embedder task's train module + DDP) in 2 gloo processes.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed_ir.config import ModelConfig
-from distributed_ir.losses import InfoNCELoss
+from distributed_ir.config import TrainConfig, from_dict
 from distributed_ir.models.embedder import Embedder
 from distributed_ir.train.batching import TextBatch
-from distributed_ir.train.loop import DualEncoder, compute_loss
+from distributed_ir.train.tasks import get_task
 
 QUERIES = [f"query number {i} about topic {i % 3}" for i in range(8)]
 POSITIVES = [f"relevant document {i} on topic {i % 3} with extra words {'w ' * i}" for i in range(8)]
@@ -30,15 +28,15 @@ def _grads(embedder: Embedder) -> torch.Tensor:
 
 def _step(model_path: str, rank: int, world: int, gather: bool = True) -> tuple[float, torch.Tensor]:
     torch.manual_seed(0)
-    embedder = Embedder.from_config(ModelConfig(name_or_path=model_path))
-    module = DualEncoder(embedder)
-    if world > 1:
-        module = torch.nn.parallel.DistributedDataParallel(module)
+    task = get_task(from_dict(TrainConfig, {"model": {"name_or_path": model_path},
+                                            "loss": {"temperature": 0.05, "gather_across_workers": gather}}))
+    inner = task.build()
+    embedder = inner.embedder
+    module = torch.nn.parallel.DistributedDataParallel(inner) if world > 1 else inner
     per = len(QUERIES) // world
     sl = slice(rank * per, (rank + 1) * per)
     batch = TextBatch(QUERIES[sl], POSITIVES[sl], NEGATIVES[2 * rank * per: 2 * (rank + 1) * per])
-    loss = compute_loss(module, InfoNCELoss(temperature=0.05, gather=gather), embedder, batch,
-                        torch.device("cpu"), nullcontext())
+    loss = module(**task.inputs(inner, batch))
     loss.backward()
     return float(loss), _grads(embedder)
 

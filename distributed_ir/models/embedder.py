@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from distributed_ir.config import ConfigError, ModelConfig, check_template
+from distributed_ir.models.lora import adapter_base_path, is_adapter_dir, load_adapter
 from distributed_ir.models.pooling import pool
 
 SETTINGS_FILE = "distributed_ir.json"
@@ -36,6 +37,34 @@ class EmbedderSettings:
     query_max_length: int = 64
     document_max_length: int = 256
     append_eos: bool = False
+
+
+# The seed's query instruction for LLM embedders (documents go in as they are).
+LLM_QUERY_INSTRUCTION = (
+    "Given a query and a relevant document, retrieve the document that are pertinent to the query\nQuery: {}"
+)
+
+
+def is_decoder_model(path: str | Path) -> bool:
+    """A decoder-only backbone (Qwen2, Llama, Mistral, ...) as opposed to a BERT-style encoder."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    model_type = json.loads(config.read_text()).get("model_type", "")
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def default_settings(path: str | Path) -> EmbedderSettings:
+    """Defaults for a backbone without saved settings: LLM embedders read the last token + EOS."""
+    if is_decoder_model(path):
+        return EmbedderSettings(pooling="last", append_eos=True, query_instruction=LLM_QUERY_INSTRUCTION,
+                                document_max_length=512)
+    return EmbedderSettings()
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -94,7 +123,9 @@ def read_checkpoint_settings(path: str | Path) -> dict[str, Any]:
 def resolve_settings(cfg: ModelConfig, path: str) -> EmbedderSettings:
     """Checkpoint settings, overridden by explicit config; semantic conflicts are refused."""
     saved = read_checkpoint_settings(path)
-    settings = EmbedderSettings(**{k: v for k, v in saved.items() if k in {f.name for f in fields(EmbedderSettings)}})
+    known = {f.name for f in fields(EmbedderSettings)}
+    weights = adapter_base_path(path) if is_adapter_dir(path) else path
+    settings = replace(default_settings(weights), **{k: v for k, v in saved.items() if k in known})
     for f in fields(EmbedderSettings):
         wanted = getattr(cfg, f.name)
         if wanted is None:
@@ -140,7 +171,10 @@ class Embedder(nn.Module):
         kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
         if dtype is not None:
             kwargs["dtype"] = dtype
-        backbone = AutoModel.from_pretrained(path, **kwargs)
+        if is_adapter_dir(path):  # a LoRA export: base weights + adapter, merged for encoding
+            backbone = load_adapter(AutoModel.from_pretrained(adapter_base_path(path), **kwargs), path, merge=True)
+        else:
+            backbone = AutoModel.from_pretrained(path, **kwargs)
         return cls(backbone, tokenizer, settings)
 
     @classmethod
@@ -227,6 +261,16 @@ class Embedder(nn.Module):
         self.backbone.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         s = self.settings
+        versions = {
+            "distributed_ir": _version(),
+            "sentence_transformers": sentence_transformers.__version__,
+            "transformers": transformers.__version__,
+            "pytorch": torch.__version__,
+        }
+        if is_adapter_dir(path):  # a peft backbone saved only its adapter: no sentence-transformers layout
+            _write_json(path / SETTINGS_FILE, {"settings": asdict(s), "similarity": "cosine" if s.normalize else "dot",
+                                               "dim": self.dim, "versions": versions, "adapter": True, **(extra or {})})
+            return path
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -253,12 +297,6 @@ class Embedder(nn.Module):
             # sentence-transformers prompts are prefixes: only a template ending in {} maps.
             if template.endswith("{}"):
                 prompts[kind] = template[:-2]
-        versions = {
-            "distributed_ir": _version(),
-            "sentence_transformers": sentence_transformers.__version__,
-            "transformers": transformers.__version__,
-            "pytorch": torch.__version__,
-        }
         _write_json(path / "config_sentence_transformers.json", {
             "__version__": versions,
             "prompts": prompts,

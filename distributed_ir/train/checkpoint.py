@@ -1,13 +1,17 @@
-"""Training checkpoints: ``model/`` (sentence-transformers layout) + ``training_state.pt``.
+"""Training checkpoints: one directory per checkpoint.
 
-The state file holds optimizer and scheduler state, the data position (epoch, micro-step in
-epoch, optimizer step) and torch's RNG state.  It is read with ``weights_only=True``.
+- ``model/``: the exported model (sentence-transformers layout, or LoRA adapter files);
+- ``training_state.pt``: the data position (epoch, micro-step in epoch, optimizer step) and
+  torch's RNG state, read with ``weights_only=True``;
+- the engine's state: ``engine_state.pt`` + ``trainable.safetensors`` (DDP) or ``deepspeed/``
+  (every rank's ZeRO partition of model and optimizer);
+- ``metrics.json``: the metrics at that step; ``history.json``: every logged step so far (rank 0's
+  view: loss, lr, grad norm, throughput, memory) for curves and reports.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,32 +20,20 @@ import torch
 STATE_FILE = "training_state.pt"
 
 
-def save_training_state(path: Path, embedder: Any, optimizer: Any, scheduler: Any, position: dict[str, int],
-                        metrics: dict[str, Any]) -> Path:
-    """Write a checkpoint directory atomically (temp dir, then rename)."""
+def save_training_state(path: Path, position: dict[str, int], metrics: dict[str, Any],
+                        history: list[dict[str, Any]] | None = None) -> Path:
+    """Write metrics, history and then the position/RNG file (a state file means a complete checkpoint)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    embedder.save(tmp / "model")
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "position": dict(position),
-        "torch_rng": torch.get_rng_state(),
-    }, tmp / STATE_FILE)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (path / "history.json").write_text(json.dumps(history or [metrics], indent=1))
+    tmp = path / (STATE_FILE + ".tmp")
+    torch.save({"position": dict(position), "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(path / STATE_FILE)
     return path
 
 
-def load_training_state(path: Path, optimizer: Any, scheduler: Any) -> dict[str, int]:
-    """Restore optimizer/scheduler/RNG in place; return the data position to continue from."""
+def load_training_state(path: Path) -> dict[str, int]:
+    """Restore torch's RNG; return the data position to continue from."""
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return dict(state["position"])

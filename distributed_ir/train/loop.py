@@ -7,41 +7,29 @@ call it.  The config is a plain dict rebuilt into :class:`TrainConfig` here: no 
 
 from __future__ import annotations
 
-import math
 import os
+import resource
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from distributed_ir.config import TrainConfig, from_dict
 from distributed_ir.data.records import read_records
-from distributed_ir.losses import build_loss
-from distributed_ir.models.embedder import Embedder
 from distributed_ir.train import checkpoint as ckpt
-from distributed_ir.train.batching import TextBatch, epoch_batches, steps_per_epoch
-
-
-class DualEncoder(nn.Module):
-    """One module whose single forward encodes queries and documents.
-
-    DDP must see exactly one forward per backward; wrapping both encodes in one module call
-    keeps queries at their own (short) max length instead of padding them to document length.
-    """
-
-    def __init__(self, embedder: Embedder):
-        super().__init__()
-        self.embedder = embedder
-
-    def forward(self, query: dict[str, torch.Tensor], document: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embedder(**query), self.embedder(**document)
+from distributed_ir.train.batching import epoch_batches, steps_per_epoch
+from distributed_ir.train.engines import (
+    DDPEngine,
+    DeepSpeedEngine,
+    build_engine,
+    deepspeed_config,
+    init_deepspeed_distributed,
+)
+from distributed_ir.train.tasks import get_task
 
 
 def _ray_context() -> Any | None:
@@ -68,29 +56,8 @@ def _device(cfg: TrainConfig, in_ray: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    from transformers import get_scheduler
-
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.optim.scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(cfg.optim.warmup_ratio * total_steps),
-                         num_training_steps=total_steps)
-
-
-def compute_loss(module: nn.Module, loss_fn: nn.Module, embedder: Embedder, batch: TextBatch,
-                 device: torch.device, autocast: Any) -> torch.Tensor:
-    """Tokenise one micro-batch, run the single forward and the loss."""
-    query = {k: v.to(device) for k, v in embedder.tokenize(batch.queries, "query").items()}
-    document = {k: v.to(device) for k, v in embedder.tokenize(batch.positives + batch.negatives, "document").items()}
-    with autocast:
-        q, d = module(query, document)
-    b = len(batch.queries)
-    if batch.labels is not None:
-        return loss_fn(q, d, torch.tensor(batch.labels, device=device))
-    return loss_fn(q, d[:b], d[b:] if batch.negatives else None)
-
-
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """Train an embedder on this worker's shard; returns the last metrics (rank 0 saves)."""
+    """Train ``cfg.task`` on this worker's shard with ``cfg.engine``; returns the last metrics."""
     cfg = from_dict(TrainConfig, config)
     ctx = _ray_context()
     in_ray = ctx is not None
@@ -99,24 +66,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     device = _device(cfg, in_ray)
+    task = get_task(cfg)
 
-    # ---- setup: data, model (from a checkpoint when resuming), optimizer, schedule
+    # ---- setup: data, model, engine (optimizer + schedule), resume
     fmt, records = read_records(cfg.train_path)
-    wants = {"cosent": ("scored",), "infonce": ("pair", "triplet"), "triplet": ("pair", "triplet")}[cfg.loss.name]
-    if fmt not in wants:
-        raise ValueError(f"{cfg.train_path}: loss {cfg.loss.name!r} needs {' or '.join(wants)} records, "
-                         f"the file holds {fmt} records")
-    resume_dir = _resume_dir(cfg, in_ray)
-    model_cfg = replace(cfg.model, name_or_path=str(resume_dir / "model")) if resume_dir else cfg.model
-    embedder = Embedder.from_config(model_cfg).to(device)
-    embedder.train()
-    # Distinct dropout per rank (DDP broadcasts rank 0's weights, so init is unaffected).
-    torch.manual_seed(cfg.seed + rank)
-    module: nn.Module = DualEncoder(embedder)
-    if world_size > 1:
-        module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    params = [p for p in embedder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    task.check_format(fmt, cfg.train_path)
     k = cfg.num_negatives if fmt == "triplet" else 0
     micro_per_epoch = steps_per_epoch(len(records), world_size, cfg.batch_size)
     opt_per_epoch = micro_per_epoch // cfg.grad_accum_steps
@@ -126,14 +80,28 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             f"{world_size} workers x batch {cfg.batch_size} x accumulation {cfg.grad_accum_steps}"
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * opt_per_epoch
-    scheduler = _scheduler(cfg, optimizer, total_steps)
+    ds_config = None
+    if cfg.engine.name == "deepspeed":
+        ds_config = deepspeed_config(cfg, world_size)
+        init_deepspeed_distributed("nccl" if device.type == "cuda" else "gloo")
+        init_ctx = DeepSpeedEngine.init_context(ds_config)
+    else:
+        init_ctx = DDPEngine.init_context()
+    with init_ctx:
+        module = task.build()
+    module.train()
+    # Distinct dropout per rank (DDP/DeepSpeed broadcast rank 0's weights, so init is unaffected).
+    torch.manual_seed(cfg.seed + rank)
+    engine = build_engine(cfg, module, task.param_groups(module), device, world_size, total_steps, ds_config)
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
+    resume_dir = _resume_dir(cfg, in_ray)
     if resume_dir:
-        state = ckpt.load_training_state(resume_dir, optimizer, scheduler)
-    loss_fn = build_loss(cfg.loss)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+        engine.load(resume_dir)
+        state = ckpt.load_training_state(resume_dir)
     if rank == 0:
-        print(f"[train] {len(records)} {fmt} records, {world_size} worker(s) x batch {cfg.batch_size} "
+        print(f"[train] task {task.name}, engine {engine.name}"
+              f"{f' ZeRO-{cfg.engine.zero_stage}' if engine.name == 'deepspeed' else ''}, "
+              f"{len(records)} {fmt} records, {world_size} worker(s) x batch {cfg.batch_size} "
               f"x accum {cfg.grad_accum_steps}, {total_steps} optimizer steps, device {device}, "
               f"threads {threads}, start step {state['step']}", flush=True)
 
@@ -152,21 +120,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if micro >= micro_used or step >= total_steps:
                 break
             micro += 1
-            sync = micro % cfg.grad_accum_steps == 0
-            no_sync = module.no_sync() if (world_size > 1 and not sync) else nullcontext()
-            with no_sync:
-                loss = compute_loss(module, loss_fn, embedder, batch, device, autocast)
-                (loss / cfg.grad_accum_steps).backward()
-            window["loss"] += loss.item()
+            boundary = micro % cfg.grad_accum_steps == 0
+            inputs = _to_device(task.inputs(engine.inner, batch), device)
+            loss, grad_norm = engine.train_step(inputs, boundary)
+            window["loss"] += loss
             window["micro"] += 1
             window["samples"] += len(batch.queries) * world_size
-            if not sync:
+            if not boundary:
                 continue
-            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-            window["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            window["grad_norm"] = grad_norm
             step += 1
             done = step >= total_steps
             position = {"step": step, "epoch": epoch, "micro_in_epoch": micro}
@@ -174,12 +136,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 position = {"step": step, "epoch": epoch + 1, "micro_in_epoch": 0}
             save = done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
             if step % cfg.log_every == 0 or save:
-                last = _metrics(window, step, total_steps, epoch, scheduler)
+                last = _metrics(window, step, total_steps, epoch, engine)
                 history.append(last)
                 if rank == 0:
                     print(_progress_line(last), flush=True)
             if save:
-                _checkpoint(embedder, optimizer, scheduler, position, cfg, rank, in_ray, last, final=done)
+                _checkpoint(task, engine, position, cfg, rank, in_ray, last, history, final=done)
             elif in_ray and step % cfg.log_every == 0:
                 import ray.train
 
@@ -192,6 +154,17 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if resume_dir and in_ray:
         shutil.rmtree(resume_dir, ignore_errors=True)  # our local copy of Ray's checkpoint
     return {**last, "history": history}
+
+
+def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        return v
+
+    return {k: move(v) for k, v in inputs.items()}
 
 
 def _resume_dir(cfg: TrainConfig, in_ray: bool) -> Path | None:
@@ -212,17 +185,21 @@ def _resume_dir(cfg: TrainConfig, in_ray: bool) -> Path | None:
     return None
 
 
-def _metrics(window: dict[str, Any], step: int, total: int, epoch: int, scheduler: Any) -> dict[str, Any]:
+def _metrics(window: dict[str, Any], step: int, total: int, epoch: int, engine: Any) -> dict[str, Any]:
     elapsed = time.perf_counter() - window["t0"]
     out = {
         "step": step,
         "total_steps": total,
         "epoch": epoch,
         "loss": window["loss"] / max(1, window["micro"]),
-        "lr": scheduler.get_last_lr()[0],
+        "lr": engine.lr(),
         "grad_norm": window["grad_norm"],
         "samples_per_s": window["samples"] / elapsed if elapsed > 0 else 0.0,
+        "state_mb": engine.memory() / 2**20,  # parameters + gradients + optimizer state on this worker
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     window.update(loss=0.0, micro=0, samples=0, t0=time.perf_counter())
     return out
 
@@ -235,21 +212,34 @@ def _progress_line(m: dict[str, Any]) -> str:
             f"samples/s {m['samples_per_s']:.1f}")
 
 
-def _checkpoint(embedder: Embedder, optimizer: Any, scheduler: Any, position: dict[str, int], cfg: TrainConfig,
-                rank: int, in_ray: bool, metrics: dict[str, Any], final: bool) -> None:
-    """Rank 0 writes model + optimizer/scheduler/position; under Ray every rank reports."""
-    if not in_ray:
-        if rank == 0:
-            name = "final" if final else f"step_{position['step']:07d}"
-            ckpt.save_training_state(Path(cfg.output_dir) / "checkpoints" / name, embedder, optimizer, scheduler,
-                                     position, metrics)
-        return
-    import ray.train
+def _checkpoint(task: Any, engine: Any, position: dict[str, int], cfg: TrainConfig, rank: int, in_ray: bool,
+                metrics: dict[str, Any], history: list[dict[str, Any]], final: bool) -> None:
+    """Every rank writes its engine state; rank 0 adds the exported model and the data position.
 
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="dir-ckpt-"))
-    ckpt.save_training_state(tmp, embedder, optimizer, scheduler, position, metrics)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
-    shutil.rmtree(tmp, ignore_errors=True)
+    Without Ray the directory is ``output_dir/checkpoints/<step>``; under Ray each rank writes a
+    local directory and reports it (Ray merges the ranks' files into one checkpoint).
+    """
+    full = engine.full_state_dict(rank)  # collective under ZeRO-3: every rank enters
+    if in_ray:
+        path = Path(tempfile.mkdtemp(prefix="dir-ckpt-"))
+    else:
+        name = "final" if final else f"step_{position['step']:07d}"
+        path = Path(cfg.output_dir) / "checkpoints" / name
+        if rank == 0 and path.exists():
+            shutil.rmtree(path)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        path.mkdir(parents=True, exist_ok=True)
+    engine.save(path, rank)
+    if rank == 0:
+        export = task.build()  # a fresh CPU model of the same shape takes the gathered weights
+        export.load_state_dict(full)
+        task.export(export, path / "model")
+        ckpt.save_training_state(path, position, metrics, history)
+    if in_ray:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+        shutil.rmtree(path, ignore_errors=True)
+    elif dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,303 @@
+"""Training engines: how one micro-step's gradients become an optimizer step across workers.
+
+``DDPEngine``: torch DDP (every worker holds the full model and optimizer), torch AdamW,
+autocast for bf16, GradScaler for fp16, DDP ``no_sync`` during accumulation.
+``DeepSpeedEngine``: the DeepSpeed engine with ZeRO stage 0-3 and optional CPU offload; batch
+sizes, accumulation, clipping, bf16/fp16 and the optimizer are written into DeepSpeed's own
+config, so DeepSpeed does the accumulation, scaling and clipping.  Under Ray Train the process
+group already exists (gloo on CPU, nccl on GPU) and DeepSpeed adopts it.
+
+Both expose the same small API to the loop: ``train_step``, ``lr``, ``save``/``load`` of the
+engine state (optimizer, scheduler, and for DeepSpeed the partitioned model), ``full_state_dict``
+(gathered on rank 0) and ``memory`` (bytes of parameters + gradients + optimizer state held
+by this worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distributed_ir.config import TrainConfig
+
+STATE_FILE = "engine_state.pt"
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.optim.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(cfg.optim.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def _tensor_bytes(tensors: Any, seen: set[int]) -> int:
+    total = 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel() and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _optimizer_bytes(optimizer: torch.optim.Optimizer, seen: set[int]) -> int:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grads = [p.grad for p in params if p.grad is not None]
+    states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return _tensor_bytes(params, seen) + _tensor_bytes(grads, seen) + _tensor_bytes(states, seen)
+
+
+class DDPEngine:
+    name = "ddp"
+
+    def __init__(self, cfg: TrainConfig, module: nn.Module, param_groups: list[dict[str, Any]], device: torch.device,
+                 world_size: int, total_steps: int):
+        self.cfg = cfg
+        self.inner = module.to(device)
+        self.device = device
+        self.world_size = world_size
+        self.module: nn.Module = module
+        if world_size > 1:
+            self.module = nn.parallel.DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None)
+        self.params = [p for g in param_groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(param_groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.scheduler = build_scheduler(cfg, self.optimizer, total_steps)
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+        self._autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.fp16 else None
+
+    @staticmethod
+    def init_context() -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def train_step(self, inputs: dict[str, Any], boundary: bool) -> tuple[float, float | None]:
+        """Forward + backward of one micro-batch; at an accumulation boundary also step."""
+        sync = self.module.no_sync() if (self.world_size > 1 and not boundary) else contextlib.nullcontext()
+        with sync:
+            with self._autocast():
+                loss = self.module(**inputs)
+            scaled = loss / self.cfg.grad_accum_steps
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        if not boundary:
+            return loss.item(), None
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item(), norm
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def save(self, path: Path, rank: int) -> None:
+        """Rank 0 writes optimizer/scheduler state and the trainable weights (LoRA needs them to resume)."""
+        if rank != 0:
+            return
+        from safetensors.torch import save_file
+
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        torch.save(state, path / STATE_FILE)
+        trainable = {n: p.detach().cpu().contiguous() for n, p in self.inner.named_parameters() if p.requires_grad}
+        save_file(trainable, str(path / "trainable.safetensors"))
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        trainable = load_file(str(path / "trainable.safetensors"))
+        missing = [n for n, p in self.inner.named_parameters() if p.requires_grad and n not in trainable]
+        if missing:
+            raise RuntimeError(f"{path}: checkpoint lacks trainable weights {missing[:5]} (was it made with "
+                               "another task/LoRA setting?)")
+        with torch.no_grad():
+            for n, p in self.inner.named_parameters():
+                if n in trainable:
+                    p.copy_(trainable[n].to(p.device))
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def full_state_dict(self, rank: int) -> dict[str, torch.Tensor] | None:
+        if rank != 0:
+            return None
+        return {k: v.detach().cpu() for k, v in self.inner.state_dict().items()}
+
+    def memory(self) -> int:
+        seen: set[int] = set()
+        return _tensor_bytes(self.inner.parameters(), seen) + _optimizer_bytes(self.optimizer, seen)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's JSON config from ours; ``engine.config_file`` is merged over it."""
+    e = cfg.engine
+    zero: dict[str, Any] = {"stage": e.zero_stage}
+    if e.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+    if e.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+    if e.zero_stage == 3:
+        # Export gathers parameters itself; the 16-bit consolidation would only cost memory.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.optim.max_grad_norm,
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay,
+                                                  "torch_adam": e.torch_adam}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.bf16},
+        "fp16": {"enabled": cfg.fp16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if e.offload_optimizer and e.torch_adam:
+        ds["zero_force_ds_cpu_optimizer"] = False
+    if e.config_file:
+        ds = _merge(ds, json.loads(Path(e.config_file).read_text()))
+    return ds
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def init_deepspeed_distributed(backend: str) -> None:
+    """Adopt Ray Train's process group; alone (world size 1, no Ray) start a one-process group."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, cfg: TrainConfig, module: nn.Module, param_groups: list[dict[str, Any]], device: torch.device,
+                 world_size: int, total_steps: int, ds_config: dict[str, Any]):
+        import deepspeed
+
+        self.cfg = cfg
+        self.zero_stage = cfg.engine.zero_stage
+        if self.zero_stage < 3:
+            module = module.to(device)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module,
+            model_parameters=param_groups,
+            config=ds_config,
+            lr_scheduler=lambda opt: build_scheduler(cfg, opt, total_steps),
+        )
+        self.inner = self.engine.module
+
+    @staticmethod
+    def init_context(ds_config: dict[str, Any]) -> contextlib.AbstractContextManager:
+        """ZeRO-3: build the model partitioned (from_pretrained under zero.Init), never whole per worker."""
+        if ds_config["zero_optimization"]["stage"] != 3:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def ctx():
+            from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+            keep = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+            try:
+                yield keep
+            finally:
+                unset_hf_deepspeed_config()
+
+        return ctx()
+
+    def train_step(self, inputs: dict[str, Any], boundary: bool) -> tuple[float, float | None]:
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        loss = self.engine(**inputs)
+        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        self.engine.step()  # a real optimizer step only at the boundary
+        if not boundary:
+            return loss.item(), None
+        norm = self.engine.get_global_grad_norm()
+        return loss.item(), float(norm) if norm is not None else 0.0
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save(self, path: Path, rank: int) -> None:
+        """Every rank writes its partition (model, optimizer, scheduler) under ``path/deepspeed``."""
+        self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False)
+
+    def load(self, path: Path) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"{path / 'deepspeed'}: no DeepSpeed checkpoint with tag 'state'")
+
+    def full_state_dict(self, rank: int) -> dict[str, torch.Tensor] | None:
+        """Whole parameters on rank 0; under ZeRO-3 every rank joins one gather per parameter."""
+        if self.zero_stage != 3:
+            return {k: v.detach().cpu() for k, v in self.inner.state_dict().items()} if rank == 0 else None
+        import deepspeed
+
+        out: dict[str, torch.Tensor] = {}
+        for name, param in self.inner.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if rank == 0:
+                    out[name] = param.detach().cpu().clone()
+        if rank != 0:
+            return None
+        for name, buf in self.inner.named_buffers():
+            out[name] = buf.detach().cpu().clone()
+        return out
+
+    def memory(self) -> int:
+        seen: set[int] = set()
+        local = [getattr(p, "ds_tensor", p) for p in self.inner.parameters()]
+        total = _tensor_bytes(local, seen)
+        total += _tensor_bytes([p.grad for p in self.inner.parameters() if p.grad is not None], seen)
+        opt = self.optimizer
+        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "averaged_gradients"):
+            groups = getattr(opt, attr, None)
+            if isinstance(groups, dict):
+                groups = [t for v in groups.values() for t in (v if isinstance(v, list) else [v])]
+            if groups:
+                total += _tensor_bytes(groups, seen)
+        inner_opt = getattr(opt, "optimizer", opt)
+        return total + _optimizer_bytes(inner_opt, seen)
+
+
+def build_engine(cfg: TrainConfig, module: nn.Module, param_groups: list[dict[str, Any]], device: torch.device,
+                 world_size: int, total_steps: int, ds_config: dict[str, Any] | None = None):
+    if cfg.engine.name == "deepspeed":
+        assert ds_config is not None
+        return DeepSpeedEngine(cfg, module, param_groups, device, world_size, total_steps, ds_config)
+    return DDPEngine(cfg, module, param_groups, device, world_size, total_steps)

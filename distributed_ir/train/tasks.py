@@ -1,0 +1,149 @@
+"""Training tasks: what is trained, independent of how (the engine) and where (Ray Train).
+
+A task builds the *train module* — an ``nn.Module`` whose ``forward(**inputs)`` returns the scalar
+loss, so DDP and DeepSpeed see exactly one forward per backward — turns a
+:class:`~distributed_ir.train.batching.TextBatch` into that forward's inputs, and exports the
+user-facing model from the train module's full state dict (gathered on rank 0 under ZeRO-3).
+
+Tasks register by name (``TrainConfig.task``); rerankers add theirs with :func:`register_task`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distributed_ir.config import ConfigError, ModelConfig, TrainConfig
+from distributed_ir.losses import build_loss
+from distributed_ir.models.embedder import Embedder
+from distributed_ir.train.batching import TextBatch
+
+
+class TrainTask:
+    """Base class: subclasses set ``formats`` and implement ``build``, ``inputs`` and ``export``."""
+
+    name = ""
+    formats: tuple[str, ...] = ()
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def check_format(self, fmt: str, path: str) -> None:
+        if fmt not in self.formats:
+            raise ValueError(f"{path}: task {self.name!r} with loss {self.cfg.loss.name!r} needs "
+                             f"{' or '.join(self.formats)} records, the file holds {fmt} records")
+
+    def build(self, weights_from: str | None = None) -> nn.Module:
+        """The train module; ``weights_from`` = a previously exported model to start from."""
+        raise NotImplementedError
+
+    def inputs(self, module: nn.Module, batch: TextBatch) -> dict[str, Any]:
+        """Tokenised CPU tensors (and plain values) for ``train_module(**inputs)``; ``module`` unwrapped."""
+        raise NotImplementedError
+
+    def export(self, module: nn.Module, path: Path) -> Path:
+        """Write the user-facing model from a CPU train module holding the trained weights."""
+        raise NotImplementedError
+
+    def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (a task may give a head its own learning rate)."""
+        return [{"params": [p for p in module.parameters() if p.requires_grad]}]
+
+
+_TASKS: dict[str, Callable[[TrainConfig], TrainTask]] = {}
+
+
+def register_task(name: str, factory: Callable[[TrainConfig], TrainTask]) -> None:
+    _TASKS[name] = factory
+
+
+def get_task(cfg: TrainConfig) -> TrainTask:
+    _load_plugins()
+    if cfg.task not in _TASKS:
+        raise ConfigError(f"task={cfg.task!r}: expected one of {', '.join(sorted(_TASKS))}")
+    return _TASKS[cfg.task](cfg)
+
+
+def _load_plugins() -> None:
+    """Import modules that register further tasks (rerankers) when they are installed."""
+    import importlib
+
+    for module in ("distributed_ir.train.reranker_task",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+# ----------------------------------------------------------------------------- embedder
+
+class EmbedderTrainModule(nn.Module):
+    """Bi-encoder + contrastive loss in one forward (queries and documents encoded together)."""
+
+    def __init__(self, embedder: Embedder, loss_fn: nn.Module):
+        super().__init__()
+        self.embedder = embedder
+        self.loss_fn = loss_fn
+
+    def forward(self, query: dict[str, torch.Tensor], document: dict[str, torch.Tensor], num_queries: int,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.embedder(**query)
+        d = self.embedder(**document)
+        if labels is not None:
+            return self.loss_fn(q, d, labels)
+        return self.loss_fn(q, d[:num_queries], d[num_queries:] if d.shape[0] > num_queries else None)
+
+
+class EmbedderTask(TrainTask):
+    """Bi-encoder fine-tuning: InfoNCE / triplet on pairs and triplets, CoSENT on scored pairs."""
+
+    name = "embedder"
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.formats = ("scored",) if cfg.loss.name == "cosent" else ("pair", "triplet")
+
+    def _embedder(self, weights_from: str | None) -> Embedder:
+        model_cfg: ModelConfig = self.cfg.model
+        if weights_from:
+            model_cfg = replace(model_cfg, name_or_path=weights_from)
+        embedder = Embedder.from_config(model_cfg)
+        if self.cfg.gradient_checkpointing:
+            embedder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            embedder.backbone.config.use_cache = False
+        if self.cfg.lora.enabled:
+            from distributed_ir.models.embedder import resolve_model_path
+            from distributed_ir.models.lora import apply_lora
+
+            embedder.backbone = apply_lora(embedder.backbone, self.cfg.lora, resolve_model_path(model_cfg.name_or_path))
+        return embedder
+
+    def build(self, weights_from: str | None = None) -> nn.Module:
+        return EmbedderTrainModule(self._embedder(weights_from), build_loss(self.cfg.loss))
+
+    def inputs(self, module: nn.Module, batch: TextBatch) -> dict[str, Any]:
+        embedder: Embedder = module.embedder
+        out: dict[str, Any] = {
+            "query": embedder.tokenize(batch.queries, "query"),
+            "document": embedder.tokenize(batch.positives + batch.negatives, "document"),
+            "num_queries": len(batch.queries),
+        }
+        if batch.labels is not None:
+            out["labels"] = torch.tensor(batch.labels, dtype=torch.float32)
+        return out
+
+    def export(self, module: nn.Module, path: Path) -> Path:
+        embedder: Embedder = module.embedder
+        if self.cfg.lora.enabled and self.cfg.lora.export == "merged":
+            embedder.backbone = embedder.backbone.merge_and_unload()
+        return embedder.save(path, extra={"trained_with": {"task": self.name, "engine": self.cfg.engine.name,
+                                                           "lora": self.cfg.lora.enabled}})
+
+
+register_task("embedder", EmbedderTask)

@@ -1,0 +1,161 @@
+"""DeepSpeed engine and LoRA LLM embedders: the same loop, losses and checkpoints as DDP.
+
+- 2 Ray Train workers (gloo) on a tiny Qwen2 with LoRA: DDP, ZeRO-2 and ZeRO-3 follow the same
+  fp32 loss trajectory for the same seed and data, and export the same merged model.
+- ZeRO-3's export equals the parameters gathered from the engine.
+- A saved adapter, loaded and merged, encodes like the trained (unmerged) model.
+- A DeepSpeed checkpoint resumes a run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distributed_ir.config import TrainConfig, from_dict, to_dict
+from distributed_ir.data.records import write_records
+from distributed_ir.models.embedder import LLM_QUERY_INSTRUCTION, Embedder
+from distributed_ir.train.loop import train_loop
+from distributed_ir.train.tasks import get_task
+from tests.conftest import build_tiny_model
+from tests.test_train_loop import _triplets
+
+LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2", padding_side="left")
+
+
+def _cfg(model, tmp_path, out, **kw) -> TrainConfig:
+    base = {"train_path": str(tmp_path / "train.jsonl"), "output_dir": str(out),
+            "model": {"name_or_path": str(model), "query_max_length": 16, "document_max_length": 24},
+            "batch_size": 4, "log_every": 1, "num_negatives": 1, "seed": 5,
+            "optim": {"lr": 2e-3, "warmup_ratio": 0.0}, "lora": LORA}
+    base.update(kw)
+    return from_dict(TrainConfig, base)
+
+
+def test_llm_embedder_defaults_come_from_the_backbone(tiny_qwen2, tiny_bert):
+    llm = Embedder.load(tiny_qwen2)
+    assert (llm.settings.pooling, llm.settings.append_eos) == ("last", True)
+    assert llm.settings.query_instruction == LLM_QUERY_INSTRUCTION
+    assert llm.format(["q"], "query") == [LLM_QUERY_INSTRUCTION.replace("{}", "q")]
+    ids = llm.tokenize(["short", "a much longer document text"], "document")["input_ids"]
+    assert (ids[:, -1] == llm.tokenizer.eos_token_id).all()  # left padding: EOS is the last real token
+    assert Embedder.load(tiny_bert).settings.pooling == "mean"  # encoders keep mean pooling
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ddp_zero2_zero3_same_lora_trajectory_on_two_ray_workers(tiny_qwen2, tmp_path, ray_cluster):
+    from distributed_ir.train.launch import run_training
+
+    write_records(tmp_path / "train.jsonl", _triplets(32))
+    runs = {}
+    for name, engine in [("ddp", {"name": "ddp"}), ("zero2", {"name": "deepspeed", "zero_stage": 2}),
+                         ("zero3", {"name": "deepspeed", "zero_stage": 3})]:
+        cfg = _cfg(tiny_qwen2, tmp_path, tmp_path / name, engine=engine, max_steps=4, checkpoint_every=4,
+                   scaling={"num_workers": 2, "cpus_per_worker": 0.5, "torch_threads": 1})
+        result = run_training(cfg)
+        history = json.loads((tmp_path / name / "final_checkpoint" / "history.json").read_text())
+        runs[name] = {"loss": [m["loss"] for m in history], "model": result.model_path,
+                      "state_mb": history[-1]["state_mb"]}
+    ref = runs["ddp"]["loss"]
+    assert len(ref) == 4 and ref[-1] < ref[0]
+    for name in ("zero2", "zero3"):
+        np.testing.assert_allclose(runs[name]["loss"], ref, atol=1e-4, rtol=0, err_msg=name)
+    # the exported (merged) models agree too, and ZeRO-3 holds less per worker
+    texts = ["cats purr and sleep", "rockets reach orbit"]
+    vecs = {n: Embedder.load(r["model"]).encode(texts, "query") for n, r in runs.items()}
+    for name in ("zero2", "zero3"):
+        np.testing.assert_allclose(vecs[name], vecs["ddp"], atol=1e-4)
+    assert runs["zero3"]["state_mb"] < runs["ddp"]["state_mb"]
+
+
+def test_zero3_export_equals_gathered_parameters(tiny_qwen2, tmp_path):
+    """World size 1 without Ray: ZeRO-3 partitions, the export gathers; compare with a direct gather."""
+    import deepspeed
+
+    from distributed_ir.train.engines import DeepSpeedEngine, deepspeed_config, init_deepspeed_distributed
+
+    cfg = _cfg(tiny_qwen2, tmp_path, tmp_path / "out", engine={"name": "deepspeed", "zero_stage": 3},
+               lora={**LORA, "export": "adapter"})
+    task = get_task(cfg)
+    ds = deepspeed_config(cfg, 1)
+    init_deepspeed_distributed("gloo")
+    with DeepSpeedEngine.init_context(ds):
+        module = task.build()
+    engine = DeepSpeedEngine(cfg, module, task.param_groups(module), torch.device("cpu"), 1, 4, ds)
+    for batch in list(_batches(task, engine, 2)):
+        engine.train_step(batch, boundary=True)
+    assert any(getattr(p, "ds_numel", 0) and p.numel() == 0 for p in engine.inner.parameters())  # partitioned
+    full = engine.full_state_dict(rank=0)
+    with deepspeed.zero.GatheredParameters(list(engine.inner.parameters()), modifier_rank=None):
+        direct = {n: p.detach().clone() for n, p in engine.inner.named_parameters()}
+    assert direct.keys() <= full.keys()
+    for name, value in direct.items():
+        torch.testing.assert_close(full[name], value, atol=0, rtol=0)
+    export = task.build()
+    export.load_state_dict(full)
+    task.export(export, tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    lora = {n: v for n, v in direct.items() if "lora_" in n}
+    assert len(saved) == len(lora) > 0
+    for name, value in lora.items():
+        key = name.removeprefix("embedder.backbone.").replace(".default", "")
+        torch.testing.assert_close(saved[key], value, atol=0, rtol=0)
+
+
+def _batches(task, engine, n):
+    from distributed_ir.data.records import read_records
+    from distributed_ir.train.batching import epoch_batches
+
+    _, records = read_records(task.cfg.train_path)
+    for i, batch in enumerate(epoch_batches(records, 0, 0, 1, 4, 1, seed=1)):
+        if i == n:
+            return
+        yield task.inputs(engine.inner, batch)
+
+
+def test_adapter_export_loads_merged_and_encodes_like_the_trained_model(tiny_qwen2, tmp_path):
+    write_records(tmp_path / "train.jsonl", _triplets(16))
+    cfg = _cfg(tiny_qwen2, tmp_path, tmp_path / "out", max_steps=3, lora={**LORA, "export": "adapter"})
+    train_loop(to_dict(cfg))
+    final = tmp_path / "out" / "checkpoints" / "final"
+    assert (final / "model" / "adapter_config.json").is_file()
+    assert not (final / "model" / "model.safetensors").exists()  # the adapter only, not the base
+    # the trained model: base + LoRA (unmerged) with the checkpoint's trainable weights
+    trained = get_task(cfg).build()
+    trained.load_state_dict(load_file(final / "trainable.safetensors"), strict=False)
+    assert float(trained.embedder.backbone.base_model.model.layers[0].self_attn.q_proj.lora_B["default"]
+                 .weight.abs().sum()) > 0  # LoRA B starts at zero: training moved it
+    texts = ["bees make honey", "what about chess", "trains run on rails every day"]
+    loaded = Embedder.load(final / "model")  # base from adapter_config.json, adapter merged
+    assert not hasattr(loaded.backbone, "peft_config")
+    for kind in ("query", "document"):
+        np.testing.assert_allclose(loaded.encode(texts, kind), trained.embedder.encode(texts, kind), atol=1e-5)
+    # and the merged export of the same run encodes the same
+    merged_cfg = _cfg(tiny_qwen2, tmp_path, tmp_path / "merged", max_steps=3)
+    train_loop(to_dict(merged_cfg))
+    merged = Embedder.load(tmp_path / "merged" / "checkpoints" / "final" / "model")
+    np.testing.assert_allclose(merged.encode(texts, "query"), loaded.encode(texts, "query"), atol=1e-5)
+
+
+def test_deepspeed_checkpoint_resumes_exactly(tiny_qwen2, tmp_path):
+    write_records(tmp_path / "train.jsonl", _triplets(16))
+    ds = {"name": "deepspeed", "zero_stage": 2}
+    straight = train_loop(to_dict(_cfg(tiny_qwen2, tmp_path, tmp_path / "a", engine=ds, max_steps=6,
+                                       checkpoint_every=3)))
+    ckpt = tmp_path / "a" / "checkpoints" / "step_0000003"
+    assert (ckpt / "deepspeed" / "state").is_dir()
+    resumed = train_loop(to_dict(_cfg(tiny_qwen2, tmp_path, tmp_path / "b", engine=ds, max_steps=6,
+                                      checkpoint_every=3, resume_from=str(ckpt))))
+    assert [m["step"] for m in resumed["history"]] == [4, 5, 6]
+    np.testing.assert_allclose([m["loss"] for m in resumed["history"]],
+                               [m["loss"] for m in straight["history"][3:]], atol=1e-6)
