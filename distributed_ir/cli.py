@@ -18,9 +18,13 @@ from distributed_ir.data.errors import DataError
 def _cmd_train(args: argparse.Namespace) -> int:
     from distributed_ir.train.launch import run_training
 
-    if args.kind != "embedder":
-        raise ConfigError(f"train {args.kind!r}: only 'embedder' is available in this version")
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.kind == "reranker":
+        from distributed_ir.train.reranker_task import reranker_train_config
+
+        cfg = reranker_train_config(cfg)
+    elif cfg.task != "embedder":
+        raise ConfigError(f"task={cfg.task!r} is a reranker: run `distributed-ir train reranker`")
     if not cfg.train_path:
         raise ConfigError("train_path is empty: set it in the config or pass train_path=FILE")
     result = run_training(cfg)
@@ -84,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune a model on Ray Train")
-    p.add_argument("kind", choices=["embedder"], help="what to train")
+    p.add_argument("kind", choices=["embedder", "reranker"],
+                   help="what to train (reranker: task=cross_encoder | colbert | llm_reranker in the config)")
     p.add_argument("--config", required=False, help="YAML config (TrainConfig)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.set_defaults(func=_cmd_train)

@@ -119,7 +119,7 @@ def test_llm_reranker_same_score_left_and_right_padding(tiny_qwen, tmp_path):
     with torch.no_grad():
         right = model(**model.collate(units, side="right"))
         left = model(**model.collate(units, side="left"))
-        alone = torch.cat([model(**model.collate([u])) for u in units])
+        alone = torch.cat([model(**model.collate([u], side="left")) for u in units])
     torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
     assert torch.all(right <= 0)  # a log-probability
@@ -133,7 +133,9 @@ def test_llm_reranker_same_score_left_and_right_padding(tiny_qwen, tmp_path):
 
 def test_llm_reranker_lora_save_merges(tiny_qwen, tmp_path):
     model = LLMReranker.from_pretrained(str(tiny_qwen), max_length=320)
-    model.attach_lora(r=4, alpha=8)
+    from distributed_ir.config import LoraConfig
+
+    model.attach_lora(LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     with torch.no_grad():  # make the adapter non-zero so the merge matters

@@ -112,14 +112,13 @@ class CrossEncoderReranker(RerankerBase):
     def collate(self, units: list[dict]) -> dict[str, torch.Tensor]:
         """Pad units into model inputs (the tokenizer's padding side and pad id)."""
         padded = self.tokenizer.pad({k: [u[k] for u in units] for k in units[0]}, padding=True, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in padded.items()}
+        return dict(padded.items())
 
     def features(self, queries: Sequence[str], documents: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Model inputs for training: one row per pair (first chunk only: training pairs are short)."""
-        s = self.settings
-        enc = self.tokenizer(list(queries), list(documents), truncation=True, max_length=s.max_length,
+        """CPU model inputs for training: one row per pair, truncated (training pairs are short)."""
+        enc = self.tokenizer(list(queries), list(documents), truncation=True, max_length=self.settings.max_length,
                              padding=True, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in enc.items()}
+        return dict(enc.items())
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -128,4 +127,4 @@ class CrossEncoderReranker(RerankerBase):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits.squeeze(-1)
 
     def score_units(self, units: list[dict]) -> torch.Tensor:
-        return self(**self.collate(units))
+        return self(**{k: v.to(self.device) for k, v in self.collate(units).items()})

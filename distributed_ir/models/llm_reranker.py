@@ -83,17 +83,15 @@ class LLMReranker(RerankerBase):
     def load(cls, path: str | Path, **overrides: Any) -> LLMReranker:
         return cls.from_pretrained(str(path), **overrides)
 
-    def attach_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-                    target_modules: list[str] | None = None) -> None:
-        """Inject LoRA adapters in place; only they train (PEFT freezes the base weights)."""
-        from peft import LoraConfig, get_peft_model
+    def attach_lora(self, cfg: Any) -> None:
+        """Inject LoRA adapters (``config.LoraConfig``) in place; only they train.
 
-        targets = target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        present = {name.rsplit(".", 1)[-1] for name, _ in self.lm.named_modules()}
-        if not set(targets) & present:
-            raise ValueError(f"LoRA target modules {targets} match no module of {type(self.lm).__name__}")
-        get_peft_model(self.lm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                           target_modules=[t for t in targets if t in present]))
+        peft wraps the LM, but the adapters live inside ``self.lm``'s own modules, so this class
+        keeps calling the LM as before; ``all-linear`` leaves the output head alone.
+        """
+        from distributed_ir.models.lora import apply_lora
+
+        apply_lora(self.lm, cfg, self.lm.config.name_or_path or ".")
         self.lora = True
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
@@ -160,10 +158,10 @@ class LLMReranker(RerankerBase):
     def collate(self, units: list[dict], side: str | None = None) -> dict[str, torch.Tensor]:
         ids, mask = pad_batch([u["input_ids"] for u in units], self.tokenizer.pad_token_id,
                               side or self.tokenizer.padding_side)
-        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        return {"input_ids": ids, "attention_mask": mask}
 
     def features(self, queries: Sequence[str], documents: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Model inputs for training: one row per pair (first chunk)."""
+        """CPU model inputs for training: one row per pair (its first chunk)."""
         units, owners = self.build_units(queries, documents)
         first = {}
         for unit, owner in zip(units, owners):
@@ -181,4 +179,4 @@ class LLMReranker(RerankerBase):
         return torch.log_softmax(logits, dim=-1)[:, 0]
 
     def score_units(self, units: list[dict]) -> torch.Tensor:
-        return self(**self.collate(units))
+        return self(**{k: v.to(self.device) for k, v in self.collate(units).items()})
