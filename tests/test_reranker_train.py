@@ -113,3 +113,19 @@ def test_train_rerankers_on_ray_train_and_rerank_with_llm(tiny_bert, tiny_qwen, 
     llm = load_reranker(tmp_path / "llm_reranker" / "model")
     assert not any("lora" in n for n, _ in llm.named_parameters())
     assert torch.all(torch.tensor(llm.score("q", ["a", "b"])) <= 0)
+
+
+@pytest.mark.slow
+def test_llm_reranker_on_deepspeed_matches_ddp(tiny_qwen, tmp_path):
+    """LoRA LLM reranker, world size 1: the DeepSpeed ZeRO-2 engine follows DDP's fp32 losses."""
+    write_records(tmp_path / "train.jsonl", _triplets(16))
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+    losses = {}
+    for name, engine in (("ddp", {"name": "ddp"}), ("zero2", {"name": "deepspeed", "zero_stage": 2})):
+        result = train_loop(_cfg(tiny_qwen, tmp_path, "llm_reranker", max_steps=3, lora=lora, engine=engine,
+                                 output_dir=str(tmp_path / name), optim={"lr": 2e-3, "warmup_ratio": 0.0}))
+        losses[name] = [m["loss"] for m in result["history"]]
+    assert len(losses["ddp"]) == 3
+    np.testing.assert_allclose(losses["zero2"], losses["ddp"], atol=1e-4)
+    model = load_reranker(tmp_path / "zero2" / "checkpoints" / "final" / "model")
+    assert len(model.score("what about cats", ["cats purr", "rockets fly"])) == 2
