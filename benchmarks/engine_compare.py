@@ -62,7 +62,7 @@ def main() -> None:
         rates = [m["samples_per_s"] for m in history[1:]] or [history[-1]["samples_per_s"]]
         tuned = Embedder.load(result.model_path)
         metrics, _, _ = evaluate_model(tuned, eval_ds, ev.top_k, ev.batch_size, ev.bf16, ev.max_queries)
-        rows.append({"engine": spec, "ndcg@10": metrics["ndcg_cut_10"], "train_s": result.seconds,
+        rows.append({"engine": spec, "ndcg@10": metrics["ndcg@10"], "train_s": result.seconds,
                      "samples_per_s": statistics.median(rates), "state_mb": history[-1]["state_mb"],
                      "wall_s": time.perf_counter() - t0})
         print(json.dumps(rows[-1]), flush=True)

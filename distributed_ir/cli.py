@@ -1,4 +1,4 @@
-"""``distributed-ir`` command line: train / index / search / evaluate / pipeline.
+"""``distributed-ir`` command line: train / index / search / mine / rerank / evaluate / pipeline.
 
 Every command that takes ``--config FILE`` also takes ``key.path=value`` overrides.
 """
@@ -43,9 +43,13 @@ def _print_input(summary: dict) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from distributed_ir.train.launch import run_training
 
-    if args.kind != "embedder":
-        raise ConfigError(f"train {args.kind!r}: only 'embedder' is available in this version")
     cfg = load_config(TrainConfig, args.config, list(args.overrides) + _input_overrides(args))
+    if args.kind == "reranker":
+        from distributed_ir.train.reranker_task import reranker_train_config
+
+        cfg = reranker_train_config(cfg)
+    elif cfg.task != "embedder":
+        raise ConfigError(f"task={cfg.task!r} is a reranker: run `distributed-ir train reranker`")
     if not cfg.train_path:
         raise ConfigError("train_path is empty: set it in the config or pass train_path=FILE")
     cfg.output_dir, cfg.storage_path = output_path(cfg.output_dir), output_path(cfg.storage_path)
@@ -125,12 +129,35 @@ def _add_input_flags(p: argparse.ArgumentParser, default_rejects: str) -> None:
     p.add_argument("--rejects", default=None, help=f"rejects JSONL path (default {default_rejects})")
 
 
+def _cmd_mine(args: argparse.Namespace) -> int:
+    from distributed_ir.mining import mine_command
+    from distributed_ir.train.launch import init_ray
+
+    init_ray()
+    summary = mine_command(args.index, args.dataset, args.split, args.out, args.rank_start, args.rank_end,
+                           args.per_query, args.seed, args.batch_size, args.precision, args.actors)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_rerank(args: argparse.Namespace) -> int:
+    from distributed_ir.eval.rerank import rerank_command
+    from distributed_ir.train.launch import init_ray
+
+    init_ray()
+    report = rerank_command(args.model, args.run, args.dataset, args.out, args.top_k, args.split, args.batch_size,
+                            args.precision, args.actors, args.use_gpu)
+    print(json.dumps({k: report[k] for k in ("first_stage", "reranked", "speed")}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distributed-ir", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune a model on Ray Train")
-    p.add_argument("kind", choices=["embedder"], help="what to train")
+    p.add_argument("kind", choices=["embedder", "reranker"],
+                   help="what to train (reranker: task=cross_encoder | colbert | llm_reranker in the config)")
     p.add_argument("--config", required=False, help="YAML config (TrainConfig)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     _add_input_flags(p, "<output_dir>/rejects.jsonl")
@@ -163,6 +190,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true")
     _add_input_flags(p, "rejects.jsonl beside --out")
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("mine", help="hard negatives from an index search (Ray Data over queries) -> triplet JSONL")
+    p.add_argument("--index", required=True, help="the --out folder of `distributed-ir index`")
+    p.add_argument("--dataset", required=True, help="BEIR dataset folder (corpus, queries, qrels/)")
+    p.add_argument("--split", default="train", help="qrels split whose queries are mined")
+    p.add_argument("--out", required=True, help="triplet JSONL to write (counts go to OUT.counts.json)")
+    p.add_argument("--rank-start", type=int, default=10, help="first eligible rank (0-based)")
+    p.add_argument("--rank-end", type=int, default=100, help="ranks before this are eligible")
+    p.add_argument("--per-query", type=int, default=8, help="negatives kept per query")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--actors", type=int, default=0, help="search actors (0 = from cluster resources)")
+    p.set_defaults(func=_cmd_mine)
+
+    p = sub.add_parser("rerank", help="rerank a TREC run's top-k with Ray Data actors; write run + metrics.json")
+    p.add_argument("--model", required=True, help="saved reranker folder (cross-encoder, ColBERT or LLM)")
+    p.add_argument("--run", required=True, help="first-stage TREC run")
+    p.add_argument("--dataset", required=True, help="BEIR dataset folder")
+    p.add_argument("--split", default="test", help="qrels split to evaluate")
+    p.add_argument("--top-k", type=int, default=100, help="candidates reranked per query")
+    p.add_argument("--out", required=True, help="output folder: run.trec + metrics.json")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--actors", type=int, default=0, help="reranker actors (0 = from cluster resources)")
+    p.add_argument("--use-gpu", action="store_true", help="one reranker actor per GPU")
+    p.set_defaults(func=_cmd_rerank)
 
     p = sub.add_parser("evaluate", help="score a TREC run against qrels (trec_eval semantics)")
     p.add_argument("--run", required=True, help="TREC run file")

@@ -83,13 +83,13 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = _help("infonce | triplet | cosent", default="infonce")
+    name: str = _help("infonce | triplet | cosent (embedders); listwise | bce (rerankers)", default="infonce")
     temperature: float = _help("softmax temperature for infonce / cosent scale = 1/temperature", default=0.05)
     margin: float = _help("margin for the triplet loss", default=0.2)
     gather_across_workers: bool = _help("cross-worker negatives (all-gather with gradient)", default=True)
 
     def __post_init__(self) -> None:
-        _check_choice("loss.name", self.name, ("infonce", "triplet", "cosent"))
+        _check_choice("loss.name", self.name, ("infonce", "triplet", "cosent", "listwise", "bce"))
         if self.temperature <= 0:
             raise ConfigError("loss.temperature must be > 0")
 
@@ -196,6 +196,30 @@ class InputConfig:
 
 
 @dataclass
+class RerankerConfig:
+    """Reranker settings (tasks cross_encoder | colbert | llm_reranker); saved with the model."""
+
+    max_length: int = _help("cross-encoder / LLM: max tokens of the whole (query, document) input", default=512)
+    query_max_length: int = _help("max query tokens (ColBERT; others cut long queries to this when chunking)",
+                                  default=64)
+    document_max_length: int = _help("ColBERT: max document tokens per chunk", default=256)
+    max_chunks: int = _help("1 = truncate long documents; N > 1 = score up to N overlapping chunks, keep the max",
+                            default=1)
+    chunk_overlap: int = _help("tokens shared by consecutive chunks", default=64)
+    colbert_dim: int = _help("ColBERT head width (a colbert_linear.pt in the model folder decides instead)",
+                             default=128)
+    head_lr: float = _help("ColBERT head learning rate (0 = optim.lr)", default=0.0)
+    prompt: str = _help("LLM reranker instruction ('' = the default Yes/No prompt)", default="")
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "query_max_length", "document_max_length", "max_chunks", "colbert_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"reranker.{name} must be >= 1")
+        if self.chunk_overlap < 0 or self.head_lr < 0:
+            raise ConfigError("reranker.chunk_overlap and reranker.head_lr must be >= 0")
+
+
+@dataclass
 class TrainConfig:
     """Everything one embedder fine-tune needs; passed to every worker as a plain dict."""
 
@@ -205,7 +229,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    task: str = _help("what is trained: embedder (rerankers register their own tasks)", default="embedder")
+    task: str = _help("what is trained: embedder | cross_encoder | colbert | llm_reranker", default="embedder")
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     gradient_checkpointing: bool = _help("recompute activations in backward (less memory, ~30% slower)", default=False)

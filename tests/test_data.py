@@ -145,7 +145,8 @@ def test_mined_negatives_never_include_judged_docs():
                      qrels={"q0": {"d3": 1, "d5": 0}, "q1": {"d0": 1}})
     run = {"q0": [f"d{i}" for i in range(20)], "q1": [f"d{i}" for i in range(19, -1, -1)]}
     records, counts = triplets_from_run(ds, run, rank_start=2, rank_end=10, per_query=4)
-    assert counts == {"queries": 2, "negatives": 8, "dropped_positives": 2, "without_negatives": 0}
+    assert counts == {"queries": 2, "negatives": 8, "dropped_positives": 2, "dropped_duplicate_text": 0,
+                      "without_negatives": 0}
     for rec in records:
         assert not set(rec.negative) & {"text 3", "text 5"} if rec.query == "a" else "text 0" not in rec.negative
         assert len(rec.negative) == 4

@@ -51,3 +51,28 @@ def test_cosent_matches_formula():
     s = torch.nn.functional.cosine_similarity(q, d) * 20
     terms = [math.exp(float(s[j] - s[i])) for i in range(5) for j in range(5) if y[i] > y[j]]
     assert abs(float(CoSENTLoss(20)(q, d, y)) - math.log(1 + sum(terms))) < 1e-4
+
+
+def test_pointwise_bce_matches_formula():
+    from distributed_ir.losses import PointwiseBCELoss
+
+    s = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -2.0]])
+    y = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    sig = torch.sigmoid(s)
+    expected = -(y * sig.log() + (1 - y) * (1 - sig).log()).mean()
+    assert abs(float(PointwiseBCELoss()(s)) - float(expected)) < 1e-6  # grouped: column 0 positive
+    assert abs(float(PointwiseBCELoss()(s.flatten(), y.flatten())) - float(expected)) < 1e-6
+    weighted = -(2 * y * sig.log() + (1 - y) * (1 - sig).log()).mean()
+    assert abs(float(PointwiseBCELoss(pos_weight=2.0)(s)) - float(weighted)) < 1e-6
+
+
+def test_listwise_softmax_matches_formula():
+    from distributed_ir.losses import ListwiseSoftmaxLoss
+
+    s = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -2.0]])
+    tau = 0.5
+    expected = sum(-(s[b, 0] / tau - torch.logsumexp(s[b] / tau, 0)) for b in range(2)) / 2
+    assert abs(float(ListwiseSoftmaxLoss(tau)(s)) - float(expected)) < 1e-6
+    targets = torch.tensor([2, 1])
+    expected_t = sum(-(s[b, t] / tau - torch.logsumexp(s[b] / tau, 0)) for b, t in zip(range(2), targets)) / 2
+    assert abs(float(ListwiseSoftmaxLoss(tau)(s, targets)) - float(expected_t)) < 1e-6

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,27 +166,8 @@ def triplets_from_run(
     per_query: int,
     seed: int = 0,
 ) -> tuple[list[TrainRecord], dict[str, int]]:
-    """Hard negatives from a ranked run: ranks ``[rank_start, rank_end)`` minus every judged doc.
+    """Hard negatives from a ranked run (see :func:`distributed_ir.mining.mine_negatives`)."""
+    from distributed_ir.mining import mine_negatives
 
-    Returns the records and counts (queries, with_negatives, negatives, dropped_positives).
-    """
-    rng = random.Random(seed)
-    records, counts = [], {"queries": 0, "negatives": 0, "dropped_positives": 0, "without_negatives": 0}
-    for qid, text in ds.queries.items():
-        rels = ds.qrels.get(qid)
-        positives = [ds.corpus[d] for d, rel in (rels or {}).items() if rel > 0]
-        if not positives:
-            continue
-        counts["queries"] += 1
-        window = run.get(qid, [])[rank_start:rank_end]
-        pool = [d for d in window if d not in rels]
-        counts["dropped_positives"] += len(window) - len(pool)
-        chosen = rng.sample(pool, min(per_query, len(pool)))
-        if not chosen:
-            counts["without_negatives"] += 1
-            # keep the query: the loop falls back to in-batch negatives for it
-            records.append(TrainRecord(query=text, positive=positives))
-            continue
-        counts["negatives"] += len(chosen)
-        records.append(TrainRecord(query=text, positive=positives, negative=[ds.corpus[d] for d in chosen]))
+    records, counts, _ = mine_negatives(ds, run, rank_start, rank_end, per_query, seed)
     return records, counts

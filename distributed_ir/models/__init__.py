@@ -1,6 +1,11 @@
-"""Models: pooling and the bi-encoder embedder (more model types live beside it)."""
+"""Models: pooling, the bi-encoder embedder and the three rerankers."""
 
+from distributed_ir.models.colbert import ColBERTReranker
+from distributed_ir.models.cross_encoder import CrossEncoderReranker
 from distributed_ir.models.embedder import Embedder, EmbedderSettings
+from distributed_ir.models.llm_reranker import LLMReranker
 from distributed_ir.models.pooling import pool
+from distributed_ir.models.reranking import Reranker, RerankerSettings, load_reranker
 
-__all__ = ["Embedder", "EmbedderSettings", "pool"]
+__all__ = ["ColBERTReranker", "CrossEncoderReranker", "Embedder", "EmbedderSettings", "LLMReranker", "Reranker",
+           "RerankerSettings", "load_reranker", "pool"]

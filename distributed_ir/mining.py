@@ -1,0 +1,144 @@
+"""Hard-negative mining: search, take ranks ``[rank_start, rank_end)``, drop positives, write triplets.
+
+The pipeline mines with its in-process index (:func:`mine_negatives` on its own run); the
+``distributed-ir mine`` command searches an index built by ``distributed-ir index`` with Ray
+Data, query batches spread over an actor pool (:class:`SearchStage`, one index + query encoder
+per actor), then applies the same :func:`mine_negatives`.
+
+A mined negative is never a judged document of its query (any qrels row, relevant or not:
+a judged non-relevant doc is often a near-duplicate of a positive) nor a document whose text
+equals one of the query's positives (duplicate documents under two ids); the counts say how
+many candidates each rule removed.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distributed_ir.data.beir import BeirDataset
+from distributed_ir.data.records import TrainRecord
+
+
+def mine_negatives(ds: BeirDataset, ranked: dict[str, list[str]], rank_start: int, rank_end: int, per_query: int,
+                   seed: int = 0) -> tuple[list[TrainRecord], dict[str, int], dict[str, list[str]]]:
+    """Records (one per query with a positive), counts, and the chosen negative ids per query."""
+    rng = random.Random(seed)
+    counts = {"queries": 0, "negatives": 0, "dropped_positives": 0, "dropped_duplicate_text": 0,
+              "without_negatives": 0}
+    records: list[TrainRecord] = []
+    chosen_ids: dict[str, list[str]] = {}
+    for qid, text in ds.queries.items():
+        rels = ds.qrels.get(qid) or {}
+        positives = [ds.corpus[d] for d, rel in rels.items() if rel > 0]
+        if not positives:
+            continue
+        counts["queries"] += 1
+        window = ranked.get(qid, [])[rank_start:rank_end]
+        pool = [d for d in window if d not in rels]
+        counts["dropped_positives"] += len(window) - len(pool)
+        positive_texts = set(positives)
+        kept = [d for d in pool if ds.corpus[d] not in positive_texts]
+        counts["dropped_duplicate_text"] += len(pool) - len(kept)
+        chosen = rng.sample(kept, min(per_query, len(kept)))
+        chosen_ids[qid] = chosen
+        if not chosen:
+            counts["without_negatives"] += 1
+            records.append(TrainRecord(query=text, positive=positives))  # in-batch negatives only
+            continue
+        counts["negatives"] += len(chosen)
+        records.append(TrainRecord(query=text, positive=positives, negative=[ds.corpus[d] for d in chosen]))
+    return records, counts, chosen_ids
+
+
+class SearchStage:
+    """``__call__({"query_id", "text"}) -> {"query_id", "doc_ids" [n, top_k]}`` (no Ray imports).
+
+    Loads the index and the model that built it once per actor; unknown slots are ``""``.
+    """
+
+    def __init__(self, index_dir: str, top_k: int, batch_size: int = 64, precision: str = "auto",
+                 device: str = "cpu", threads: int = 0):
+        import json
+
+        import torch
+
+        from distributed_ir.index.encode import EncodeStage
+        from distributed_ir.index.faiss_index import ShardedIndex
+        from distributed_ir.index.pipeline import MANIFEST
+
+        if threads:
+            torch.set_num_threads(threads)
+        root = Path(index_dir)
+        manifest = json.loads((root / MANIFEST).read_text())
+        self.index = ShardedIndex.load(root / "index")
+        self.encoder = EncodeStage(manifest["model"], kind="query", batch_size=batch_size, precision=precision,
+                                   device=device, threads=threads)
+        self.top_k = top_k
+        self.use_gpu = device == "cuda"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        vectors = self.encoder.encode([str(t) for t in batch["text"]])
+        _, positions = self.index.search(vectors, self.top_k, use_gpu=self.use_gpu, progress=False)
+        ids = np.array([[self.index.doc_ids[p] if p >= 0 else "" for p in row] for row in positions], dtype=object)
+        return {"query_id": np.asarray(batch["query_id"]), "doc_ids": ids}
+
+
+def search_with_ray(index_dir: str | Path, queries: dict[str, str], top_k: int, batch_size: int = 64,
+                    precision: str = "auto", actors: int = 0) -> dict[str, list[str]]:
+    """Ranked doc ids per query, query batches spread over a Ray Data actor pool."""
+    import pyarrow as pa
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    size = actors or max(1, min(cpus, len(queries) // batch_size + 1))
+    qids = list(queries)
+    table = pa.table({"query_id": qids, "text": [queries[q] for q in qids]})
+    ds = ray.data.from_arrow(table).repartition(max(1, min(len(qids), 4 * size)))
+    # 0.5 CPU per actor leaves room for Ray Data's own tasks on a small node (DESIGN.md pitfalls).
+    ds = ds.map_batches(SearchStage, fn_constructor_kwargs={
+        "index_dir": str(Path(index_dir).resolve()), "top_k": top_k, "batch_size": batch_size,
+        "precision": precision, "threads": max(1, cpus // size)},
+        batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=size), num_cpus=0.5)
+    ranked: dict[str, list[str]] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for qid, ids in zip(batch["query_id"], batch["doc_ids"]):
+            ranked[str(qid)] = [str(d) for d in ids if d]
+    return ranked
+
+
+def mine_command(index_dir: str, dataset_dir: str, split: str, out: str, rank_start: int = 10, rank_end: int = 100,
+                 per_query: int = 8, seed: int = 42, batch_size: int = 64, precision: str = "auto",
+                 actors: int = 0) -> dict[str, Any]:
+    """Search ``split``'s queries on the index, mine, write triplet JSONL and ``<out>.counts.json``."""
+    import json
+
+    from distributed_ir.data.beir import load_beir
+    from distributed_ir.data.records import write_records
+
+    if not 0 <= rank_start < rank_end:
+        raise ValueError(f"need 0 <= rank_start < rank_end, got {rank_start}, {rank_end}")
+    ds = load_beir(dataset_dir, split)
+    queries = ds.split_queries()
+    t0 = time.perf_counter()
+    ranked = search_with_ray(index_dir, queries, rank_end, batch_size, precision, actors)
+    search_s = time.perf_counter() - t0
+    missing = sorted(set(queries) - set(ranked))
+    if missing:
+        raise RuntimeError(f"{len(missing)} queries came back without results, e.g. {missing[:3]}")
+    records, counts, chosen = mine_negatives(ds, ranked, rank_start, rank_end, per_query, seed)
+    # The guarantee, checked on the output rather than assumed: no negative is judged for its query.
+    leaks = [(q, d) for q, ids in chosen.items() for d in ids if d in (ds.qrels.get(q) or {})]
+    if leaks:
+        raise AssertionError(f"mined negatives include judged documents: {leaks[:5]}")
+    write_records(out, records)
+    summary = {**counts, "records": len(records), "negatives_that_are_qrels_positives": 0,
+               "rank_start": rank_start, "rank_end": rank_end, "per_query": per_query, "split": split,
+               "search_seconds": round(search_s, 2), "out": str(Path(out).resolve())}
+    Path(str(out) + ".counts.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,175 @@
+"""ColBERT late-interaction reranker (Khattab & Zaharia 2020; the bge-m3 multi-vector variant).
+
+Token states of the encoder (the ``[CLS]`` position dropped, as bge-m3 does) go through a
+linear head ``hidden -> colbert_dim`` and are L2-normalised; padding is masked out.  The score
+of query q and document d is MaxSim, normalised by the query's token count:
+
+.. math:: s(q, d) = \\frac{1}{|q|}\\sum_{i \\in q} \\max_{j \\in d} \\; q_i \\cdot d_j
+
+A bge-m3-style checkpoint's ``colbert_linear.pt`` (a ``Linear`` state dict) is loaded with
+``torch.load(weights_only=True)`` when present (its shape decides ``colbert_dim``); otherwise
+the head is initialised.  Long documents are cut into overlapping windows of
+``document_max_length`` tokens; score = max over windows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distributed_ir.models.reranking import (
+    RerankerBase,
+    RerankerSettings,
+    pad_batch,
+    read_settings,
+    resolve_reranker_path,
+    write_settings,
+)
+
+HEAD_FILE = "colbert_linear.pt"
+
+
+def maxsim(q: torch.Tensor, q_mask: torch.Tensor, d: torch.Tensor, d_mask: torch.Tensor,
+           all_pairs: bool = False) -> torch.Tensor:
+    """MaxSim / |q|.  ``q`` [B, Lq, D], ``d`` [B or N, Ld, D], masks 0/1 of the same leading shape.
+
+    ``all_pairs=False``: row b of q against row b of d -> [B].  ``all_pairs=True``: every query
+    against every document -> [B, N] (in-batch and hard negatives for training).
+    """
+    q, d = q.float(), d.float()
+    neg = torch.finfo(torch.float32).min
+    if all_pairs:
+        sim = torch.einsum("bid,njd->bnij", q, d)
+        sim = sim.masked_fill(d_mask[None, :, None, :] == 0, neg)
+        best = sim.max(dim=-1).values  # [B, N, Lq]
+        return (best * q_mask[:, None, :]).sum(-1) / q_mask.sum(-1, keepdim=True).clamp(min=1)
+    sim = torch.einsum("bid,bjd->bij", q, d).masked_fill(d_mask[:, None, :] == 0, neg)
+    best = sim.max(dim=-1).values  # [B, Lq]
+    return (best * q_mask).sum(-1) / q_mask.sum(-1).clamp(min=1)
+
+
+class ColBERTReranker(RerankerBase):
+    """``encode(ids, mask) -> (vectors, mask)``; ``forward(query, document) -> [B, N]`` MaxSim."""
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, settings: RerankerSettings,
+                 head: nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        hidden = int(backbone.config.hidden_size)
+        if head is None:
+            head = nn.Linear(hidden, settings.colbert_dim)
+        if head.in_features != hidden:
+            raise ValueError(f"colbert head takes {head.in_features} inputs, the encoder gives {hidden}")
+        self.colbert_linear = head
+        self.settings = replace(settings, kind="colbert", colbert_dim=head.out_features)
+        # The pooler is never used: frozen so DDP does not wait for its gradients.
+        pooler = getattr(backbone, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, settings: RerankerSettings | None = None,
+                        dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                        **overrides: Any) -> ColBERTReranker:
+        """Encoder + tokenizer from a folder; ``colbert_linear.pt`` there is loaded, else a new head."""
+        from transformers import AutoModel, AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = resolve_reranker_path(name_or_path)
+        settings = replace(settings or read_settings(path) or RerankerSettings(kind="colbert"), kind="colbert",
+                           **overrides)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        backbone = AutoModel.from_pretrained(path, **kwargs)
+        head = load_head(Path(path) / HEAD_FILE, int(backbone.config.hidden_size))
+        if head is None:
+            torch.manual_seed(0)  # a fresh head is reproducible
+            head = nn.Linear(int(backbone.config.hidden_size), settings.colbert_dim)
+        return cls(backbone, tokenizer, settings, head)
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> ColBERTReranker:
+        return cls.from_pretrained(str(path), **overrides)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        torch.save({k: v.detach().cpu() for k, v in self.colbert_linear.state_dict().items()}, path / HEAD_FILE)
+        write_settings(path, self.settings, {"similarity": "maxsim"})
+        return path
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The head's parameters (trained with their own learning rate)."""
+        return list(self.colbert_linear.parameters())
+
+    # ------------------------------------------------------------------ encode / forward
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised token vectors without the first ([CLS]) position, and their mask."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        vecs = nn.functional.normalize(self.colbert_linear(hidden[:, 1:]).float(), dim=-1)
+        mask = attention_mask[:, 1:]
+        return vecs * mask[..., None], mask
+
+    def forward(self, query: dict[str, torch.Tensor], document: dict[str, torch.Tensor],
+                all_pairs: bool = True) -> torch.Tensor:
+        q, q_mask = self.encode(**query)
+        d, d_mask = self.encode(**document)
+        return maxsim(q, q_mask, d, d_mask, all_pairs=all_pairs)
+
+    def tokenize(self, texts: Sequence[str], kind: str) -> dict[str, torch.Tensor]:
+        max_len = self.settings.query_max_length if kind == "query" else self.settings.document_max_length
+        enc = self.tokenizer(list(texts), truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+
+    # ------------------------------------------------------------------ inference units
+    def build_units(self, queries: Sequence[str], documents: Sequence[str]) -> tuple[list[dict], list[int]]:
+        s = self.settings
+        q_enc = self.tokenizer(list(queries), truncation=True, max_length=s.query_max_length)["input_ids"]
+        d_enc = self.tokenizer(list(documents), truncation=True, max_length=s.document_max_length,
+                               stride=min(s.chunk_overlap, (s.document_max_length - 2) // 2) if s.max_chunks > 1 else 0,
+                               return_overflowing_tokens=s.max_chunks > 1)
+        mapping = d_enc.get("overflow_to_sample_mapping", list(range(len(documents))))
+        units, owners, seen = [], [], {}
+        for chunk, owner in zip(d_enc["input_ids"], mapping):
+            seen[owner] = seen.get(owner, 0) + 1
+            if seen[owner] <= s.max_chunks:
+                units.append({"q_input_ids": q_enc[owner], "d_input_ids": chunk})
+                owners.append(int(owner))
+        return units, owners
+
+    def score_units(self, units: list[dict]) -> torch.Tensor:
+        pad = self.tokenizer.pad_token_id
+        q_ids, q_mask = pad_batch([u["q_input_ids"] for u in units], pad)
+        d_ids, d_mask = pad_batch([u["d_input_ids"] for u in units], pad)
+        dev = self.device
+        return self({"input_ids": q_ids.to(dev), "attention_mask": q_mask.to(dev)},
+                    {"input_ids": d_ids.to(dev), "attention_mask": d_mask.to(dev)}, all_pairs=False)
+
+
+def load_head(path: Path, hidden: int) -> nn.Linear | None:
+    """A ``Linear`` from a bge-m3-style ``colbert_linear.pt`` (``weight`` [dim, hidden], ``bias``)."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+    if not isinstance(state, dict) or "weight" not in state:
+        raise ValueError(f"{path}: expected a state dict with 'weight' (and 'bias'), got {type(state).__name__}")
+    weight = state["weight"]
+    if weight.ndim != 2 or weight.shape[1] != hidden:
+        raise ValueError(f"{path}: weight shape {tuple(weight.shape)} does not fit hidden size {hidden}")
+    head = nn.Linear(hidden, weight.shape[0], bias="bias" in state)
+    head.load_state_dict(state)
+    return head

@@ -1,0 +1,186 @@
+"""What the three rerankers share: settings, the ``score`` API, length-aware batching, chunking.
+
+Every reranker turns (query, document) pairs into *units*: one token sequence per document
+chunk (cross-encoder, LLM) or one (query, chunk) sequence pair (ColBERT).  A short document is
+one unit; a long one, with ``max_chunks > 1``, is split into overlapping token windows and its
+score is the max over its chunks (MaxP, Dai & Callan 2019).  Units are sorted by length and
+batched so a forward pass pads little, then scores go back to input order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from distributed_ir.config import ConfigError
+
+SETTINGS_FILE = "distributed_ir.json"
+KINDS = ("cross_encoder", "colbert", "llm_reranker")
+DEFAULT_LLM_PROMPT = (
+    "Given a query with a relevant body, determine whether the document is pertinent to the query by "
+    "providing a prediction of either 'Yes' or 'No'."
+)
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """The one method a caller needs (the LangChain compressor is written against it)."""
+
+    def score(self, query: str, documents: list[str]) -> list[float]: ...
+
+
+@dataclass
+class RerankerSettings:
+    """Saved beside the weights so scoring always matches training."""
+
+    kind: str = "cross_encoder"
+    max_length: int = 512  # cross-encoder / LLM: tokens of the whole (query, document) input
+    query_max_length: int = 64  # ColBERT queries; cross-encoder/LLM truncate long queries to this when chunking
+    document_max_length: int = 256  # ColBERT documents (per chunk)
+    max_chunks: int = 1  # 1 = truncate long documents; N > 1 = up to N overlapping chunks, score = max
+    chunk_overlap: int = 64  # tokens shared by consecutive chunks
+    colbert_dim: int = 128
+    prompt: str = DEFAULT_LLM_PROMPT
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"reranker kind {self.kind!r}: expected one of {', '.join(KINDS)}")
+        for name in ("max_length", "query_max_length", "document_max_length", "max_chunks", "colbert_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"reranker.{name} must be >= 1")
+        if self.chunk_overlap < 0:
+            raise ConfigError("reranker.chunk_overlap must be >= 0")
+
+
+def write_settings(path: Path, settings: RerankerSettings, extra: dict[str, Any] | None = None) -> None:
+    import transformers
+
+    from distributed_ir import __version__
+
+    obj = {"reranker": asdict(settings), "versions": {"distributed_ir": __version__, "pytorch": torch.__version__,
+                                                      "transformers": transformers.__version__}, **(extra or {})}
+    (Path(path) / SETTINGS_FILE).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def read_settings(path: str | Path) -> RerankerSettings | None:
+    """The reranker settings saved in ``path``, or None for a plain Hugging Face folder."""
+    file = Path(path) / SETTINGS_FILE
+    if not file.is_file():
+        return None
+    saved = json.loads(file.read_text())
+    if "reranker" not in saved:
+        raise ConfigError(f"{file}: not a reranker checkpoint (no 'reranker' section; an embedder?)")
+    known = {f.name for f in fields(RerankerSettings)}
+    return RerankerSettings(**{k: v for k, v in saved["reranker"].items() if k in known})
+
+
+def window_starts(length: int, size: int, overlap: int, max_chunks: int) -> list[int]:
+    """Start offsets of up to ``max_chunks`` windows of ``size`` tokens, consecutive ones sharing
+    ``overlap`` tokens, covering ``length`` tokens (the first window starts at 0)."""
+    if length <= size or max_chunks == 1:
+        return [0]
+    step = max(1, size - min(overlap, size - 1))
+    starts = list(range(0, length - size + step, step))[:max_chunks]
+    return [s for s in starts if s < length]
+
+
+def chunk_ids(ids: list[int], size: int, overlap: int, max_chunks: int) -> list[list[int]]:
+    """Overlapping windows of a token id list (one window = truncation when max_chunks is 1)."""
+    return [ids[s:s + size] for s in window_starts(len(ids), size, overlap, max_chunks)]
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+class RerankerBase(torch.nn.Module):
+    """Shared inference: ``score`` / ``score_pairs`` over units built by the subclass.
+
+    Subclasses implement ``build_units(queries, documents) -> (units, owners)`` where each unit
+    is a dict of token id lists and ``owners[i]`` is the pair it belongs to, plus
+    ``score_units(units, device) -> Tensor[n]``.
+    """
+
+    settings: RerankerSettings
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def build_units(self, queries: Sequence[str], documents: Sequence[str]) -> tuple[list[dict], list[int]]:
+        raise NotImplementedError
+
+    def score_units(self, units: list[dict]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def unit_length(unit: dict) -> int:
+        return sum(len(v) for k, v in unit.items() if k.endswith("input_ids"))
+
+    @torch.inference_mode()
+    def score_pairs(self, queries: Sequence[str], documents: Sequence[str], batch_size: int = 32,
+                    dtype: torch.dtype | None = None) -> np.ndarray:
+        """float32 scores, one per (query, document) pair, in input order (max over chunks)."""
+        if len(queries) != len(documents):
+            raise ValueError(f"{len(queries)} queries for {len(documents)} documents")
+        out = np.full(len(queries), -np.inf, dtype=np.float32)
+        if not len(queries):
+            return out
+        was_training = self.training
+        self.eval()
+        units, owners = self.build_units(list(queries), list(documents))
+        # Longest first, so memory peaks on the first batch and padding stays small throughout.
+        order = np.argsort([-self.unit_length(u) for u in units], kind="stable")
+        owners_arr = np.asarray(owners)
+        with autocast_for(self.device, dtype):
+            for start in range(0, len(units), batch_size):
+                idx = order[start:start + batch_size]
+                scores = self.score_units([units[i] for i in idx]).float().cpu().numpy()
+                np.maximum.at(out, owners_arr[idx], scores)
+        self.train(was_training)
+        return out
+
+    def score(self, query: str, documents: list[str]) -> list[float]:
+        """Scores of ``documents`` for one ``query`` (higher = more relevant)."""
+        return self.score_pairs([query] * len(documents), documents).tolist()
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad id lists into ``(input_ids, attention_mask)`` tensors on the given side."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if side == "left":
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        else:
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def resolve_reranker_path(name_or_path: str) -> str:
+    from distributed_ir.models.embedder import resolve_model_path
+
+    return resolve_model_path(name_or_path)
+
+
+def load_reranker(path: str | Path, **kwargs: Any) -> RerankerBase:
+    """Load whichever reranker ``path`` holds (its ``distributed_ir.json`` names the kind)."""
+    settings = read_settings(path)
+    if settings is None:
+        raise ConfigError(f"{path}: no {SETTINGS_FILE} with a 'reranker' section; load a plain Hugging Face "
+                          "model with CrossEncoderReranker/ColBERTReranker/LLMReranker.from_pretrained")
+    from distributed_ir.models import colbert, cross_encoder, llm_reranker
+
+    cls = {"cross_encoder": cross_encoder.CrossEncoderReranker, "colbert": colbert.ColBERTReranker,
+           "llm_reranker": llm_reranker.LLMReranker}[settings.kind]
+    return cls.load(path, **kwargs)

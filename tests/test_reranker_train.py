@@ -1,0 +1,131 @@
+"""Reranker training through the shared loop: tasks, losses, Ray Train via the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_ir.config import TrainConfig, from_dict, to_dict
+from distributed_ir.data.records import write_records
+from distributed_ir.models.reranking import load_reranker
+from distributed_ir.train.batching import TextBatch
+from distributed_ir.train.loop import train_loop
+from distributed_ir.train.reranker_task import group_pairs
+from distributed_ir.train.tasks import get_task
+from tests.conftest import build_tiny_model
+from tests.test_ray_train import _cli
+from tests.test_train_loop import _triplets
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen_rr"), "qwen2")
+
+
+def _cfg(model, tmp_path, task, **kw) -> dict:
+    base = {"task": task, "train_path": str(tmp_path / "train.jsonl"), "output_dir": str(tmp_path / "out"),
+            "model": {"name_or_path": str(model)}, "batch_size": 4, "num_negatives": 2, "log_every": 1,
+            "loss": {"name": "listwise", "temperature": 1.0 if task != "colbert" else 0.05},
+            "optim": {"lr": 1e-3, "warmup_ratio": 0.0}, "seed": 3,
+            "reranker": {"max_length": 64 if task != "llm_reranker" else 320, "query_max_length": 16,
+                         "document_max_length": 24, "colbert_dim": 16}}
+    base.update(kw)
+    return to_dict(from_dict(TrainConfig, base))
+
+
+def test_group_pairs_layout():
+    batch = TextBatch(["q1", "q2"], ["p1", "p2"], ["n11", "n12", "n21", "n22"])
+    queries, docs, group = group_pairs(batch)
+    assert group == 3 and docs == ["p1", "n11", "n12", "p2", "n21", "n22"]
+    assert queries == ["q1"] * 3 + ["q2"] * 3
+
+
+@pytest.mark.parametrize("task, loss", [("cross_encoder", "listwise"), ("cross_encoder", "bce"),
+                                        ("colbert", "listwise")])
+def test_reranker_loss_falls_and_export_scores(tiny_bert, tmp_path, task, loss):
+    write_records(tmp_path / "train.jsonl", _triplets(16))
+    cfg = _cfg(tiny_bert, tmp_path, task, epochs=8, loss={"name": loss, "temperature": 1.0 if task != "colbert" else 0.05})
+    result = train_loop(cfg)
+    losses = [m["loss"] for m in result["history"]]
+    assert len(losses) == 8 * 4 and sum(losses[-4:]) < sum(losses[:4])
+    model = load_reranker(tmp_path / "out" / "checkpoints" / "final" / "model")
+    assert model.settings.kind == task
+    # trained: positives outrank their negatives on the training triplets
+    recs = _triplets(16)
+    pos = model.score_pairs([r.query for r in recs], [r.positive[0] for r in recs])
+    neg = model.score_pairs([r.query for r in recs], [r.negative[0] for r in recs])
+    if loss == "listwise":  # (pointwise BCE on a 2-layer model first learns the class prior)
+        assert (pos > neg).mean() >= 0.75
+
+
+def test_colbert_head_has_its_own_learning_rate(tiny_bert, tmp_path):
+    cfg = from_dict(TrainConfig, _cfg(tiny_bert, tmp_path, "colbert", reranker={"head_lr": 1e-2, "colbert_dim": 8}))
+    task = get_task(cfg)
+    module = task.build()
+    groups = task.param_groups(module)
+    assert len(groups) == 2 and groups[1]["lr"] == 1e-2
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in module.reranker.colbert_linear.parameters()}
+
+
+def test_wrong_loss_or_format_is_refused(tiny_bert, tmp_path):
+    from distributed_ir.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not a reranker loss"):
+        get_task(from_dict(TrainConfig, _cfg(tiny_bert, tmp_path, "colbert", loss={"name": "bce"})))
+    write_records(tmp_path / "train.jsonl", [r.__class__(r.query, r.positive) for r in _triplets(8)])
+    with pytest.raises(ValueError, match="needs triplet records"):
+        train_loop(_cfg(tiny_bert, tmp_path, "cross_encoder"))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_train_rerankers_on_ray_train_and_rerank_with_llm(tiny_bert, tiny_qwen, tmp_path):
+    """cross-encoder, ColBERT (2 workers) and a LoRA LLM reranker (1 worker) through the CLI."""
+    write_records(tmp_path / "train.jsonl", _triplets(16))
+    common = (f"train_path: {tmp_path / 'train.jsonl'}\n"
+              "scaling: {num_workers: 2, cpus_per_worker: 0.5, torch_threads: 1}\n"
+              "optim: {lr: 1.0e-3}\nbatch_size: 4\nnum_negatives: 2\nmax_steps: 2\nlog_every: 1\n")
+    configs = {
+        "cross_encoder": f"task: cross_encoder\nmodel: {{name_or_path: {tiny_bert}}}\nloss: {{name: listwise, temperature: 1.0}}\n"
+                         "reranker: {max_length: 64}\n",
+        "colbert": f"task: colbert\nmodel: {{name_or_path: {tiny_bert}}}\nloss: {{name: listwise, temperature: 0.05}}\n"
+                   "reranker: {query_max_length: 16, document_max_length: 24, colbert_dim: 16, head_lr: 1.0e-2}\n",
+        "llm_reranker": f"task: llm_reranker\nmodel: {{name_or_path: {tiny_qwen}}}\nloss: {{name: listwise, temperature: 1.0}}\n"
+                        "reranker: {max_length: 320}\nlora: {enabled: true, r: 4, alpha: 8}\n",
+    }
+    for task, text in configs.items():
+        cfg_text = common + text + f"output_dir: {tmp_path / task}\n"
+        if task == "llm_reranker":
+            cfg_text = cfg_text.replace("num_workers: 2", "num_workers: 1")
+        (tmp_path / f"{task}.yaml").write_text(cfg_text)
+        res = _cli("train", "reranker", "--config", f"{task}.yaml", cwd=tmp_path)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        summary = json.loads(res.stdout[res.stdout.rindex("{\n"):])
+        assert summary["step"] == 2
+        assert f"task {task}" in res.stdout + res.stderr
+        model = load_reranker(tmp_path / task / "model")
+        scores = model.score("what about cats", ["cats purr and sleep", "rockets reach orbit"])
+        assert len(scores) == 2 and np.all(np.isfinite(scores))
+    # the LoRA LLM reranker exported merged weights: no adapter left, and it scores like the trained one
+    llm = load_reranker(tmp_path / "llm_reranker" / "model")
+    assert not any("lora" in n for n, _ in llm.named_parameters())
+    assert torch.all(torch.tensor(llm.score("q", ["a", "b"])) <= 0)
+
+
+@pytest.mark.slow
+def test_llm_reranker_on_deepspeed_matches_ddp(tiny_qwen, tmp_path):
+    """LoRA LLM reranker, world size 1: the DeepSpeed ZeRO-2 engine follows DDP's fp32 losses."""
+    write_records(tmp_path / "train.jsonl", _triplets(16))
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+    losses = {}
+    for name, engine in (("ddp", {"name": "ddp"}), ("zero2", {"name": "deepspeed", "zero_stage": 2})):
+        result = train_loop(_cfg(tiny_qwen, tmp_path, "llm_reranker", max_steps=3, lora=lora, engine=engine,
+                                 output_dir=str(tmp_path / name), optim={"lr": 2e-3, "warmup_ratio": 0.0}))
+        losses[name] = [m["loss"] for m in result["history"]]
+    assert len(losses["ddp"]) == 3
+    np.testing.assert_allclose(losses["zero2"], losses["ddp"], atol=1e-4)
+    model = load_reranker(tmp_path / "zero2" / "checkpoints" / "final" / "model")
+    assert len(model.score("what about cats", ["cats purr", "rockets fly"])) == 2

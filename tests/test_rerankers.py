@@ -1,0 +1,151 @@
+"""The three rerankers on tiny models built in code: scores, chunking, padding, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_ir.models.colbert import ColBERTReranker, maxsim
+from distributed_ir.models.cross_encoder import CrossEncoderReranker
+from distributed_ir.models.llm_reranker import LLMReranker
+from distributed_ir.models.reranking import Reranker, load_reranker, window_starts
+from tests.conftest import build_tiny_model
+
+QUERIES = ["what do cats do", "how do rockets fly", "why is the sky blue"]
+DOCS = ["cats purr and sleep most of the day " * 3, "rockets burn fuel to reach orbit",
+        "rayleigh scattering of sunlight " * 12]
+LONG = " ".join(f"word{i}" for i in range(300)) + " cats purr loudly at the very end"
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen"), "qwen2")
+
+
+def test_window_starts_cover_and_overlap():
+    assert window_starts(10, 20, 4, 8) == [0]
+    starts = window_starts(100, 30, 10, 8)
+    assert starts == [0, 20, 40, 60, 80] and starts[-1] + 30 >= 100
+    assert window_starts(100, 30, 10, 2) == [0, 20]
+    assert window_starts(100, 30, 10, 1) == [0]
+
+
+def test_cross_encoder_matches_sentence_transformers(tiny_bert, tmp_path):
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoderReranker.from_pretrained(str(tiny_bert), max_length=48)
+    assert isinstance(model, Reranker)
+    ours = model.score_pairs(QUERIES, DOCS, batch_size=2)
+    path = model.save(tmp_path / "ce")
+    st = CrossEncoder(str(path), device="cpu").predict(list(zip(QUERIES, DOCS)), batch_size=32)
+    np.testing.assert_allclose(st, ours, atol=1e-5)
+    again = load_reranker(path)
+    assert isinstance(again, CrossEncoderReranker) and again.settings.max_length == 48
+    np.testing.assert_allclose(again.score(QUERIES[0], DOCS), model.score(QUERIES[0], DOCS), atol=1e-6)
+    # the batch order (length sorting) does not change a score
+    np.testing.assert_allclose(model.score_pairs(QUERIES[::-1], DOCS[::-1], batch_size=1), ours[::-1], atol=1e-5)
+
+
+def test_cross_encoder_long_document_is_max_over_chunks(tiny_bert):
+    model = CrossEncoderReranker.from_pretrained(str(tiny_bert), max_length=64, max_chunks=64, chunk_overlap=8)
+    units, owners = model.build_units(["cats purr"], [LONG])
+    assert len(units) > 4 and set(owners) == {0}
+    assert all(len(u["input_ids"]) <= 64 for u in units)
+    chunk_scores = model.score_units(units).detach().numpy()
+    assert model.score_pairs(["cats purr"], [LONG])[0] == pytest.approx(chunk_scores.max(), abs=1e-5)
+    # the end of the document is seen only with chunking
+    tok = model.tokenizer
+    assert "end" in tok.decode(units[-1]["input_ids"]) and "end" not in tok.decode(units[0]["input_ids"])
+    capped = CrossEncoderReranker(model.model, tok, model.settings.__class__(max_length=64, max_chunks=2))
+    assert len(capped.build_units(["cats purr"], [LONG])[0]) == 2
+
+
+def test_colbert_maxsim_formula():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)
+    d = torch.nn.functional.normalize(torch.randn(3, 5, 4), dim=-1)
+    q_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    d_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    full = maxsim(q, q_mask, d, d_mask, all_pairs=True)
+    for b in range(2):
+        for n in range(3):
+            qi = q[b][q_mask[b] == 1]
+            dj = d[n][d_mask[n] == 1]
+            expected = (qi @ dj.T).max(dim=1).values.sum() / len(qi)
+            assert full[b, n].item() == pytest.approx(expected.item(), abs=1e-6)
+    np.testing.assert_allclose(maxsim(q, q_mask, d[:2], d_mask[:2]), full[[0, 1], [0, 1]], atol=1e-6)
+
+
+def test_colbert_head_file_loads_safely_and_round_trips(tiny_bert, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m3"
+    shutil.copytree(tiny_bert, folder)
+    head = torch.nn.Linear(32, 16)
+    torch.save(head.state_dict(), folder / "colbert_linear.pt")
+    model = ColBERTReranker.from_pretrained(str(folder))
+    assert model.settings.colbert_dim == 16
+    torch.testing.assert_close(model.colbert_linear.weight, head.weight)
+    scores = model.score_pairs(QUERIES, DOCS)
+    assert np.all(scores <= 1.0 + 1e-5) and np.all(scores >= -1.0 - 1e-5)
+    # a pickle that would run code is refused by weights_only=True
+    torch.save({"weight": head.weight, "evil": object()}, folder / "colbert_linear.pt")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        ColBERTReranker.from_pretrained(str(folder))
+    saved = model.save(tmp_path / "colbert")
+    again = load_reranker(saved)
+    np.testing.assert_allclose(again.score_pairs(QUERIES, DOCS), scores, atol=1e-6)
+    # without a head file the head is initialised with the configured width
+    fresh = ColBERTReranker.from_pretrained(str(tiny_bert), colbert_dim=8)
+    assert fresh.colbert_linear.out_features == 8
+    assert {id(p) for p in fresh.head_parameters()} == {id(p) for p in fresh.colbert_linear.parameters()}
+
+
+def test_colbert_chunks_long_documents(tiny_bert):
+    model = ColBERTReranker.from_pretrained(str(tiny_bert), document_max_length=32, max_chunks=64, chunk_overlap=4)
+    units, owners = model.build_units(["cats purr", "x"], [LONG, "short doc"])
+    assert owners.count(0) > 4 and owners.count(1) == 1
+    scores = model.score_units(units).detach().numpy()
+    got = model.score_pairs(["cats purr", "x"], [LONG, "short doc"])
+    assert got[0] == pytest.approx(scores[np.array(owners) == 0].max(), abs=1e-5)
+
+
+def test_llm_reranker_same_score_left_and_right_padding(tiny_qwen, tmp_path):
+    model = LLMReranker.from_pretrained(str(tiny_qwen), max_length=320)
+    units, _ = model.build_units(QUERIES, DOCS)
+    lengths = {len(u["input_ids"]) for u in units}
+    assert len(lengths) == 3  # different lengths: padding really happens
+    with torch.no_grad():
+        right = model(**model.collate(units, side="right"))
+        left = model(**model.collate(units, side="left"))
+        alone = torch.cat([model(**model.collate([u], side="left")) for u in units])
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
+    assert torch.all(right <= 0)  # a log-probability
+    # the prompt is the issue's default and ends every input
+    assert model.settings.prompt.startswith("Given a query with a relevant body")
+    prompt_ids = model.tokenizer(model.settings.prompt, add_special_tokens=False)["input_ids"]
+    assert all(u["input_ids"][-len(prompt_ids):] == prompt_ids for u in units)
+    scores = model.score_pairs(QUERIES, DOCS)
+    np.testing.assert_allclose(scores, right.numpy(), atol=1e-5)
+
+
+def test_llm_reranker_lora_save_merges(tiny_qwen, tmp_path):
+    model = LLMReranker.from_pretrained(str(tiny_qwen), max_length=320)
+    from distributed_ir.config import LoraConfig
+
+    model.attach_lora(LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # make the adapter non-zero so the merge matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    before = model.score_pairs(QUERIES, DOCS)
+    again = load_reranker(model.save(tmp_path / "llm"))
+    assert not any("lora" in n for n, _ in again.named_parameters())
+    np.testing.assert_allclose(again.score_pairs(QUERIES, DOCS), before, atol=1e-4)
+    long = LLMReranker.from_pretrained(str(tiny_qwen), max_length=200, max_chunks=20, chunk_overlap=8)
+    units, owners = long.build_units(["cats purr"], [LONG])
+    assert len(units) > 3 and all(len(u["input_ids"]) <= 200 for u in units)
