@@ -223,7 +223,8 @@ class RerankerConfig:
 class TrainConfig:
     """Everything one embedder fine-tune needs; passed to every worker as a plain dict."""
 
-    train_path: str = _help("training records (JSONL or Parquet): pair, triplet or scored", default="")
+    train_path: str = _help("training records (JSONL or Parquet): pair, triplet or scored; in a pipeline, set = use "
+                            "these prepared records instead of qrels pairs or mining", default="")
     output_dir: str = _help("where checkpoints and the final model go", default="outputs/train")
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

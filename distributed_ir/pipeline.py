@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from distributed_ir.config import ModelConfig, PipelineConfig, redact, to_dict
+from distributed_ir.config import ConfigError, ModelConfig, PipelineConfig, redact, to_dict
 from distributed_ir.data.beir import ensure_beir, load_beir, resolve_data_dir
-from distributed_ir.data.records import pairs_from_qrels, triplets_from_run, write_records
+from distributed_ir.data.records import pairs_from_qrels, read_records, triplets_from_run, write_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, write_run
 from distributed_ir.eval.retrieval import evaluate_model, ranked_ids, search
 from distributed_ir.models.embedder import Embedder
@@ -37,6 +37,8 @@ def metrics_table(rows: dict[str, dict[str, Any]]) -> str:
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     torch.set_num_threads(os.cpu_count() or 1)
+    if cfg.train.train_path and cfg.mining.enabled:
+        raise ConfigError("train.train_path (prepared records) and mining.enabled are exclusive: pick one")
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     folder = ensure_beir(resolve_data_dir(cfg.data_dir), cfg.dataset)
@@ -57,7 +59,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
                                                             ev.max_queries)
         print(metrics_table(rows), flush=True)
     train_path = out / "train_records.jsonl"
-    if cfg.mining.enabled:
+    if cfg.train.train_path:  # prepared records (e.g. DPR's own hard negatives) are used as they are
+        train_path = Path(cfg.train.train_path).resolve()
+        _, records = read_records(train_path)
+        print(f"[pipeline] training on prepared records {train_path} ({len(records)})", flush=True)
+    elif cfg.mining.enabled:
         m = cfg.mining
         mined = search(base, base_index, train_ds.split_queries(), m.rank_end, ev.batch_size, ev.bf16)
         records, counts = triplets_from_run(train_ds, ranked_ids(mined), m.rank_start, m.rank_end, m.per_query,
@@ -66,7 +72,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         print(f"[pipeline] mined hard negatives: {counts}", flush=True)
     else:
         records = pairs_from_qrels(train_ds)
-    write_records(train_path, records)
+    if not cfg.train.train_path:
+        write_records(train_path, records)
     del base_index
 
     # ---- fine-tune on Ray Train

@@ -53,3 +53,22 @@ def test_pipeline_on_prepared_nq_with_mining(tmp_path, tiny_bert, ray_cluster):
     assert report["mining"]["queries"] == stats["qrels_train"]["written"] - 1 == 6  # train-0 has 2 positives
     assert report["train"]["records"] == 6
     assert report["metrics"]["finetuned"]["num_queries"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_pipeline_trains_on_prepared_dpr_triplets(tmp_path, tiny_bert, ray_cluster):
+    """train.train_path = the prepared records (DPR's own hard negatives) instead of qrels pairs/mining."""
+    write_nq(tmp_path / "raw")
+    stats = prepare_nq(tmp_path / "raw", tmp_path / "data" / "nq", num_shards=2)
+    triplets = tmp_path / "data" / "nq" / "train_triplets.jsonl"
+    report = _run(tmp_path, tiny_bert, "nq", [f"train.train_path={triplets}", "train.num_negatives=1",
+                                              "skip_base_eval=true"])
+    assert report["train"]["records"] == stats["train_triplets"] > 0
+    assert "base" not in report["metrics"]
+    with pytest.raises(Exception, match="exclusive"):
+        run_pipeline(load_config(PipelineConfig, None, [f"data_dir={tmp_path / 'data'}", "dataset=nq",
+                                                        "train_split=train", "eval_split=dev",
+                                                        f"train.train_path={triplets}", "mining.enabled=true",
+                                                        f"output_dir={tmp_path / 'x'}",
+                                                        f"train.model.name_or_path={tiny_bert}"]))
