@@ -2,8 +2,8 @@
 
 2 Ray Train workers (gloo, CPU), full fine-tuning in fp32 with AdamW, a few steps on tiny
 batches so that parameters + gradients + optimizer state dominate.  For each engine prints
-``state MB`` (bytes of parameters, gradients and optimizer state this worker holds, counted
-from the tensors) and rank 0's peak RSS, and their ratio to DDP.
+what this worker holds, counted from the tensors: parameters (its ZeRO-3 partition), gradients,
+DeepSpeed's fp32 master copy, AdamW moments, their sum (``state``), and rank 0's peak RSS.
 
     python benchmarks/zero_memory.py --layers 12 --hidden 768 --steps 3
 """
@@ -64,13 +64,17 @@ def main() -> None:
         })
         run_training(cfg)
         last = json.loads((Path(cfg.output_dir) / "final_checkpoint" / "history.json").read_text())[-1]
-        rows.append({"engine": spec, "state_mb": last["state_mb"], "peak_rss_mb": last["peak_rss_mb"]})
+        rows.append({"engine": spec, **{k: last[f"{k}_mb"] for k in ("params", "grads", "master", "moments", "state")},
+                     "peak_rss_mb": last["peak_rss_mb"]})
         print(json.dumps(rows[-1]), flush=True)
     ddp = rows[0]
-    print(f"\n{'engine':<14}{'state MB':>10}{'x DDP':>8}{'peak RSS MB':>13}{'x DDP':>8}")
+    print(f"\n{'engine':<13}{'params':>8}{'grads':>7}{'master':>8}{'moments':>9}{'p+m x DDP':>11}"
+          f"{'state MB':>10}{'x DDP':>7}{'peak RSS MB':>13}{'x DDP':>7}")
     for r in rows:
-        print(f"{r['engine']:<14}{r['state_mb']:>10.0f}{r['state_mb'] / ddp['state_mb']:>8.2f}"
-              f"{r['peak_rss_mb']:>13.0f}{r['peak_rss_mb'] / ddp['peak_rss_mb']:>8.2f}")
+        pm = (r["params"] + r["moments"]) / (ddp["params"] + ddp["moments"])
+        print(f"{r['engine']:<13}{r['params']:>8.0f}{r['grads']:>7.0f}{r['master']:>8.0f}{r['moments']:>9.0f}{pm:>11.2f}"
+              f"{r['state']:>10.0f}{r['state'] / ddp['state']:>7.2f}{r['peak_rss_mb']:>13.0f}"
+              f"{r['peak_rss_mb'] / ddp['peak_rss_mb']:>7.2f}")
 
 
 if __name__ == "__main__":

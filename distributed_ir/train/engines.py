@@ -9,8 +9,8 @@ group already exists (gloo on CPU, nccl on GPU) and DeepSpeed adopts it.
 
 Both expose the same small API to the loop: ``train_step``, ``lr``, ``save``/``load`` of the
 engine state (optimizer, scheduler, and for DeepSpeed the partitioned model), ``full_state_dict``
-(gathered on rank 0) and ``memory`` (bytes of parameters + gradients + optimizer state held
-by this worker).
+(gathered on rank 0) and ``memory`` (bytes of parameters, gradients, master copy and optimizer
+moments held by this worker).
 """
 
 from __future__ import annotations
@@ -48,11 +48,20 @@ def _tensor_bytes(tensors: Any, seen: set[int]) -> int:
     return total
 
 
-def _optimizer_bytes(optimizer: torch.optim.Optimizer, seen: set[int]) -> int:
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grads = [p.grad for p in params if p.grad is not None]
-    states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    return _tensor_bytes(params, seen) + _tensor_bytes(grads, seen) + _tensor_bytes(states, seen)
+def memory_breakdown(params: list[torch.Tensor], grads: list[torch.Tensor], master: list[torch.Tensor],
+                     optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this worker holds: module ``params``, ``grads``, the optimizer's own fp32 ``master``
+    copy (DeepSpeed's partitions; none for DDP, whose optimizer steps the module's parameters) and
+    AdamW ``moments``.  Tensors are counted once (by storage address)."""
+    seen: set[int] = set()
+    out = {"params": _tensor_bytes(params, seen), "grads": _tensor_bytes(grads, seen),
+           "master": _tensor_bytes(master, seen)}
+    opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+    out["master"] += _tensor_bytes(opt_params, seen)
+    out["grads"] += _tensor_bytes([p.grad for p in opt_params if p.grad is not None], seen)
+    states = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    out["moments"] = _tensor_bytes(states, seen)
+    return out
 
 
 class DDPEngine:
@@ -141,9 +150,9 @@ class DDPEngine:
             return None
         return {k: v.detach().cpu() for k, v in self.inner.state_dict().items()}
 
-    def memory(self) -> int:
-        seen: set[int] = set()
-        return _tensor_bytes(self.inner.parameters(), seen) + _optimizer_bytes(self.optimizer, seen)
+    def memory(self) -> dict[str, int]:
+        params = list(self.inner.parameters())
+        return memory_breakdown(params, [p.grad for p in params if p.grad is not None], [], self.optimizer)
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -281,20 +290,19 @@ class DeepSpeedEngine:
                 out[name] = buf.detach().cpu().clone()
         return out
 
-    def memory(self) -> int:
-        seen: set[int] = set()
-        local = [getattr(p, "ds_tensor", p) for p in self.inner.parameters()]
-        total = _tensor_bytes(local, seen)
-        total += _tensor_bytes([p.grad for p in self.inner.parameters() if p.grad is not None], seen)
+    def memory(self) -> dict[str, int]:
+        params = list(self.inner.parameters())
+        local = [getattr(p, "ds_tensor", p) for p in params]  # ZeRO-3: this rank's partition
         opt = self.optimizer
-        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "averaged_gradients"):
+        grads = [p.grad for p in params if p.grad is not None]
+        master: list[torch.Tensor] = []
+        for attr, into in (("single_partition_of_fp32_groups", master), ("fp32_partitioned_groups_flat", master),
+                           ("averaged_gradients", grads)):
             groups = getattr(opt, attr, None)
             if isinstance(groups, dict):
                 groups = [t for v in groups.values() for t in (v if isinstance(v, list) else [v])]
-            if groups:
-                total += _tensor_bytes(groups, seen)
-        inner_opt = getattr(opt, "optimizer", opt)
-        return total + _optimizer_bytes(inner_opt, seen)
+            into.extend(t for t in groups or [] if isinstance(t, torch.Tensor))
+        return memory_breakdown(local, grads, master, getattr(opt, "optimizer", opt))
 
 
 def build_engine(cfg: TrainConfig, module: nn.Module, param_groups: list[dict[str, Any]], device: torch.device,

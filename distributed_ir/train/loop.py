@@ -190,6 +190,7 @@ def _resume_dir(cfg: TrainConfig, in_ray: bool) -> Path | None:
 
 def _metrics(window: dict[str, Any], step: int, total: int, epoch: int, engine: Any) -> dict[str, Any]:
     elapsed = time.perf_counter() - window["t0"]
+    memory = engine.memory()
     out = {
         "step": step,
         "total_steps": total,
@@ -198,7 +199,9 @@ def _metrics(window: dict[str, Any], step: int, total: int, epoch: int, engine: 
         "lr": engine.lr(),
         "grad_norm": window["grad_norm"],
         "samples_per_s": window["samples"] / elapsed if elapsed > 0 else 0.0,
-        "state_mb": engine.memory() / 2**20,  # parameters + gradients + optimizer state on this worker
+        # what this worker holds for training: parameters, gradients, fp32 master copy, AdamW moments
+        **{f"{k}_mb": v / 2**20 for k, v in memory.items()},
+        "state_mb": sum(memory.values()) / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
