@@ -94,9 +94,11 @@ class RssSampler:
 
 
 def spill_stats() -> dict:
+    import ray
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    # name our cluster: other local clusters may be running on the same machine
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     out = {"spilled_mib": 0.0, "spilled_objects": 0, "restored_mib": 0.0}
     m = re.search(r"Spilled (\d+) MiB, (\d+) objects", text)
     if m:

@@ -28,10 +28,12 @@ class TrainResult:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (or $RAY_ADDRESS), else start a local cluster bound to 127.0.0.1.
+    """Join ``address`` (or $RAY_ADDRESS), else start a local cluster (dashboard on 127.0.0.1).
 
     A local cluster keeps Ray's token authentication on (``RAY_AUTH_MODE=token`` unless the user
-    chose otherwise): anyone who can reach an unauthenticated Ray port can run code on it.
+    chose otherwise): anyone who can reach an unauthenticated Ray port can run code on it. Ray
+    2.60 rewrites a 127.0.0.1 node address to the machine's reachable IP, so the token, not the
+    bind address, is what guards the GCS and raylet ports.
     """
     import ray
 
