@@ -106,3 +106,21 @@ def test_too_few_records_for_one_step(tiny_bert, tmp_path):
     write_records(tmp_path / "train.jsonl", _triplets(3))
     with pytest.raises(ValueError, match="give no full optimizer step"):
         train_loop(_cfg(tiny_bert, tmp_path))
+
+
+def test_each_rank_resumes_its_own_rng_stream(tmp_path):
+    """Rank 1's dropout stream is not rank 0's: its RNG is saved and restored separately."""
+    from distributed_ir.train import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    ckpt.save_training_state(tmp_path, {"step": 1, "epoch": 0, "micro_in_epoch": 1}, {"step": 1})
+    rank0_next = torch.rand(3)
+    torch.manual_seed(1)
+    ckpt.save_rank_rng(tmp_path, 1)
+    rank1_next = torch.rand(3)
+    assert not (tmp_path / "rng_rank0.pt").exists()
+    for rank, expected in ((0, rank0_next), (1, rank1_next)):
+        torch.manual_seed(99)
+        ckpt.load_training_state(tmp_path)
+        ckpt.load_rank_rng(tmp_path, rank)
+        torch.testing.assert_close(torch.rand(3), expected, atol=0, rtol=0)

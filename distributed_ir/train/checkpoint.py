@@ -2,7 +2,8 @@
 
 - ``model/``: the exported model (sentence-transformers layout, or LoRA adapter files);
 - ``training_state.pt``: the data position (epoch, micro-step in epoch, optimizer step) and
-  torch's RNG state, read with ``weights_only=True``;
+  rank 0's torch RNG state, read with ``weights_only=True``; ``rng_rank<R>.pt``: every other
+  rank's RNG state (dropout differs per rank, so each rank resumes its own stream);
 - the engine's state: ``engine_state.pt`` + ``trainable.safetensors`` (DDP) or ``deepspeed/``
   (every rank's ZeRO partition of model and optimizer);
 - ``metrics.json``: the metrics at that step; ``history.json``: every logged step so far (rank 0's
@@ -37,3 +38,16 @@ def load_training_state(path: Path) -> dict[str, int]:
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
     torch.set_rng_state(state["torch_rng"])
     return dict(state["position"])
+
+
+def save_rank_rng(path: Path, rank: int) -> None:
+    """Ranks other than 0 keep their own RNG stream in ``rng_rank<R>.pt``."""
+    if rank:
+        torch.save({"torch_rng": torch.get_rng_state()}, Path(path) / f"rng_rank{rank}.pt")
+
+
+def load_rank_rng(path: Path, rank: int) -> None:
+    """Restore this rank's RNG (after :func:`load_training_state` restored rank 0's)."""
+    own = Path(path) / f"rng_rank{rank}.pt"
+    if rank and own.is_file():
+        torch.set_rng_state(torch.load(own, map_location="cpu", weights_only=True)["torch_rng"])

@@ -99,6 +99,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if resume_dir:
         engine.load(resume_dir)
         state = ckpt.load_training_state(resume_dir)
+        ckpt.load_rank_rng(resume_dir, rank)
     if rank == 0:
         print(f"[train] task {task.name}, engine {engine.name}"
               f"{f' ZeRO-{cfg.engine.zero_stage}' if engine.name == 'deepspeed' else ''}, "
@@ -237,6 +238,7 @@ def _checkpoint(task: Any, engine: Any, position: dict[str, int], cfg: TrainConf
             dist.barrier()
         path.mkdir(parents=True, exist_ok=True)
     engine.save(path, rank)
+    ckpt.save_rank_rng(path, rank)
     if rank == 0:
         export = task.build()  # a fresh CPU model of the same shape takes the gathered weights
         export.load_state_dict(full)
