@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--engines", nargs="+", default=["ddp", "deepspeed:2"], help="ddp | deepspeed:<zero stage>")
     ap.add_argument("--out", default="outputs/engine_compare")
+    ap.add_argument("--speed-only", type=int, default=0, metavar="STEPS",
+                    help="only time STEPS optimizer steps per engine, alternating engines --repeats times (no eval)")
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     cfg = load_config(PipelineConfig, args.config)
     out = Path(args.out).resolve()
@@ -50,6 +53,8 @@ def main() -> None:
         write_records(train_path, records)
         print(f"mined: {counts}", flush=True)
 
+    if args.speed_only:
+        return speed_only(cfg, train_path, out, args)
     rows = []
     for spec in args.engines:
         name, _, stage = spec.partition(":")
@@ -72,6 +77,25 @@ def main() -> None:
         print(f"{r['engine']:<14}{r['ndcg@10']:>9.4f}{r['train_s']:>9.0f}{r['samples_per_s']:>11.2f}"
               f"{r['samples_per_s'] / ref['samples_per_s']:>9.2f}{r['state_mb']:>10.1f}")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
+
+
+def speed_only(cfg, train_path: Path, out: Path, args) -> None:
+    """A-B-A-B: each engine trains STEPS steps per round; median samples/s per engine (first window dropped)."""
+    rates: dict[str, list[float]] = {spec: [] for spec in args.engines}
+    for round_ in range(args.repeats):
+        for spec in args.engines:
+            name, _, stage = spec.partition(":")
+            tcfg = replace(cfg.train, train_path=str(train_path), max_steps=args.speed_only, log_every=2,
+                           output_dir=str(out / f"speed-{spec.replace(':', '-zero')}-{round_}"),
+                           engine=EngineConfig(name=name, zero_stage=int(stage or 2)), checkpoint_every=0)
+            run_training(tcfg)
+            history = json.loads((Path(tcfg.output_dir) / "final_checkpoint" / "history.json").read_text())
+            rates[spec] += [m["samples_per_s"] for m in history[1:]]
+            print(spec, round_, [round(m["samples_per_s"], 2) for m in history], flush=True)
+    ref = statistics.median(rates[args.engines[0]])
+    print(f"\n{'engine':<14}{'median samples/s':>18}{'windows':>9}{'x first':>9}")
+    for spec, r in rates.items():
+        print(f"{spec:<14}{statistics.median(r):>18.2f}{len(r):>9}{statistics.median(r) / ref:>9.2f}")
 
 
 if __name__ == "__main__":
