@@ -9,6 +9,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
+from distributed_ir.config import InputConfig
 from distributed_ir.data.beir import load_beir
 from distributed_ir.data.errors import DataError
 from distributed_ir.data.nq import iter_json_array, prepare_nq
@@ -46,7 +47,8 @@ def test_t2ranking_to_beir_and_records_accounts_for_every_row(tmp_path):
         assert len(rec.negative) == 2 and TOPICS[i][1] not in rec.negative
         assert any(TOPICS[i][0] in neg for neg in rec.negative)
     # Parquet shards hold the corpus exactly (what `distributed-ir index` stages)
-    docs = {doc_id: text for _, _, doc_id, text in iter_documents(expand_corpus(str(out / "corpus_parquet")))}
+    docs = {doc_id: text for _, _, doc_id, text, _ in iter_documents(expand_corpus(str(out / "corpus_parquet")),
+                                                                      InputConfig().check(out))}
     assert docs == train.corpus and len(stats["shards"]) == 3
 
 
@@ -111,7 +113,7 @@ def test_nq_to_beir_triplets_and_shards(tmp_path):
     # Parquet shards: what the Ray Data index pipeline stages, equal to corpus.jsonl
     shards = expand_corpus(str(out / "corpus_parquet"))
     assert len(shards) == 4 and pq.read_schema(shards[0]).names == ["_id", "title", "text"]
-    assert {i: t for _, _, i, t in iter_documents(shards)} == train.corpus
+    assert {i: t for _, _, i, t, _ in iter_documents(shards, InputConfig().check(out))} == train.corpus
 
 
 def test_nq_corpus_limit_keeps_named_passages(tmp_path):
