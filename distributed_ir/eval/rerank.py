@@ -13,7 +13,6 @@ they are split into blocks, so each actor's batches hold similar lengths and pad
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,17 +27,11 @@ class RerankStage:
 
     def __init__(self, model: str, batch_size: int = 32, precision: str = "auto", device: str = "auto",
                  threads: int = 0):
-        import torch
 
-        from distributed_ir.index.encode import resolve_dtype
+        from distributed_ir.index.encode import actor_device, resolve_dtype
         from distributed_ir.models.reranking import load_reranker
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        if threads:
-            torch.set_num_threads(threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = actor_device(device, threads)
         self.reranker = load_reranker(model).to(self.device)
         self.reranker.eval()
         self.dtype = resolve_dtype(precision, self.device)

@@ -67,6 +67,16 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 
+def actor_device(device: str, threads: int = 0) -> torch.device:
+    """Set up a model actor: offline hub, ``threads`` torch threads (0 = default), ``auto`` device."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
 class EncodeStage:
     """``__call__({"doc_id", "text", ...}) -> {"doc_id", ..., "embedding"}``, batched by length inside.
 
@@ -83,12 +93,7 @@ class EncodeStage:
 
     def __init__(self, model: str, kind: str = "document", batch_size: int = 64, precision: str = "auto",
                  device: str = "auto", threads: int = 0, overrides: dict | None = None):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        if threads:
-            torch.set_num_threads(threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = actor_device(device, threads)
         self.embedder = Embedder.from_config(ModelConfig(name_or_path=model, **(overrides or {}))).to(self.device)
         self.embedder.eval()
         self.kind = kind

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distributed_ir.models.pooling import prepare_backbone
 from distributed_ir.models.reranking import (
     RerankerBase,
     RerankerSettings,
@@ -69,12 +70,7 @@ class ColBERTReranker(RerankerBase):
             raise ValueError(f"colbert head takes {head.in_features} inputs, the encoder gives {hidden}")
         self.colbert_linear = head
         self.settings = replace(settings, kind="colbert", colbert_dim=head.out_features)
-        # The pooler is never used: frozen so DDP does not wait for its gradients.
-        pooler = getattr(backbone, "pooler", None)
-        if isinstance(pooler, nn.Module):
-            pooler.requires_grad_(False)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        prepare_backbone(backbone, tokenizer)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -21,7 +21,7 @@ from torch import nn
 
 from distributed_ir.config import ConfigError, ModelConfig, check_template
 from distributed_ir.models.lora import adapter_base_path, is_adapter_dir, load_adapter
-from distributed_ir.models.pooling import pool
+from distributed_ir.models.pooling import pool, prepare_backbone
 
 SETTINGS_FILE = "distributed_ir.json"
 # Settings that change what a vector means: a conflict with the checkpoint is an error.
@@ -150,13 +150,7 @@ class Embedder(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.settings = settings
-        # A pooler head (BERT) is never used: freezing it keeps DDP from waiting on its grads
-        # while the checkpoint stays complete for other loaders.
-        pooler = getattr(backbone, "pooler", None)
-        if isinstance(pooler, nn.Module):
-            pooler.requires_grad_(False)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        prepare_backbone(backbone, tokenizer)
 
     # ------------------------------------------------------------------ construction
     @classmethod

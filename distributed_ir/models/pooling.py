@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -26,3 +29,13 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
         idx = last_token_index(attention_mask)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
     raise ValueError(f"unknown pooling {mode!r}: expected cls, mean or last")
+
+
+def prepare_backbone(backbone: nn.Module, tokenizer: Any) -> None:
+    """Freeze an unused pooler head (BERT) so DDP does not wait for its gradients (the checkpoint
+    stays complete for other loaders), and pad with EOS when the tokenizer has no pad token."""
+    pooler = getattr(backbone, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        pooler.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
