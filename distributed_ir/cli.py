@@ -146,8 +146,8 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
 
     init_ray()
     report = rerank_command(args.model, args.run, args.dataset, args.out, args.top_k, args.split, args.batch_size,
-                            args.precision, args.actors, args.use_gpu)
-    print(json.dumps({k: report[k] for k in ("first_stage", "reranked", "speed")}, indent=2))
+                            args.precision, args.actors, args.use_gpu, args.fuse)
+    print(json.dumps({k: report[k] for k in ("first_stage", "reranked", "fused", "speed") if k in report}, indent=2))
     return 0
 
 
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--actors", type=int, default=0, help="reranker actors (0 = from cluster resources)")
     p.add_argument("--use-gpu", action="store_true", help="one reranker actor per GPU")
+    p.add_argument("--fuse", type=float, default=None, metavar="W",
+                   help="also write run_fused.trec: W * z(reranker) + (1 - W) * z(first stage) per query")
     p.set_defaults(func=_cmd_rerank)
 
     p = sub.add_parser("evaluate", help="score a TREC run against qrels (trec_eval semantics)")

@@ -208,7 +208,8 @@ class RerankerConfig:
     chunk_overlap: int = _help("tokens shared by consecutive chunks", default=64)
     colbert_dim: int = _help("ColBERT head width (a colbert_linear.pt in the model folder decides instead)",
                              default=128)
-    head_lr: float = _help("ColBERT head learning rate (0 = optim.lr)", default=0.0)
+    head_lr: float = _help("learning rate of the new head (ColBERT linear; cross-encoder classifier + pooler); "
+                            "0 = optim.lr", default=0.0)
     prompt: str = _help("LLM reranker instruction ('' = the default Yes/No prompt)", default="")
 
     def __post_init__(self) -> None:

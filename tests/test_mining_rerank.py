@@ -90,7 +90,7 @@ def test_ray_rerank_equals_in_process_scores(beir_index, tiny_bert, tmp_path):
     search_index(index, folder / "queries.jsonl", tmp_path / "first.trec", top_k=20,
                  qrels_path=folder / "qrels" / "test.tsv", precision="fp32", progress=False)
     report = rerank_command(str(model), str(tmp_path / "first.trec"), str(folder), str(tmp_path / "rr"), top_k=10,
-                            batch_size=8, precision="fp32", actors=2)
+                            batch_size=8, precision="fp32", actors=2, fuse=0.5)
     assert report["speed"]["pairs"] == 4 * 10 and report["reranked"]["num_queries"] == 4
     saved = json.loads((tmp_path / "rr" / "metrics.json").read_text())
     assert set(saved) >= {"first_stage", "reranked", "speed"} and "ndcg@10" in saved["reranked"]
@@ -104,3 +104,28 @@ def test_ray_rerank_equals_in_process_scores(beir_index, tiny_bert, tmp_path):
                                                                                        pairs["document"][::-1])[::-1]
     ray_scores = np.array([reranked[q][d] for q, d in zip(pairs["query_id"], pairs["doc_id"])])
     np.testing.assert_allclose(ray_scores, local, atol=1e-4)
+    # fusion: the fused run holds the same candidates and matches its own metrics row
+    from distributed_ir.eval.metrics import DEFAULT_METRICS, evaluate
+
+    fused = read_run(tmp_path / "rr" / "run_fused.trec")
+    assert {q: set(d) for q, d in fused.items()} == {q: set(d) for q, d in reranked.items()}
+    assert saved["fusion_weight"] == 0.5
+    assert evaluate(fused, ds.qrels, DEFAULT_METRICS)["ndcg@10"] == pytest.approx(saved["fused"]["ndcg@10"], abs=1e-6)
+
+
+def test_fusion_weights_and_scales():
+    from distributed_ir.eval.fusion import fuse_runs
+
+    first = {"q": {"a": 0.9, "b": 0.8, "c": 0.1, "z": 0.05}}
+    rr = {"q": {"a": -5.0, "b": 20.0, "c": 1.0}}  # logits on another scale; "z" was not reranked
+    only_rr, only_fs = fuse_runs(first, rr, 1.0)["q"], fuse_runs(first, rr, 0.0)["q"]
+    assert sorted(only_rr, key=only_rr.get) == ["a", "c", "b"] and sorted(only_fs, key=only_fs.get) == ["c", "b", "a"]
+    half = fuse_runs(first, rr, 0.5)["q"]
+    z = lambda v: (np.array(v) - np.mean(v)) / np.std(v)  # noqa: E731
+    expect = 0.5 * z([-5.0, 20.0, 1.0]) + 0.5 * z([0.9, 0.8, 0.1])
+    np.testing.assert_allclose([half[d] for d in "abc"], expect, atol=1e-12)
+    assert fuse_runs(first, {"q": {"a": 3.0, "b": 3.0}}, 0.7)["q"]["a"] == pytest.approx(0.3 * z([0.9, 0.8])[0])
+    with pytest.raises(KeyError, match="not in the first-stage run"):
+        fuse_runs(first, {"q": {"x": 1.0}}, 0.5)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        fuse_runs(first, rr, 1.5)

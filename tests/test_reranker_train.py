@@ -70,6 +70,17 @@ def test_colbert_head_has_its_own_learning_rate(tiny_bert, tmp_path):
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in module.reranker.colbert_linear.parameters()}
 
 
+def test_cross_encoder_head_has_its_own_learning_rate(tiny_bert, tmp_path):
+    cfg = from_dict(TrainConfig, _cfg(tiny_bert, tmp_path, "cross_encoder", reranker={"head_lr": 1e-3}))
+    task = get_task(cfg)
+    module = task.build()
+    groups = task.param_groups(module)
+    model = module.reranker.model
+    head = {id(p) for m in (model.classifier, model.bert.pooler) for p in m.parameters()}
+    assert len(groups) == 2 and groups[1]["lr"] == 1e-3 and {id(p) for p in groups[1]["params"]} == head
+    assert not head & {id(p) for p in groups[0]["params"]} and len(groups[0]["params"]) > 10
+
+
 def test_wrong_loss_or_format_is_refused(tiny_bert, tmp_path):
     from distributed_ir.config import ConfigError
 

@@ -103,8 +103,11 @@ def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, pr
 
 def rerank_command(model: str, run_path: str, dataset_dir: str, out: str, top_k: int = 100, split: str = "test",
                    batch_size: int = 32, precision: str = "auto", actors: int = 0,
-                   use_gpu: bool = False) -> dict[str, Any]:
-    """Rerank ``run_path``'s top_k; write ``out/run.trec`` and ``out/metrics.json``."""
+                   use_gpu: bool = False, fuse: float | None = None) -> dict[str, Any]:
+    """Rerank ``run_path``'s top_k; write ``out/run.trec`` and ``out/metrics.json``.
+
+    ``fuse=w`` also writes ``out/run_fused.trec`` (:func:`distributed_ir.eval.fusion.fuse_runs`,
+    weight ``w`` on the reranker) and a ``fused`` metrics row."""
     from distributed_ir.data.beir import load_beir
 
     ds = load_beir(dataset_dir, split)
@@ -127,5 +130,12 @@ def rerank_command(model: str, run_path: str, dataset_dir: str, out: str, top_k:
         "reranked": evaluate(reranked, ds.qrels, DEFAULT_METRICS),
         "speed": facts,
     }
+    if fuse is not None:
+        from distributed_ir.eval.fusion import fuse_runs
+
+        fused = fuse_runs(first_stage, reranked, fuse)
+        write_run(out_dir / "run_fused.trec", fused, tag="distributed-ir-fused")
+        report["fusion_weight"] = fuse
+        report["fused"] = evaluate(fused, ds.qrels, DEFAULT_METRICS)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

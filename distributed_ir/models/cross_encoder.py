@@ -82,6 +82,14 @@ class CrossEncoderReranker(RerankerBase):
         write_settings(path, self.settings, {"similarity": "logit"})
         return path
 
+    def head_parameters(self) -> list[torch.nn.Parameter]:
+        """The scoring head on top of the encoder (``classifier`` and, for BERT, ``pooler``):
+        new when the backbone was a plain encoder, so it may train with its own learning rate."""
+        backbone = getattr(self.model, self.model.base_model_prefix, None)
+        heads = [getattr(self.model, "classifier", None), getattr(self.model, "score", None),
+                 getattr(backbone, "pooler", None)]
+        return [p for m in heads if m is not None for p in m.parameters()]
+
     # ------------------------------------------------------------------ features
     def _cut_queries(self, queries: list[str]) -> list[str]:
         """Queries longer than ``query_max_length`` tokens are cut at a token boundary."""

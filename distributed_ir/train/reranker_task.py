@@ -142,7 +142,7 @@ class RerankerTask(TrainTask):
 
     def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
         trainable = [p for p in module.parameters() if p.requires_grad]
-        if self.name != "colbert" or not self.cfg.reranker.head_lr:
+        if self.name == "llm_reranker" or not self.cfg.reranker.head_lr:
             return [{"params": trainable}]
         head = {id(p) for p in module.reranker.head_parameters()}
         return [{"params": [p for p in trainable if id(p) not in head]},
