@@ -14,7 +14,6 @@ the head is initialised.  Long documents are cut into overlapping windows of
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -27,9 +26,8 @@ from distributed_ir.models.pooling import prepare_backbone
 from distributed_ir.models.reranking import (
     RerankerBase,
     RerankerSettings,
+    load_hf,
     pad_batch,
-    read_settings,
-    resolve_reranker_path,
     write_settings,
 )
 
@@ -78,26 +76,15 @@ class ColBERTReranker(RerankerBase):
                         dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                         **overrides: Any) -> ColBERTReranker:
         """Encoder + tokenizer from a folder; ``colbert_linear.pt`` there is loaded, else a new head."""
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        path = resolve_reranker_path(name_or_path)
-        settings = replace(settings or read_settings(path) or RerankerSettings(kind="colbert"), kind="colbert",
-                           **overrides)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        backbone = AutoModel.from_pretrained(path, **kwargs)
+        path, settings, tokenizer, backbone = load_hf(AutoModel, name_or_path, "colbert", settings, dtype,
+                                                      trust_remote_code, overrides)
         head = load_head(Path(path) / HEAD_FILE, int(backbone.config.hidden_size))
         if head is None:
             torch.manual_seed(0)  # a fresh head is reproducible
             head = nn.Linear(int(backbone.config.hidden_size), settings.colbert_dim)
         return cls(backbone, tokenizer, settings, head)
-
-    @classmethod
-    def load(cls, path: str | Path, **overrides: Any) -> ColBERTReranker:
-        return cls.from_pretrained(str(path), **overrides)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -14,9 +14,7 @@ with overlapping windows of the document (``truncation="only_second"``, ``stride
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,7 @@ import torch
 from distributed_ir.models.reranking import (
     RerankerBase,
     RerankerSettings,
-    read_settings,
-    resolve_reranker_path,
+    load_hf,
     write_settings,
 )
 
@@ -50,22 +47,11 @@ class CrossEncoderReranker(RerankerBase):
                         dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                         **overrides: Any) -> CrossEncoderReranker:
         """A HF encoder (a new head is initialised) or a saved cross-encoder (its settings apply)."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        path = resolve_reranker_path(name_or_path)
-        settings = settings or read_settings(path) or RerankerSettings(kind="cross_encoder")
-        settings = replace(settings, kind="cross_encoder", **overrides)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        kwargs: dict[str, Any] = {"num_labels": 1, "trust_remote_code": trust_remote_code}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        _, settings, tokenizer, model = load_hf(AutoModelForSequenceClassification, name_or_path, "cross_encoder",
+                                                settings, dtype, trust_remote_code, overrides, num_labels=1)
         return cls(model, tokenizer, settings)
-
-    @classmethod
-    def load(cls, path: str | Path, **overrides: Any) -> CrossEncoderReranker:
-        return cls.from_pretrained(str(path), **overrides)
 
     def save(self, path: str | Path) -> Path:
         """HF folder loadable by ``CrossEncoder(path)`` with identical scores, plus our settings."""

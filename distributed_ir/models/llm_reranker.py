@@ -16,7 +16,6 @@ Long documents are cut into overlapping token windows; score = max over windows.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -30,9 +29,8 @@ from distributed_ir.models.reranking import (
     RerankerBase,
     RerankerSettings,
     chunk_ids,
+    load_hf,
     pad_batch,
-    read_settings,
-    resolve_reranker_path,
     write_settings,
 )
 
@@ -66,22 +64,11 @@ class LLMReranker(RerankerBase):
     def from_pretrained(cls, name_or_path: str, settings: RerankerSettings | None = None,
                         dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                         **overrides: Any) -> LLMReranker:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        path = resolve_reranker_path(name_or_path)
-        settings = replace(settings or read_settings(path) or RerankerSettings(kind="llm_reranker"),
-                           kind="llm_reranker", **overrides)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        _, settings, tokenizer, lm = load_hf(AutoModelForCausalLM, name_or_path, "llm_reranker", settings, dtype,
+                                             trust_remote_code, overrides)
         return cls(lm, tokenizer, settings)
-
-    @classmethod
-    def load(cls, path: str | Path, **overrides: Any) -> LLMReranker:
-        return cls.from_pretrained(str(path), **overrides)
 
     def attach_lora(self, cfg: Any) -> None:
         """Inject LoRA adapters (``config.LoraConfig``) in place; only they train.

@@ -10,11 +10,12 @@ batched so a forward pass pads little, then scores go back to input order.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 import torch
@@ -110,6 +111,17 @@ class RerankerBase(torch.nn.Module):
 
     settings: RerankerSettings
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, settings: RerankerSettings | None = None,
+                        dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                        **overrides: Any) -> Self:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> Self:
+        """A reranker saved by :meth:`save` (its settings apply; ``overrides`` change them)."""
+        return cls.from_pretrained(str(path), **overrides)
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -171,6 +183,28 @@ def resolve_reranker_path(name_or_path: str) -> str:
     from distributed_ir.models.embedder import resolve_model_path
 
     return resolve_model_path(name_or_path)
+
+
+def load_hf(auto_cls: Any, name_or_path: str, kind: str, settings: RerankerSettings | None,
+            dtype: torch.dtype | None, trust_remote_code: bool, overrides: dict[str, Any],
+            **model_kwargs: Any) -> tuple[str, RerankerSettings, Any, torch.nn.Module]:
+    """What every reranker's ``from_pretrained`` starts with: ``(path, settings, tokenizer, model)``.
+
+    The path is resolved offline (``HF_HUB_OFFLINE=1`` unless set); the settings are the given
+    ones, else those saved in the folder, else the defaults, with ``kind`` and ``overrides``
+    applied; the model is ``auto_cls.from_pretrained(path, **model_kwargs)`` in ``dtype``.
+    """
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve_reranker_path(name_or_path)
+    settings = replace(settings or read_settings(path) or RerankerSettings(kind=kind), kind=kind, **overrides)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {**model_kwargs, "trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = auto_cls.from_pretrained(path, **kwargs)
+    return path, settings, tokenizer, model
 
 
 def load_reranker(path: str | Path, **kwargs: Any) -> RerankerBase:
