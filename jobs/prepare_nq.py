@@ -9,32 +9,21 @@ psgs_w100.tsv (all streamed: the 21M-passage file is never loaded whole).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from distributed_ir.data.errors import DataError
 from distributed_ir.data.nq import prepare_nq
+from distributed_ir.data.prepare import job_parser, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input-dir", required=True, help="folder with biencoder-nq-*.json and psgs_w100.tsv")
-    parser.add_argument("--out-dir", required=True, help="BEIR folder to write (the pipeline's data_dir/dataset)")
+    parser = job_parser(__doc__.splitlines()[0], "folder with biencoder-nq-*.json and psgs_w100.tsv")
     parser.add_argument("--num-shards", type=int, default=16, help="Parquet corpus shards (for distributed-ir index)")
     parser.add_argument("--negatives-per-query", type=int, default=8, help="hard negatives kept per question")
     parser.add_argument("--corpus-limit", type=int, default=0,
                         help="keep the first N passages plus every passage a question names (0 = all)")
     parser.add_argument("--passages", default="psgs_w100.tsv", help="passage file name inside --input-dir")
-    args = parser.parse_args(argv)
-    try:
-        stats = prepare_nq(args.input_dir, args.out_dir, args.num_shards, args.negatives_per_query,
-                           args.corpus_limit, args.passages)
-    except DataError as e:
-        print(f"prepare_nq: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(stats, indent=2, ensure_ascii=False))
-    return 0
+    return run_job("prepare_nq", parser, argv, lambda args: prepare_nq(
+        args.input_dir, args.out_dir, args.num_shards, args.negatives_per_query, args.corpus_limit, args.passages))
 
 
 if __name__ == "__main__":

@@ -8,14 +8,17 @@
 - :func:`write_qrels` / :func:`write_queries`: BEIR qrels TSV (with header) and queries.jsonl.
 - :class:`RecordWriter`: pair / triplet training records as JSONL, one at a time
   (``distributed_ir.data.records`` reads them back).
+- :func:`job_parser` / :func:`run_job`: the command line every ``jobs/prepare_*.py`` shares.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +246,27 @@ class RecordWriter:
 def document(title: str, text: str) -> str:
     """A document's training text, BEIR's ``"title text"`` (what the corpus loader builds)."""
     return f"{title} {text}".strip()
+
+
+def job_parser(description: str, input_help: str) -> argparse.ArgumentParser:
+    """The parser a ``jobs/prepare_*.py`` starts from: ``--input-dir`` (the release) and ``--out-dir``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--input-dir", required=True, help=input_help)
+    parser.add_argument("--out-dir", required=True, help="BEIR folder to write (the pipeline's data_dir/dataset)")
+    return parser
+
+
+def run_job(name: str, parser: argparse.ArgumentParser, argv: list[str] | None,
+            prepare: Callable[[argparse.Namespace], dict[str, Any]]) -> int:
+    """Parse ``argv``, run ``prepare(args)`` and print its counts as JSON: exit status 0.
+
+    A :class:`DataError` (bad or missing input) prints ``{name}: error: ...`` to stderr: status 2.
+    """
+    args = parser.parse_args(argv)
+    try:
+        stats = prepare(args)
+    except DataError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(stats, indent=2, ensure_ascii=False))
+    return 0
