@@ -111,6 +111,26 @@ def test_colbert_chunks_long_documents(tiny_bert):
     assert got[0] == pytest.approx(scores[np.array(owners) == 0].max(), abs=1e-5)
 
 
+def test_colbert_encodes_each_text_once_with_the_same_scores(tiny_bert):
+    """score_pairs encodes distinct queries/documents once; scores equal the per-pair forward."""
+    model = ColBERTReranker.from_pretrained(str(tiny_bert), document_max_length=32, max_chunks=8, chunk_overlap=4)
+    queries = ["cats purr", "x", "cats purr", "dogs bark loudly", "x"]
+    documents = [LONG, "short doc", "short doc", LONG, LONG]
+    units, owners = model.build_units(queries, documents)
+    with torch.no_grad():
+        per_unit = model.score_units(units).numpy()
+    expected = np.full(len(queries), -np.inf)
+    np.maximum.at(expected, np.asarray(owners), per_unit)
+    calls = []
+    hook = model.backbone.register_forward_hook(lambda m, a, kw, o: calls.append(kw["input_ids"].shape[0]),
+                                                with_kwargs=True)
+    got = model.score_pairs(queries, documents, batch_size=64)
+    hook.remove()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    n_chunks = owners.count(0)  # chunks of LONG
+    assert sum(calls) == 3 + n_chunks + 1  # 3 distinct queries, LONG's chunks once, "short doc" once
+
+
 def test_llm_reranker_same_score_left_and_right_padding(tiny_qwen, tmp_path):
     model = LLMReranker.from_pretrained(str(tiny_qwen), max_length=320)
     units, _ = model.build_units(QUERIES, DOCS)

@@ -47,7 +47,7 @@ class RerankStage:
 
 
 def candidate_pairs(run: Run, queries: dict[str, str], corpus: dict[str, str], top_k: int) -> dict[str, list]:
-    """Columns of (query_id, doc_id, query, document) for each query's top_k, longest first."""
+    """Columns of (query_id, doc_id, query, document) for each query's top_k, longest document first."""
     rows = []
     for qid, scores in run.items():
         if qid not in queries:
@@ -56,7 +56,9 @@ def candidate_pairs(run: Run, queries: dict[str, str], corpus: dict[str, str], t
             if doc not in corpus:
                 raise KeyError(f"run document {doc!r} (query {qid!r}) is not in the corpus")
             rows.append((qid, doc))
-    rows.sort(key=lambda r: -(len(queries[r[0]]) + len(corpus[r[1]])))
+    # Longest documents first (similar lengths per batch), a document's pairs side by side: a
+    # reranker that encodes each document once per call (ColBERT) then encodes it once per block.
+    rows.sort(key=lambda r: (-len(corpus[r[1]]), r[1], -len(queries[r[0]])))
     return {"query_id": [q for q, _ in rows], "doc_id": [d for _, d in rows],
             "query": [queries[q] for q, _ in rows], "document": [corpus[d] for _, d in rows]}
 

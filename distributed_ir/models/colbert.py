@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +27,7 @@ from distributed_ir.models.pooling import prepare_backbone
 from distributed_ir.models.reranking import (
     RerankerBase,
     RerankerSettings,
+    autocast_for,
     load_hf,
     pad_batch,
     write_settings,
@@ -118,21 +120,26 @@ class ColBERTReranker(RerankerBase):
         enc = self.tokenizer(list(texts), truncation=True, max_length=max_len, padding=True, return_tensors="pt")
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 
-    # ------------------------------------------------------------------ inference units
-    def build_units(self, queries: Sequence[str], documents: Sequence[str]) -> tuple[list[dict], list[int]]:
+    # ------------------------------------------------------------------ inference
+    def _chunks(self, documents: list[str]) -> tuple[list[list[int]], list[int]]:
+        """Token windows of each document (up to ``max_chunks``) and the document each belongs to."""
         s = self.settings
-        q_enc = self.tokenizer(list(queries), truncation=True, max_length=s.query_max_length)["input_ids"]
-        d_enc = self.tokenizer(list(documents), truncation=True, max_length=s.document_max_length,
-                               stride=min(s.chunk_overlap, (s.document_max_length - 2) // 2) if s.max_chunks > 1 else 0,
-                               return_overflowing_tokens=s.max_chunks > 1)
-        mapping = d_enc.get("overflow_to_sample_mapping", list(range(len(documents))))
-        units, owners, seen = [], [], {}
-        for chunk, owner in zip(d_enc["input_ids"], mapping):
+        enc = self.tokenizer(documents, truncation=True, max_length=s.document_max_length,
+                             stride=min(s.chunk_overlap, (s.document_max_length - 2) // 2) if s.max_chunks > 1 else 0,
+                             return_overflowing_tokens=s.max_chunks > 1)
+        mapping = enc.get("overflow_to_sample_mapping", list(range(len(documents))))
+        chunks, owners, seen = [], [], {}
+        for chunk, owner in zip(enc["input_ids"], mapping):
             seen[owner] = seen.get(owner, 0) + 1
             if seen[owner] <= s.max_chunks:
-                units.append({"q_input_ids": q_enc[owner], "d_input_ids": chunk})
+                chunks.append(chunk)
                 owners.append(int(owner))
-        return units, owners
+        return chunks, owners
+
+    def build_units(self, queries: Sequence[str], documents: Sequence[str]) -> tuple[list[dict], list[int]]:
+        q_enc = self.tokenizer(list(queries), truncation=True, max_length=self.settings.query_max_length)["input_ids"]
+        chunks, owners = self._chunks(list(documents))
+        return [{"q_input_ids": q_enc[o], "d_input_ids": c} for c, o in zip(chunks, owners)], owners
 
     def score_units(self, units: list[dict]) -> torch.Tensor:
         pad = self.tokenizer.pad_token_id
@@ -141,6 +148,53 @@ class ColBERTReranker(RerankerBase):
         dev = self.device
         return self({"input_ids": q_ids.to(dev), "attention_mask": q_mask.to(dev)},
                     {"input_ids": d_ids.to(dev), "attention_mask": d_mask.to(dev)}, all_pairs=False)
+
+    def _encode_ids(self, seqs: list[list[int]], batch_size: int) -> list[torch.Tensor]:
+        """Token vectors ``[len - 1, dim]`` (float32, CPU; [CLS] dropped, no padding) per id list,
+        encoded in length-sorted batches."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = pad_batch([seqs[i] for i in idx], self.tokenizer.pad_token_id)
+            vecs, vmask = self.encode(ids.to(self.device), mask.to(self.device))
+            vecs, lengths = vecs.float().cpu(), vmask.sum(-1).tolist()
+            for row, i in enumerate(idx):
+                out[i] = vecs[row, :lengths[row]]
+        return out
+
+    @torch.inference_mode()
+    def score_pairs(self, queries: Sequence[str], documents: Sequence[str], batch_size: int = 32,
+                    dtype: torch.dtype | None = None) -> np.ndarray:
+        """float32 MaxSim scores in input order (max over a document's chunks).
+
+        Late interaction needs no joint forward: each distinct query and each distinct document
+        is encoded once, however many pairs it is in (a top-100 rerank scores each document for
+        many queries), then every pair is a small ``[Lq, dim] x [dim, Ld]`` product.
+        """
+        if len(queries) != len(documents):
+            raise ValueError(f"{len(queries)} queries for {len(documents)} documents")
+        out = np.full(len(queries), -np.inf, dtype=np.float32)
+        if not len(queries):
+            return out
+        was_training = self.training
+        self.eval()
+        q_texts, d_texts = list(dict.fromkeys(queries)), list(dict.fromkeys(documents))
+        q_index, d_index = {t: i for i, t in enumerate(q_texts)}, {t: i for i, t in enumerate(d_texts)}
+        q_ids = self.tokenizer(q_texts, truncation=True, max_length=self.settings.query_max_length)["input_ids"]
+        chunks, owners = self._chunks(d_texts)
+        with autocast_for(self.device, dtype):
+            q_vecs = self._encode_ids(q_ids, batch_size)
+            c_vecs = self._encode_ids(chunks, batch_size)
+        doc_chunks: list[list[torch.Tensor]] = [[] for _ in d_texts]
+        for vec, owner in zip(c_vecs, owners):
+            doc_chunks[owner].append(vec)
+        for i, (q, d) in enumerate(zip(queries, documents)):
+            qv = q_vecs[q_index[q]]
+            best = max(float((qv @ c.T).max(dim=1).values.sum()) for c in doc_chunks[d_index[d]])
+            out[i] = best / max(1, qv.shape[0])
+        self.train(was_training)
+        return out
 
 
 def load_head(path: Path, hidden: int) -> nn.Linear | None:
