@@ -85,6 +85,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         overrides.append(f"data_dir={args.data}")
     cfg = load_config(PipelineConfig, args.config, overrides)
     cfg.output_dir, cfg.train.storage_path = output_path(cfg.output_dir), output_path(cfg.train.storage_path)
+    cfg.reranker.train.storage_path = output_path(cfg.reranker.train.storage_path)
     run_pipeline(cfg)
     return 0
 
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_flags(p, "rejects.jsonl beside --out, else in the current folder")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("pipeline", help="train -> encode -> search -> evaluate on a BEIR dataset")
+    p = sub.add_parser("pipeline", help="train -> encode -> search -> evaluate on a BEIR dataset "
+                                        "(-> mine -> train reranker -> rerank with reranker.enabled)")
     p.add_argument("--config", required=True, help="YAML config (PipelineConfig)")
     p.add_argument("--data", help="folder holding BEIR datasets (default $IR_DATA_DIR)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")

@@ -292,9 +292,69 @@ class MiningConfig:
             raise ConfigError("mining.per_query must be >= 1")
 
 
+RERANKER_TASKS = ("cross_encoder", "colbert", "llm_reranker")
+
+
+def _reranker_train_defaults() -> TrainConfig:
+    """A pipeline reranker's training defaults (keys a config leaves out keep these, not TrainConfig's)."""
+    return TrainConfig(task="cross_encoder", model=ModelConfig(name_or_path="finetuned"),
+                       loss=LossConfig(name="listwise", temperature=1.0), batch_size=8, num_negatives=7)
+
+
+@dataclass
+class PipelineRerankerMiningConfig:
+    rank_start: int = _help("first rank (0-based) of the fine-tuned model's run eligible as a negative", default=0)
+    rank_end: int = _help("ranks before this are eligible (the candidates the reranker will see)", default=30)
+    per_query: int = _help("negatives kept per training query", default=7)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank_start < self.rank_end:
+            raise ConfigError("mining: need 0 <= rank_start < rank_end", key="mining.rank_start")
+        if self.per_query < 1:
+            raise ConfigError("mining.per_query must be >= 1", key="mining.per_query")
+
+
+@dataclass
+class PipelineRerankerConfig:
+    """Pipeline stage after the fine-tuned eval: mine with the fine-tuned embedder -> train a
+    reranker on Ray Train -> rerank the fine-tuned run's top_k with Ray Data (-> fuse)."""
+
+    enabled: bool = _help("run the reranker stage", default=False)
+    train: TrainConfig = _help(
+        "the reranker's training config (task cross_encoder | colbert | llm_reranker; loss listwise | bce); "
+        "model.name_or_path 'finetuned' = the embedder this pipeline just fine-tuned; train_path and "
+        "output_dir are set by the pipeline", default_factory=_reranker_train_defaults)
+    mining: PipelineRerankerMiningConfig = field(default_factory=PipelineRerankerMiningConfig)
+    top_k: int = _help("candidates of the fine-tuned run reranked per eval query", default=100)
+    batch_size: int = _help("reranker batch size (pairs) per actor", default=32)
+    precision: str = _help("auto (bf16 where native) | fp32 | bf16 | fp16 (GPU) while reranking", default="auto")
+    actors: int = _help("reranker actors (0 = from cluster resources); GPUs when train.scaling.use_gpu",
+                        default=0)
+    fuse: float | None = _help("also a 'fused' row: w * z(reranker) + (1 - w) * z(fine-tuned); null = off",
+                               default=None)
+
+    def __post_init__(self) -> None:
+        t = self.train
+        if t.task not in RERANKER_TASKS:
+            raise ConfigError(f"reranker.train.task={t.task!r} is not a reranker; expected one of "
+                              f"{', '.join(RERANKER_TASKS)}", key="train.task")
+        losses = ("listwise",) if t.task == "colbert" else ("listwise", "bce")
+        if t.loss.name not in losses:
+            raise ConfigError(f"reranker.train.loss.name={t.loss.name!r} is not a loss for task={t.task}; "
+                              f"use {' or '.join(losses)}", key="train.loss.name")
+        if t.train_path:
+            raise ConfigError("reranker.train.train_path: the pipeline mines the reranker's records itself "
+                              "(reranker.mining); leave it empty", key="train.train_path")
+        _check_choice("reranker.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        if self.top_k < 1 or self.batch_size < 1 or self.actors < 0:
+            raise ConfigError("reranker: top_k and batch_size must be >= 1, actors >= 0", key="top_k")
+        if self.fuse is not None and not 0.0 <= self.fuse <= 1.0:
+            raise ConfigError(f"reranker.fuse={self.fuse}: the fusion weight must be in [0, 1]", key="fuse")
+
+
 @dataclass
 class PipelineConfig:
-    """train -> encode -> search -> evaluate on a BEIR dataset."""
+    """train -> encode -> search -> evaluate on a BEIR dataset (-> mine -> train reranker -> rerank)."""
 
     data_dir: str = _help("folder holding BEIR datasets ('' = $IR_DATA_DIR)", default="")
     dataset: str = _help("BEIR dataset folder name under data_dir", default="scifact")
@@ -306,6 +366,12 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
+    reranker: PipelineRerankerConfig = field(default_factory=PipelineRerankerConfig)
+
+    def __post_init__(self) -> None:
+        if self.reranker.enabled and self.reranker.top_k > self.eval.top_k:
+            raise ConfigError(f"reranker.top_k={self.reranker.top_k} > eval.top_k={self.eval.top_k}: the reranker "
+                              "can only rerank what the fine-tuned model retrieved", key="reranker.top_k")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -381,15 +447,41 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             f"known: {', '.join(sorted(names))}", key=prefix + unknown[0],
         )
     kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
+        default = _section_default(fields[key], hints[key])
+        if default is not None and isinstance(value, dict):
+            value = _merge(to_dict(default), value)
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        # __post_init__ names its field relative to its own section: make the key absolute
-        key = f"{where}.{e.key.rsplit('.', 1)[-1]}" if where and e.key else e.key
+        # __post_init__ names its field relative to its own section ("model.pooling") or, for a
+        # key inside one of its own sub-sections, relative to itself ("train.task"): make it absolute
+        if where and e.key:
+            head = e.key.split(".", 1)[0]
+            key = f"{where}.{e.key}" if "." in e.key and head in fields else f"{where}.{e.key.rsplit('.', 1)[-1]}"
+        else:
+            key = e.key
         raise ConfigError(f"{where + ': ' if where else ''}{e}", key=key) from None
+
+
+def _section_default(f: dataclasses.Field, tp: Any) -> Any:
+    """A section whose default is not its class's plain defaults (``default_factory`` is not the
+    class itself): keys the config leaves out keep that default's values."""
+    factory = f.default_factory
+    if not _is_dataclass_type(tp) or factory is dataclasses.MISSING or factory is tp:
+        return None
+    return factory()
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s keys put in, recursively for nested mappings."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -55,6 +55,25 @@ def mine_negatives(ds: BeirDataset, ranked: dict[str, list[str]], rank_start: in
     return records, counts, chosen_ids
 
 
+def check_no_judged(ds: BeirDataset, chosen: dict[str, list[str]]) -> None:
+    """The guarantee, checked on the output rather than assumed: no negative is judged for its query."""
+    leaks = [(q, d) for q, ids in chosen.items() for d in ids if d in (ds.qrels.get(q) or {})]
+    if leaks:
+        raise AssertionError(f"mined negatives include judged documents: {leaks[:5]}")
+
+
+def mine_in_process(embedder: Any, index: Any, ds: BeirDataset, rank_start: int, rank_end: int, per_query: int,
+                    seed: int = 0, batch_size: int = 64, bf16: bool = False) -> tuple[list[TrainRecord], dict[str, int]]:
+    """Search ``ds``'s split queries on an in-process index (:func:`distributed_ir.eval.retrieval.search`,
+    the pipeline's own) and mine; counts as :func:`mine_command` reports them."""
+    from distributed_ir.eval.retrieval import ranked_ids, search
+
+    run = search(embedder, index, ds.split_queries(), rank_end, batch_size, bf16)
+    records, counts, chosen = mine_negatives(ds, ranked_ids(run), rank_start, rank_end, per_query, seed)
+    check_no_judged(ds, chosen)
+    return records, {**counts, "records": len(records), "negatives_that_are_qrels_positives": 0}
+
+
 class SearchStage:
     """``__call__({"query_id", "text"}) -> {"query_id", "doc_ids" [n, top_k]}`` (no Ray imports).
 
@@ -132,10 +151,7 @@ def mine_command(index_dir: str, dataset_dir: str, split: str, out: str, rank_st
     if missing:
         raise RuntimeError(f"{len(missing)} queries came back without results, e.g. {missing[:3]}")
     records, counts, chosen = mine_negatives(ds, ranked, rank_start, rank_end, per_query, seed)
-    # The guarantee, checked on the output rather than assumed: no negative is judged for its query.
-    leaks = [(q, d) for q, ids in chosen.items() for d in ids if d in (ds.qrels.get(q) or {})]
-    if leaks:
-        raise AssertionError(f"mined negatives include judged documents: {leaks[:5]}")
+    check_no_judged(ds, chosen)
     write_records(out, records)
     summary = {**counts, "records": len(records), "negatives_that_are_qrels_positives": 0,
                "rank_start": rank_start, "rank_end": rank_end, "per_query": per_query, "split": split,

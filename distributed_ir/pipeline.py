@@ -1,8 +1,12 @@
-"""The whole retrieval pipeline on a BEIR dataset: (mine) -> train -> encode -> search -> evaluate.
+"""The whole retrieval pipeline on a BEIR dataset: (mine) -> train -> encode -> search -> evaluate
+(-> mine with the fine-tuned model -> train a reranker -> rerank -> fuse).
 
 Writes ``OUT/metrics.json`` (rows ``base`` and ``finetuned`` plus training facts),
 ``OUT/run.trec`` (the fine-tuned model's run), ``OUT/train/model`` (the checkpoint) and
-``OUT/report.md`` with its plots (training curves, metrics bar chart).
+``OUT/report.md`` with its plots (training curves, metrics bar chart).  With
+``reranker.enabled`` the stage in :mod:`distributed_ir.pipeline_rerank` adds rows ``reranked``
+(and ``fused``), ``OUT/reranker/model``, ``OUT/run_reranked.trec`` (``OUT/run_fused.trec``)
+and the reranker's training curves.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import torch
 
 from distributed_ir.config import ConfigError, ModelConfig, PipelineConfig, redact, to_dict
 from distributed_ir.data.beir import ensure_beir, load_beir, resolve_data_dir
-from distributed_ir.data.records import pairs_from_qrels, read_records, triplets_from_run, write_records
+from distributed_ir.data.records import pairs_from_qrels, read_records, write_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, write_run
-from distributed_ir.eval.retrieval import evaluate_model, ranked_ids, search
+from distributed_ir.eval.retrieval import evaluate_model
+from distributed_ir.mining import mine_in_process
 from distributed_ir.models.embedder import Embedder
 from distributed_ir.train.launch import run_training
 
@@ -65,9 +70,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         print(f"[pipeline] training on prepared records {train_path} ({len(records)})", flush=True)
     elif cfg.mining.enabled:
         m = cfg.mining
-        mined = search(base, base_index, train_ds.split_queries(), m.rank_end, ev.batch_size, ev.bf16)
-        records, counts = triplets_from_run(train_ds, ranked_ids(mined), m.rank_start, m.rank_end, m.per_query,
-                                            seed=cfg.train.seed)
+        records, counts = mine_in_process(base, base_index, train_ds, m.rank_start, m.rank_end, m.per_query,
+                                          seed=cfg.train.seed, batch_size=ev.batch_size, bf16=ev.bf16)
         report["mining"] = counts
         print(f"[pipeline] mined hard negatives: {counts}", flush=True)
     else:
@@ -85,20 +89,32 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
     # ---- fine-tuned model: encode, search, evaluate
     tuned = Embedder.from_config(ModelConfig(name_or_path=str(result.model_path)))
-    rows["finetuned"], run, _ = evaluate_model(tuned, eval_ds, ev.top_k, ev.batch_size, ev.bf16, ev.max_queries)
+    rows["finetuned"], run, tuned_index = evaluate_model(tuned, eval_ds, ev.top_k, ev.batch_size, ev.bf16,
+                                                         ev.max_queries)
     write_run(out / "run.trec", run)
     if "base" in rows:
         write_run(out / "run_base.trec", base_run)
     report["metrics"] = rows
     report["model_path"] = str(result.model_path)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))  # the embedder's results survive a later failure
+    print(metrics_table(rows), flush=True)
+
+    # ---- reranker: mine with the fine-tuned model, train on Ray Train, rerank with Ray Data
+    reranker_history: list[dict[str, Any]] = []
+    if cfg.reranker.enabled:
+        from distributed_ir.pipeline_rerank import run_reranker_stage
+
+        reranker_history = run_reranker_stage(cfg, out, train_ds, eval_ds, tuned, tuned_index, run,
+                                              result.model_path, report, rows)
+        print(metrics_table(rows), flush=True)
+    del tuned_index
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    print(metrics_table(rows), flush=True)
     print(f"[pipeline] wrote {out / 'metrics.json'} and {out / 'run.trec'}", flush=True)
     try:  # the report is a convenience: a finished run never fails over it
         from distributed_ir.report import write_report
 
-        print(f"[pipeline] wrote {write_report(out, report, getattr(result, 'history', []))}", flush=True)
+        print(f"[pipeline] wrote {write_report(out, report, result.history, reranker_history)}", flush=True)
     except Exception as e:
         print(f"[pipeline] report.md skipped: {e!r}", flush=True)
     return report

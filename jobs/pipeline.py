@@ -1,4 +1,4 @@
-"""Ray job: the whole retrieval pipeline on a BEIR dataset (train -> encode -> search -> evaluate).
+"""Ray job: the whole retrieval pipeline on a BEIR dataset (train -> encode -> search -> evaluate -> rerank).
 
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
         python jobs/pipeline.py --config jobs/configs/scifact_minilm.yaml data_dir=/abs/path/to/beir
@@ -23,7 +23,8 @@ def main() -> None:
     cfg = load_config(PipelineConfig, args.config, args.overrides)  # 1. config
     cfg.output_dir = output_path(cfg.output_dir)
     cfg.train.storage_path = output_path(cfg.train.storage_path)
-    run_pipeline(cfg)  # 2. run: writes metrics.json, run.trec, the model
+    cfg.reranker.train.storage_path = output_path(cfg.reranker.train.storage_path)
+    run_pipeline(cfg)  # 2. run: writes metrics.json, run*.trec, the models
 
 
 if __name__ == "__main__":

@@ -86,3 +86,42 @@ def test_string_overrides_keep_the_text_as_typed():
 def test_non_finite_or_unparsable_values(override):
     with pytest.raises(ConfigError, match="train"):
         load_config(PipelineConfig, None, [override])
+
+
+def test_pipeline_reranker_section_defaults_and_overrides():
+    cfg = load_config(PipelineConfig, None, [])
+    assert cfg.reranker.enabled is False  # existing pipelines are unchanged
+    cfg = load_config(PipelineConfig, None, ["reranker.enabled=true", "reranker.train.loss.temperature=0.5",
+                                             "reranker.train.epochs=2", "reranker.fuse=0.3"])
+    t = cfg.reranker.train
+    # keys left out keep the reranker's defaults, not TrainConfig's embedder defaults
+    assert t.task == "cross_encoder" and t.loss.name == "listwise" and t.loss.temperature == 0.5
+    assert t.model.name_or_path == "finetuned" and t.epochs == 2 and t.num_negatives == 7
+    assert cfg.train.task == "embedder" and cfg.train.loss.name == "infonce" and cfg.train.model.name_or_path == "default"
+    assert cfg.reranker.fuse == pytest.approx(0.3) and cfg.reranker.mining.rank_end == 30
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reranker.train.task=embedder", r"reranker\.train\.task='embedder' is not a reranker; expected one of "
+                                     "cross_encoder, colbert, llm_reranker"),
+    ("reranker.train.loss.name=infonce", r"loss\.name='infonce' is not a loss for task=cross_encoder; use listwise or bce"),
+    ("reranker.train.loss.name=cosent", "is not a loss for task=cross_encoder"),
+    ("reranker.train.train_path=x.jsonl", "mines the reranker's records itself"),
+    ("reranker.fuse=1.5", r"fusion weight must be in \[0, 1\]"),
+    ("reranker.precision=int8", "reranker.precision"),
+    ("reranker.mining.rank_end=0", "rank_start < rank_end"),
+])
+def test_invalid_pipeline_reranker_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PipelineConfig, None, [override])
+
+
+def test_pipeline_reranker_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: scifact\nreranker:\n  enabled: true\n  train:\n    task: colbert\n    loss:\n"
+                   "      name: bce\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:7: field 'reranker\.train\.loss\.name'.*task=colbert; use listwise"):
+        load_config(PipelineConfig, bad)
+    bad.write_text("reranker:\n  enabled: true\n  top_k: 200\neval:\n  top_k: 100\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:3: field 'reranker\.top_k'.*only rerank what the fine-tuned"):
+        load_config(PipelineConfig, bad)

@@ -184,7 +184,7 @@ def test_pipeline_job_via_ray_job_submit(ray_head, tiny_bert, tmp_path):
         "train.model.document_max_length=24", "train.scaling.num_workers=2", "train.scaling.cpus_per_worker=0.5",
         "train.scaling.torch_threads=1", "train.batch_size=4", "train.epochs=1", "train.max_steps=2",
         "train.log_every=1", "train.checkpoint_every=0", "train.bf16=false", "eval.batch_size=16", "eval.top_k=10",
-        "eval.bf16=false"]
+        "eval.bf16=false", "reranker.enabled=false"]  # the reranker stage: tests/test_pipeline_reranker.py
     submit = ray_head.ray("job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir", ".",
                           "--runtime-env", str(tmp_path / "runtime_env.yaml"), "--",
                           "python", "jobs/pipeline.py", "--config", "jobs/configs/scifact_minilm.yaml", *overrides)

@@ -6,7 +6,7 @@ import re
 
 from PIL import Image
 
-from distributed_ir.report import LOSS_PNG, METRICS_PNG, write_report
+from distributed_ir.report import LOSS_PNG, METRICS_PNG, RERANKER_LOSS_PNG, write_report
 
 
 def _history(n=12):
@@ -43,3 +43,25 @@ def test_report_with_only_some_inputs(tmp_path):
     assert not (tmp_path / "a" / LOSS_PNG).exists()
     text = write_report(tmp_path / "b", {}, _history(3)).read_text()
     assert "No retrieval metrics were given." in text and (tmp_path / "b" / LOSS_PNG).is_file()
+
+
+def test_report_with_fused_row_and_reranker_section(tmp_path):
+    row = {"ndcg@10": 0.70, "mrr@10": 0.66, "recall@100": 0.95, "map@100": 0.65, "num_queries": 300}
+    metrics = {"metrics": {"finetuned": row, "reranked": {**row, "ndcg@10": 0.68},
+                           "fused": {**row, "ndcg@10": 0.7461}},
+               "reranker_mining": {"queries": 809, "negatives": 5663, "dropped_positives": 870, "records": 809},
+               "reranker_train": {"seconds": 1260.2, "records": 809, "task": "cross_encoder"},
+               "rerank": {"top_k": 100, "pairs": 30000, "pairs_per_s": 41.27, "actors": 2, "fusion_weight": 0.5}}
+    text = write_report(tmp_path, metrics, _history(4), _history(6)).read_text()
+    assert re.search(r"\| fused \| 0\.7461 \|", text) and "fused vs finetuned: ndcg@10 +0.0461" in text
+    assert "reranked vs finetuned: ndcg@10 -0.0200" in text
+    section = text[text.index("## Reranker"):]
+    assert "A cross_encoder trained on 809 records" in section and "dropped_positives 870" in section
+    assert "Reranker training took 1260 s." in section and "30000 pairs at 41.3 pairs/s on 2 actors" in section
+    assert "fused with weight 0.5" in section and "6 logged steps, step 5 to 30" in section
+    assert f"]({RERANKER_LOSS_PNG})" in section
+    with Image.open(tmp_path / RERANKER_LOSS_PNG) as img:
+        assert img.format == "PNG" and img.size[0] > 400
+    # a pipeline without the reranker stage has no such section or plot
+    assert "## Reranker" not in write_report(tmp_path / "plain", {"finetuned": row}, _history(2)).read_text()
+    assert not (tmp_path / "plain" / RERANKER_LOSS_PNG).exists()

@@ -103,6 +103,23 @@ def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, pr
                     "actors": size, "precision": precision}
 
 
+def rerank_run(model: str, run: Run, queries: dict[str, str], corpus: dict[str, str], top_k: int,
+               batch_size: int = 32, precision: str = "auto", actors: int = 0,
+               use_gpu: bool = False) -> tuple[Run, Run, dict[str, Any]]:
+    """Each query's top_k of ``run`` rescored with Ray Data: (reranked run, the first-stage
+    top_k it reranked, speed facts)."""
+    pairs = candidate_pairs(run, queries, corpus, top_k)
+    if not pairs["query_id"]:
+        raise ValueError("no query of the run is among the given queries")
+    scores, facts = rerank_with_ray(model, pairs, batch_size, precision, actors, use_gpu)
+    reranked: Run = {}
+    for qid, doc, s in zip(pairs["query_id"], pairs["doc_id"], scores):
+        reranked.setdefault(qid, {})[doc] = float(s)
+    # exactly the reranked candidates (a tie at rank top_k is cut as candidate_pairs cut it)
+    first_stage = {q: {d: run[q][d] for d in docs} for q, docs in reranked.items()}
+    return reranked, first_stage, facts
+
+
 def rerank_command(model: str, run_path: str, dataset_dir: str, out: str, top_k: int = 100, split: str = "test",
                    batch_size: int = 32, precision: str = "auto", actors: int = 0,
                    use_gpu: bool = False, fuse: float | None = None) -> dict[str, Any]:
@@ -115,17 +132,13 @@ def rerank_command(model: str, run_path: str, dataset_dir: str, out: str, top_k:
     ds = load_beir(dataset_dir, split)
     run = read_run(run_path)
     queries = ds.split_queries()
-    pairs = candidate_pairs(run, queries, ds.corpus, top_k)
-    if not pairs["query_id"]:
+    if not any(scores and qid in queries for qid, scores in run.items()):
         raise ValueError(f"{run_path}: no query of the run is in {dataset_dir} split {split!r}")
-    scores, facts = rerank_with_ray(model, pairs, batch_size, precision, actors, use_gpu)
-    reranked: Run = {}
-    for qid, doc, s in zip(pairs["query_id"], pairs["doc_id"], scores):
-        reranked.setdefault(qid, {})[doc] = float(s)
+    reranked, first_stage, facts = rerank_run(model, run, queries, ds.corpus, top_k, batch_size, precision, actors,
+                                              use_gpu)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_run(out_dir / "run.trec", reranked, tag="distributed-ir-rerank")
-    first_stage = {q: dict(sorted(run[q].items(), key=lambda x: -x[1])[:top_k]) for q in reranked}
     report = {
         "model": str(model), "run": str(run_path), "dataset": str(dataset_dir), "split": split, "top_k": top_k,
         "first_stage": evaluate(first_stage, ds.qrels, DEFAULT_METRICS),
