@@ -94,16 +94,19 @@ def loop(args: argparse.Namespace, train_path: Path) -> float:
     return float(result["samples_per_s"])
 
 
-def ray_train(args: argparse.Namespace, train_path: Path) -> float:
+def ray_train(args: argparse.Namespace, train_path: Path, nice0: bool = False) -> float:
+    """The loop in a 1-worker TorchTrainer on a local cluster started as the CLI starts it."""
     import ray
 
-    from distributed_ir.train.launch import run_training
+    from distributed_ir.train.launch import init_ray, run_training
 
-    kwargs = {}
+    if nice0:  # Ray starts workers at nice 15 (RAY_worker_niceness); the raylet reads this at start
+        os.environ["RAY_worker_niceness"] = "0"
     if args.ray_lean:  # experiment: fewer Ray daemons/callbacks competing for the 2 cores
         os.environ.update(RAY_TRAIN_METRICS_ENABLED="0", RAY_worker_niceness="0")
-        kwargs["include_dashboard"] = False
-    ray.init(num_cpus=args.threads, _node_ip_address="127.0.0.1", log_to_driver=False, **kwargs)
+        ray.init(num_cpus=args.threads, _node_ip_address="127.0.0.1", log_to_driver=False, include_dashboard=False)
+    else:
+        init_ray(num_cpus=args.threads)
     with tempfile.TemporaryDirectory() as out:
         result = run_training(_loop_config(args, train_path, out))
     ray.shutdown()
@@ -119,14 +122,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--kinds", default="bare,loop,ray")
+    parser.add_argument("--kinds", default="bare,loop,ray", help="comma list of bare, loop, ray, ray_nice0")
     parser.add_argument("--ray-lean", action="store_true", help="Ray without dashboard, metrics, worker nice")
-    parser.add_argument("--one", choices=["bare", "loop", "ray"], help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=["bare", "loop", "ray", "ray_nice0"], help=argparse.SUPPRESS)
     parser.add_argument("--train-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.warmup = args.warmup or args.steps
     if args.one:
-        fn = {"bare": bare, "loop": loop, "ray": ray_train}[args.one]
+        fn = {"bare": bare, "loop": loop, "ray": ray_train,
+              "ray_nice0": lambda a, p: ray_train(a, p, nice0=True)}[args.one]
         print(json.dumps({"samples_per_s": fn(args, Path(args.train_path))}))
         return
     with tempfile.TemporaryDirectory() as tmp:

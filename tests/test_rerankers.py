@@ -75,6 +75,10 @@ def test_colbert_maxsim_formula():
             expected = (qi @ dj.T).max(dim=1).values.sum() / len(qi)
             assert full[b, n].item() == pytest.approx(expected.item(), abs=1e-6)
     np.testing.assert_allclose(maxsim(q, q_mask, d[:2], d_mask[:2]), full[[0, 1], [0, 1]], atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training runs under bf16 autocast
+        mixed = maxsim(q, q_mask, d, d_mask, all_pairs=True)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, full)
 
 
 def test_colbert_head_file_loads_safely_and_round_trips(tiny_bert, tmp_path):

@@ -45,14 +45,16 @@ def maxsim(q: torch.Tensor, q_mask: torch.Tensor, d: torch.Tensor, d_mask: torch
     """
     q, d = q.float(), d.float()
     neg = torch.finfo(torch.float32).min
-    if all_pairs:
-        sim = torch.einsum("bid,njd->bnij", q, d)
-        sim = sim.masked_fill(d_mask[None, :, None, :] == 0, neg)
-        best = sim.max(dim=-1).values  # [B, N, Lq]
-        return (best * q_mask[:, None, :]).sum(-1) / q_mask.sum(-1, keepdim=True).clamp(min=1)
-    sim = torch.einsum("bid,bjd->bij", q, d).masked_fill(d_mask[:, None, :] == 0, neg)
-    best = sim.max(dim=-1).values  # [B, Lq]
-    return (best * q_mask).sum(-1) / q_mask.sum(-1).clamp(min=1)
+    # float32 whatever the autocast around it (bf16 would round the scores and overflow on `neg`)
+    with torch.autocast(q.device.type, enabled=False):
+        if all_pairs:
+            sim = torch.einsum("bid,njd->bnij", q, d)
+            sim = sim.masked_fill(d_mask[None, :, None, :] == 0, neg)
+            best = sim.max(dim=-1).values  # [B, N, Lq]
+            return (best * q_mask[:, None, :]).sum(-1) / q_mask.sum(-1, keepdim=True).clamp(min=1)
+        sim = torch.einsum("bid,bjd->bij", q, d).masked_fill(d_mask[:, None, :] == 0, neg)
+        best = sim.max(dim=-1).values  # [B, Lq]
+        return (best * q_mask).sum(-1) / q_mask.sum(-1).clamp(min=1)
 
 
 class ColBERTReranker(RerankerBase):
