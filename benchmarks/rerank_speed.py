@@ -74,7 +74,7 @@ def main() -> None:
         t0 = time.perf_counter()
         st_scores = st.predict(st_pairs, batch_size=32, convert_to_numpy=True)
         results["st"].append(n / (time.perf_counter() - t0))
-        print({k: round(v[-1], 1) for k, v in results.items()}, flush=True)
+        print({k: round(v[-1], 1) for k, v in results.items() if v}, flush=True)
     results = {k: v for k, v in results.items() if v}
     med = {k: round(statistics.median(v), 1) for k, v in results.items()}
     report = {
