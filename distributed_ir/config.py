@@ -295,6 +295,11 @@ class MiningConfig:
 RERANKER_TASKS = ("cross_encoder", "colbert", "llm_reranker")
 
 
+def reranker_losses(task: str) -> tuple[str, ...]:
+    """The losses a reranker task trains with (ColBERT scores in-batch lists only)."""
+    return ("listwise",) if task == "colbert" else ("listwise", "bce")
+
+
 def _reranker_train_defaults() -> TrainConfig:
     """A pipeline reranker's training defaults (keys a config leaves out keep these, not TrainConfig's)."""
     return TrainConfig(task="cross_encoder", model=ModelConfig(name_or_path="finetuned"),
@@ -338,7 +343,7 @@ class PipelineRerankerConfig:
         if t.task not in RERANKER_TASKS:
             raise ConfigError(f"reranker.train.task={t.task!r} is not a reranker; expected one of "
                               f"{', '.join(RERANKER_TASKS)}", key="train.task")
-        losses = ("listwise",) if t.task == "colbert" else ("listwise", "bce")
+        losses = reranker_losses(t.task)
         if t.loss.name not in losses:
             raise ConfigError(f"reranker.train.loss.name={t.loss.name!r} is not a loss for task={t.task}; "
                               f"use {' or '.join(losses)}", key="train.loss.name")

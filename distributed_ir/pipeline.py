@@ -22,7 +22,7 @@ import torch
 
 from distributed_ir.config import ConfigError, ModelConfig, PipelineConfig, redact, to_dict
 from distributed_ir.data.beir import ensure_beir, load_beir, resolve_data_dir
-from distributed_ir.data.records import pairs_from_qrels, read_records, write_records
+from distributed_ir.data.records import pairs_from_qrels, write_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, write_run
 from distributed_ir.eval.retrieval import evaluate_model
 from distributed_ir.mining import mine_in_process
@@ -64,26 +64,25 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
                                                             ev.max_queries)
         print(metrics_table(rows), flush=True)
     train_path = out / "train_records.jsonl"
-    if cfg.train.train_path:  # prepared records (e.g. DPR's own hard negatives) are used as they are
+    if cfg.train.train_path:  # prepared records (e.g. DPR's own hard negatives), read and checked by run_training
         train_path = Path(cfg.train.train_path).resolve()
-        _, records = read_records(train_path)
-        print(f"[pipeline] training on prepared records {train_path} ({len(records)})", flush=True)
-    elif cfg.mining.enabled:
-        m = cfg.mining
-        records, counts = mine_in_process(base, base_index, train_ds, m.rank_start, m.rank_end, m.per_query,
-                                          seed=cfg.train.seed, batch_size=ev.batch_size, bf16=ev.bf16)
-        report["mining"] = counts
-        print(f"[pipeline] mined hard negatives: {counts}", flush=True)
+        print(f"[pipeline] training on prepared records {train_path}", flush=True)
     else:
-        records = pairs_from_qrels(train_ds)
-    if not cfg.train.train_path:
+        if cfg.mining.enabled:
+            m = cfg.mining
+            records, counts = mine_in_process(base, base_index, train_ds, m.rank_start, m.rank_end, m.per_query,
+                                              seed=cfg.train.seed, batch_size=ev.batch_size, bf16=ev.bf16)
+            report["mining"] = counts
+            print(f"[pipeline] mined hard negatives: {counts}", flush=True)
+        else:
+            records = pairs_from_qrels(train_ds)
         write_records(train_path, records)
     del base_index
 
     # ---- fine-tune on Ray Train
     train_cfg = replace(cfg.train, train_path=str(train_path), output_dir=str(out / "train"))
     result = run_training(train_cfg)
-    report["train"] = {"seconds": round(result.seconds, 1), "records": len(records), **{
+    report["train"] = {"seconds": round(result.seconds, 1), "records": result.input["accepted"], **{
         k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
     print(f"[pipeline] training took {result.seconds:.0f}s; model at {result.model_path}", flush=True)
 

@@ -165,22 +165,14 @@ class ColBERTReranker(RerankerBase):
                 out[i] = vecs[row, :lengths[row]]
         return out
 
-    @torch.inference_mode()
-    def score_pairs(self, queries: Sequence[str], documents: Sequence[str], batch_size: int = 32,
-                    dtype: torch.dtype | None = None) -> np.ndarray:
-        """float32 MaxSim scores in input order (max over a document's chunks).
+    def fill_scores(self, queries: list[str], documents: list[str], out: np.ndarray, batch_size: int,
+                    dtype: torch.dtype | None) -> None:
+        """MaxSim per pair, max over a document's chunks.
 
         Late interaction needs no joint forward: each distinct query and each distinct document
         is encoded once, however many pairs it is in (a top-100 rerank scores each document for
         many queries), then every pair is a small ``[Lq, dim] x [dim, Ld]`` product.
         """
-        if len(queries) != len(documents):
-            raise ValueError(f"{len(queries)} queries for {len(documents)} documents")
-        out = np.full(len(queries), -np.inf, dtype=np.float32)
-        if not len(queries):
-            return out
-        was_training = self.training
-        self.eval()
         q_texts, d_texts = list(dict.fromkeys(queries)), list(dict.fromkeys(documents))
         q_index, d_index = {t: i for i, t in enumerate(q_texts)}, {t: i for i, t in enumerate(d_texts)}
         q_ids = self.tokenizer(q_texts, truncation=True, max_length=self.settings.query_max_length)["input_ids"]
@@ -195,8 +187,6 @@ class ColBERTReranker(RerankerBase):
             qv = q_vecs[q_index[q]]
             best = max(float((qv @ c.T).max(dim=1).values.sum()) for c in doc_chunks[d_index[d]])
             out[i] = best / max(1, qv.shape[0])
-        self.train(was_training)
-        return out
 
 
 def load_head(path: Path, hidden: int) -> nn.Linear | None:

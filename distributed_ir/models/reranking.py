@@ -20,10 +20,10 @@ from typing import Any, Protocol, Self, runtime_checkable
 import numpy as np
 import torch
 
-from distributed_ir.config import ConfigError
+from distributed_ir.config import RERANKER_TASKS, ConfigError
 
 SETTINGS_FILE = "distributed_ir.json"
-KINDS = ("cross_encoder", "colbert", "llm_reranker")
+KINDS = RERANKER_TASKS
 DEFAULT_LLM_PROMPT = (
     "Given a query with a relevant body, determine whether the document is pertinent to the query by "
     "providing a prediction of either 'Yes' or 'No'."
@@ -147,7 +147,17 @@ class RerankerBase(torch.nn.Module):
             return out
         was_training = self.training
         self.eval()
-        units, owners = self.build_units(list(queries), list(documents))
+        try:
+            self.fill_scores(list(queries), list(documents), out, batch_size, dtype)
+        finally:
+            self.train(was_training)
+        return out
+
+    def fill_scores(self, queries: list[str], documents: list[str], out: np.ndarray, batch_size: int,
+                    dtype: torch.dtype | None) -> None:
+        """Write each pair's score into ``out`` (pre-filled with -inf; max over chunks): units in
+        length-sorted batches.  A subclass with a cheaper scheme overrides this (ColBERT)."""
+        units, owners = self.build_units(queries, documents)
         # Longest first, so memory peaks on the first batch and padding stays small throughout.
         order = np.argsort([-self.unit_length(u) for u in units], kind="stable")
         owners_arr = np.asarray(owners)
@@ -156,8 +166,6 @@ class RerankerBase(torch.nn.Module):
                 idx = order[start:start + batch_size]
                 scores = self.score_units([units[i] for i in idx]).float().cpu().numpy()
                 np.maximum.at(out, owners_arr[idx], scores)
-        self.train(was_training)
-        return out
 
     def score(self, query: str, documents: list[str]) -> list[float]:
         """Scores of ``documents`` for one ``query`` (higher = more relevant)."""

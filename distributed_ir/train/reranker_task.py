@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distributed_ir.config import ConfigError, TrainConfig
+from distributed_ir.config import ConfigError, TrainConfig, reranker_losses
 from distributed_ir.losses import build_loss
 from distributed_ir.models.colbert import ColBERTReranker
 from distributed_ir.models.cross_encoder import CrossEncoderReranker
@@ -90,7 +90,7 @@ class RerankerTask(TrainTask):
         super().__init__(cfg)
         self.name = kind
         loss = cfg.loss.name
-        allowed = ("listwise",) if kind == "colbert" else ("listwise", "bce")
+        allowed = reranker_losses(kind)
         if loss not in allowed:
             raise ConfigError(f"task={kind}: loss.name={loss!r} is not a reranker loss; use {' or '.join(allowed)}")
         if kind == "colbert":
