@@ -6,6 +6,9 @@
     local32  : the same, fp32
     st       : sentence-transformers CrossEncoder(path).predict(pairs, batch_size=32), fp32
 
+With --compile, ray and local run the reranker ``torch.compile``d (`distributed-ir rerank --compile`):
+ray's time then includes each actor's compile; local is warmed up (compiled) before timing.
+
 Also reports the largest |ray - local| score difference (same precision).
 
     python benchmarks/rerank_speed.py --model outputs/scifact_ce/train/model \
@@ -35,6 +38,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", help="ours (ray/local); st is always fp32")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-fp32", action="store_true", help="leave out the local fp32 variant (the slowest)")
+    ap.add_argument("--compile", action="store_true", help="ray and local with torch.compile")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -53,7 +57,11 @@ def main() -> None:
     run = {q: run[q] for q in list(run)[: args.queries]}
     pairs = candidate_pairs(run, ds.split_queries(), ds.corpus, args.top_k)
     n = len(pairs["query"])
-    local = RerankStage(args.model, args.batch_size, args.precision, "cpu", threads=cores)
+    local = RerankStage(args.model, args.batch_size, args.precision, "cpu", threads=cores, compile=args.compile)
+    if args.compile:
+        t0 = time.perf_counter()
+        local.score(pairs["query"][:64], pairs["document"][:64])
+        print(f"local compile warm-up: {time.perf_counter() - t0:.1f} s", flush=True)
     local32 = RerankStage(args.model, args.batch_size, "fp32", "cpu", threads=cores)
     st = CrossEncoder(args.model, device="cpu")
     st_pairs = list(zip(pairs["query"], pairs["document"]))
@@ -62,7 +70,7 @@ def main() -> None:
     results: dict[str, list[float]] = {"ray": [], "local": [], "local32": [], "st": []}
     ray_scores = local_scores = st_scores = local32_scores = None
     for _ in range(args.runs):
-        ray_scores, facts = rerank_with_ray(args.model, pairs, args.batch_size, args.precision)
+        ray_scores, facts = rerank_with_ray(args.model, pairs, args.batch_size, args.precision, compile=args.compile)
         results["ray"].append(n / facts["seconds"])
         t0 = time.perf_counter()
         local_scores = local.score(pairs["query"], pairs["document"])
@@ -78,7 +86,7 @@ def main() -> None:
     results = {k: v for k, v in results.items() if v}
     med = {k: round(statistics.median(v), 1) for k, v in results.items()}
     report = {
-        "pairs": n, "queries": len(run), "precision": args.precision, "resolved_dtype": str(local.dtype),
+        "pairs": n, "queries": len(run), "precision": args.precision, "compile": args.compile, "resolved_dtype": str(local.dtype),
         "cores": cores, "runs": {k: [round(x, 1) for x in v] for k, v in results.items()}, "median_pairs_per_s": med,
         "ray_over_local": round(med["ray"] / med["local"], 3), "local_over_st": round(med["local"] / med["st"], 3),
         "ray_over_st": round(med["ray"] / med["st"], 3),

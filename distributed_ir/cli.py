@@ -147,7 +147,7 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
 
     init_ray()
     report = rerank_command(args.model, args.run, args.dataset, args.out, args.top_k, args.split, args.batch_size,
-                            args.precision, args.actors, args.use_gpu, args.fuse)
+                            args.precision, args.actors, args.use_gpu, args.fuse, args.compile)
     print(json.dumps({k: report[k] for k in ("first_stage", "reranked", "fused", "speed") if k in report}, indent=2))
     return 0
 
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", help="one reranker actor per GPU")
     p.add_argument("--fuse", type=float, default=None, metavar="W",
                    help="also write run_fused.trec: W * z(reranker) + (1 - W) * z(first stage) per query")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the reranker in each actor (faster on large reranks; pays a compile first)")
     p.set_defaults(func=_cmd_rerank)
 
     p = sub.add_parser("evaluate", help="score a TREC run against qrels (trec_eval semantics)")

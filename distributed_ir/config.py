@@ -337,6 +337,8 @@ class PipelineRerankerConfig:
                         default=0)
     fuse: float | None = _help("also a 'fused' row: w * z(reranker) + (1 - w) * z(fine-tuned); null = off",
                                default=None)
+    compile: bool = _help("torch.compile the reranker in each actor (pays a compile first; faster on large "
+                          "reranks)", default=False)
 
     def __post_init__(self) -> None:
         t = self.train

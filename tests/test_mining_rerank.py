@@ -113,6 +113,26 @@ def test_ray_rerank_equals_in_process_scores(beir_index, tiny_bert, tmp_path):
     assert evaluate(fused, ds.qrels, DEFAULT_METRICS)["ndcg@10"] == pytest.approx(saved["fused"]["ndcg@10"], abs=1e-6)
 
 
+@pytest.mark.ray
+def test_compiled_ray_rerank_equals_eager_scores(beir_index, tiny_bert, tmp_path):
+    """`rerank --compile`: the Ray actor's torch.compile'd reranker gives the eager scores."""
+    from distributed_ir.data.beir import load_beir
+    from distributed_ir.eval.rerank import RerankStage, candidate_pairs, rerank_with_ray
+    from distributed_ir.models.cross_encoder import CrossEncoderReranker
+
+    folder, _ = beir_index
+    model = str(CrossEncoderReranker.from_pretrained(str(tiny_bert), max_length=48).save(tmp_path / "ce"))
+    ds = load_beir(folder, "test")
+    run = {q: {d: 1.0 / (1 + i) for i, d in enumerate(list(ds.corpus)[:10])} for q in ds.split_queries()}
+    pairs = candidate_pairs(run, ds.split_queries(), ds.corpus, 10)
+    compiled, facts = rerank_with_ray(model, pairs, batch_size=7, precision="fp32", actors=1, compile=True)
+    assert facts["compile"] is True
+    stage = RerankStage(model, batch_size=7, precision="fp32", device="cpu", compile=True)
+    assert hasattr(stage.reranker.model, "_compiled_call_impl") and stage.reranker.model._compiled_call_impl
+    eager = RerankStage(model, batch_size=5, precision="fp32", device="cpu").score(pairs["query"], pairs["document"])
+    np.testing.assert_allclose(compiled, eager, atol=1e-4)
+
+
 def test_fusion_weights_and_scales():
     from distributed_ir.eval.fusion import fuse_runs
 

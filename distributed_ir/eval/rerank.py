@@ -26,7 +26,7 @@ class RerankStage:
     """``__call__({"query", "document", ...}) -> {..., "score"}``; text columns are dropped."""
 
     def __init__(self, model: str, batch_size: int = 32, precision: str = "auto", device: str = "auto",
-                 threads: int = 0):
+                 threads: int = 0, compile: bool = False):
 
         from distributed_ir.index.encode import actor_device, resolve_dtype
         from distributed_ir.models.reranking import load_reranker
@@ -36,6 +36,8 @@ class RerankStage:
         self.reranker.eval()
         self.dtype = resolve_dtype(precision, self.device)
         self.batch_size = batch_size
+        if compile:
+            self.reranker.compile_backbone()
 
     def score(self, queries: list[str], documents: list[str]) -> np.ndarray:
         return self.reranker.score_pairs(queries, documents, batch_size=self.batch_size, dtype=self.dtype)
@@ -64,8 +66,11 @@ def candidate_pairs(run: Run, queries: dict[str, str], corpus: dict[str, str], t
 
 
 def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, precision: str = "auto",
-                    actors: int = 0, use_gpu: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
-    """Scores in ``pairs`` order, computed by a Ray Data actor pool; plus timing facts."""
+                    actors: int = 0, use_gpu: bool = False, compile: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    """Scores in ``pairs`` order, computed by a Ray Data actor pool; plus timing facts.
+
+    ``compile``: each actor ``torch.compile``s its reranker (:meth:`RerankerBase.compile_backbone`);
+    pays off on large reranks, where the compile is a small share of the run."""
     import pyarrow as pa
     import ray
     from ray.data import ActorPoolStrategy
@@ -89,7 +94,8 @@ def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, pr
     ds = ray.data.from_arrow(table).repartition(blocks)
     ds = ds.map_batches(RerankStage, fn_constructor_kwargs={"model": str(Path(model).resolve()),
                                                             "batch_size": batch_size, "precision": precision,
-                                                            "device": device, "threads": threads},
+                                                            "device": device, "threads": threads,
+                                                            "compile": compile},
                         batch_size=ray_batch, batch_format="numpy", compute=ActorPoolStrategy(size=size),
                         num_cpus=num_cpus, num_gpus=num_gpus)
     scores = np.full(n, np.nan, dtype=np.float32)
@@ -100,18 +106,18 @@ def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, pr
     if np.isnan(scores).any():
         raise RuntimeError(f"{int(np.isnan(scores).sum())} of {n} pairs came back without a score")
     return scores, {"pairs": n, "seconds": round(seconds, 2), "pairs_per_s": round(n / seconds, 1),
-                    "actors": size, "precision": precision}
+                    "actors": size, "precision": precision, "compile": compile}
 
 
 def rerank_run(model: str, run: Run, queries: dict[str, str], corpus: dict[str, str], top_k: int,
                batch_size: int = 32, precision: str = "auto", actors: int = 0,
-               use_gpu: bool = False) -> tuple[Run, Run, dict[str, Any]]:
+               use_gpu: bool = False, compile: bool = False) -> tuple[Run, Run, dict[str, Any]]:
     """Each query's top_k of ``run`` rescored with Ray Data: (reranked run, the first-stage
     top_k it reranked, speed facts)."""
     pairs = candidate_pairs(run, queries, corpus, top_k)
     if not pairs["query_id"]:
         raise ValueError("no query of the run is among the given queries")
-    scores, facts = rerank_with_ray(model, pairs, batch_size, precision, actors, use_gpu)
+    scores, facts = rerank_with_ray(model, pairs, batch_size, precision, actors, use_gpu, compile)
     reranked: Run = {}
     for qid, doc, s in zip(pairs["query_id"], pairs["doc_id"], scores):
         reranked.setdefault(qid, {})[doc] = float(s)
@@ -122,7 +128,7 @@ def rerank_run(model: str, run: Run, queries: dict[str, str], corpus: dict[str, 
 
 def rerank_command(model: str, run_path: str, dataset_dir: str, out: str, top_k: int = 100, split: str = "test",
                    batch_size: int = 32, precision: str = "auto", actors: int = 0,
-                   use_gpu: bool = False, fuse: float | None = None) -> dict[str, Any]:
+                   use_gpu: bool = False, fuse: float | None = None, compile: bool = False) -> dict[str, Any]:
     """Rerank ``run_path``'s top_k; write ``out/run.trec`` and ``out/metrics.json``.
 
     ``fuse=w`` also writes ``out/run_fused.trec`` (:func:`distributed_ir.eval.fusion.fuse_runs`,
@@ -135,7 +141,7 @@ def rerank_command(model: str, run_path: str, dataset_dir: str, out: str, top_k:
     if not any(scores and qid in queries for qid, scores in run.items()):
         raise ValueError(f"{run_path}: no query of the run is in {dataset_dir} split {split!r}")
     reranked, first_stage, facts = rerank_run(model, run, queries, ds.corpus, top_k, batch_size, precision, actors,
-                                              use_gpu)
+                                              use_gpu, compile)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_run(out_dir / "run.trec", reranked, tag="distributed-ir-rerank")

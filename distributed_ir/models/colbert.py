@@ -60,6 +60,8 @@ def maxsim(q: torch.Tensor, q_mask: torch.Tensor, d: torch.Tensor, d_mask: torch
 class ColBERTReranker(RerankerBase):
     """``encode(ids, mask) -> (vectors, mask)``; ``forward(query, document) -> [B, N]`` MaxSim."""
 
+    backbone_attr = "backbone"
+
     def __init__(self, backbone: nn.Module, tokenizer: Any, settings: RerankerSettings,
                  head: nn.Linear | None = None):
         super().__init__()

@@ -46,6 +46,8 @@ def first_token(tokenizer: Any, word: str) -> int:
 class LLMReranker(RerankerBase):
     """``forward(input_ids, attention_mask) -> [batch]`` Yes-log-probabilities."""
 
+    backbone_attr = "lm"
+
     def __init__(self, lm: nn.Module, tokenizer: Any, settings: RerankerSettings):
         super().__init__()
         self.lm = lm

@@ -110,6 +110,8 @@ class RerankerBase(torch.nn.Module):
     """
 
     settings: RerankerSettings
+    #: the transformer ``score_units`` runs (compiled by :meth:`compile_backbone`)
+    backbone_attr = "model"
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, settings: RerankerSettings | None = None,
@@ -131,6 +133,12 @@ class RerankerBase(torch.nn.Module):
 
     def score_units(self, units: list[dict]) -> torch.Tensor:
         raise NotImplementedError
+
+    def compile_backbone(self) -> None:
+        """``torch.compile`` the transformer in place for inference (``dynamic=True``: one graph for
+        every batch and sequence length; ``state_dict`` keys unchanged).  The first batches pay the
+        compile (tens of seconds on CPU; inductor's on-disk cache makes later processes faster)."""
+        getattr(self, self.backbone_attr).compile(dynamic=True)
 
     @staticmethod
     def unit_length(unit: dict) -> int:
