@@ -75,9 +75,10 @@ def mine_in_process(embedder: Any, index: Any, ds: BeirDataset, rank_start: int,
 
 
 class SearchStage:
-    """``__call__({"query_id", "text"}) -> {"query_id", "doc_ids" [n, top_k]}`` (no Ray imports).
+    """``__call__({"query_id", "text"}) -> Arrow table (query_id, doc_ids: list<string>)`` (no Ray imports).
 
-    Loads the index and the model that built it once per actor; unknown slots are ``""``.
+    Loads the index and the model that built it once per actor; each list holds the ranked ids
+    found (fewer than top_k when the index is smaller).
     """
 
     def __init__(self, index_dir: str, top_k: int, batch_size: int = 64, precision: str = "auto",
@@ -100,11 +101,15 @@ class SearchStage:
         self.top_k = top_k
         self.use_gpu = device == "cuda"
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import pyarrow as pa
+
         vectors = self.encoder.encode([str(t) for t in batch["text"]])
         _, positions = self.index.search(vectors, self.top_k, use_gpu=self.use_gpu, progress=False)
-        ids = np.array([[self.index.doc_ids[p] if p >= 0 else "" for p in row] for row in positions], dtype=object)
-        return {"query_id": np.asarray(batch["query_id"]), "doc_ids": ids}
+        # An Arrow list<string> column: Ray stores it natively (a 2-D object array would be pickled).
+        ids = [[self.index.doc_ids[p] for p in row if p >= 0] for row in positions]
+        return pa.table({"query_id": pa.array([str(q) for q in batch["query_id"]], pa.string()),
+                         "doc_ids": pa.array(ids, pa.list_(pa.string()))})
 
 
 def search_with_ray(index_dir: str | Path, queries: dict[str, str], top_k: int, batch_size: int = 64,
@@ -127,7 +132,7 @@ def search_with_ray(index_dir: str | Path, queries: dict[str, str], top_k: int, 
     ranked: dict[str, list[str]] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for qid, ids in zip(batch["query_id"], batch["doc_ids"]):
-            ranked[str(qid)] = [str(d) for d in ids if d]
+            ranked[str(qid)] = [str(d) for d in ids]
     return ranked
 
 
