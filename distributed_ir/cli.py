@@ -147,7 +147,7 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
 
     init_ray()
     report = rerank_command(args.model, args.run, args.dataset, args.out, args.top_k, args.split, args.batch_size,
-                            args.precision, args.actors, args.use_gpu, args.fuse, args.compile)
+                            args.precision, args.actors, args.use_gpu, args.fuse, compile=args.compile)
     print(json.dumps({k: report[k] for k in ("first_stage", "reranked", "fused", "speed") if k in report}, indent=2))
     return 0
 

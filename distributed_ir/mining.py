@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from distributed_ir.data.beir import BeirDataset
 from distributed_ir.data.records import TrainRecord
@@ -101,9 +102,7 @@ class SearchStage:
         self.top_k = top_k
         self.use_gpu = device == "cuda"
 
-    def __call__(self, batch: dict[str, np.ndarray]):
-        import pyarrow as pa
-
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         vectors = self.encoder.encode([str(t) for t in batch["text"]])
         _, positions = self.index.search(vectors, self.top_k, use_gpu=self.use_gpu, progress=False)
         # An Arrow list<string> column: Ray stores it natively (a 2-D object array would be pickled).
@@ -115,7 +114,6 @@ class SearchStage:
 def search_with_ray(index_dir: str | Path, queries: dict[str, str], top_k: int, batch_size: int = 64,
                     precision: str = "auto", actors: int = 0) -> dict[str, list[str]]:
     """Ranked doc ids per query, query batches spread over a Ray Data actor pool."""
-    import pyarrow as pa
     import ray
     from ray.data import ActorPoolStrategy
 

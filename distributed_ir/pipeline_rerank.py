@@ -57,7 +57,7 @@ def run_reranker_stage(cfg: PipelineConfig, out: Path, train_ds: BeirDataset, ev
     init_ray()  # run_training left Ray up; a no-op then, but the stage does not rely on it
     reranked, first_stage, facts = rerank_run(str(result.model_path), run, eval_ds.split_queries(), eval_ds.corpus,
                                               rr.top_k, rr.batch_size, rr.precision, rr.actors,
-                                              rr.train.scaling.use_gpu, rr.compile)
+                                              rr.train.scaling.use_gpu, compile=rr.compile)
     report["rerank"] = {"top_k": rr.top_k, **facts}
     print(f"[pipeline] reranker: reranked {facts['pairs']} pairs at {facts['pairs_per_s']} pairs/s", flush=True)
     write_run(out / RERANKED_RUN, reranked, tag="distributed-ir-rerank")

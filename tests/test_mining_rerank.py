@@ -125,10 +125,9 @@ def test_compiled_ray_rerank_equals_eager_scores(beir_index, tiny_bert, tmp_path
     ds = load_beir(folder, "test")
     run = {q: {d: 1.0 / (1 + i) for i, d in enumerate(list(ds.corpus)[:10])} for q in ds.split_queries()}
     pairs = candidate_pairs(run, ds.split_queries(), ds.corpus, 10)
-    compiled, facts = rerank_with_ray(model, pairs, batch_size=7, precision="fp32", actors=1, compile=True)
-    assert facts["compile"] is True
-    stage = RerankStage(model, batch_size=7, precision="fp32", device="cpu", compile=True)
-    assert hasattr(stage.reranker.model, "_compiled_call_impl") and stage.reranker.model._compiled_call_impl
+    compiled, _ = rerank_with_ray(model, pairs, batch_size=7, precision="fp32", actors=1, compile=True)
+    # what each actor builds: a stage whose transformer runs through torch.compile
+    assert RerankStage(model, device="cpu", compile=True).reranker.model._compiled_call_impl is not None
     eager = RerankStage(model, batch_size=5, precision="fp32", device="cpu").score(pairs["query"], pairs["document"])
     np.testing.assert_allclose(compiled, eager, atol=1e-4)
 

@@ -173,3 +173,19 @@ def test_llm_reranker_lora_save_merges(tiny_qwen, tmp_path):
     long = LLMReranker.from_pretrained(str(tiny_qwen), max_length=200, max_chunks=20, chunk_overlap=8)
     units, owners = long.build_units(["cats purr"], [LONG])
     assert len(units) > 3 and all(len(u["input_ids"]) <= 200 for u in units)
+
+
+@pytest.mark.parametrize("kind", ["cross_encoder", "colbert", "llm_reranker"])
+def test_compile_backbone_compiles_the_module_that_scores(kind, tiny_bert, tiny_qwen):
+    """`rerank --compile` wraps the transformer each reranker scores with, in place."""
+    cls = {"cross_encoder": CrossEncoderReranker, "colbert": ColBERTReranker, "llm_reranker": LLMReranker}[kind]
+    model = cls.from_pretrained(str(tiny_qwen if kind == "llm_reranker" else tiny_bert))
+    backbone = model.scoring_backbone()
+    calls = []
+    hook = backbone.register_forward_hook(lambda *_: calls.append(1))
+    model.score_pairs(QUERIES, DOCS)
+    hook.remove()
+    assert calls  # scoring runs through this module
+    keys = set(model.state_dict())
+    model.compile_backbone()
+    assert backbone._compiled_call_impl is not None and set(model.state_dict()) == keys

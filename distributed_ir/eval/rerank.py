@@ -117,7 +117,7 @@ def rerank_run(model: str, run: Run, queries: dict[str, str], corpus: dict[str, 
     pairs = candidate_pairs(run, queries, corpus, top_k)
     if not pairs["query_id"]:
         raise ValueError("no query of the run is among the given queries")
-    scores, facts = rerank_with_ray(model, pairs, batch_size, precision, actors, use_gpu, compile)
+    scores, facts = rerank_with_ray(model, pairs, batch_size, precision, actors, use_gpu, compile=compile)
     reranked: Run = {}
     for qid, doc, s in zip(pairs["query_id"], pairs["doc_id"], scores):
         reranked.setdefault(qid, {})[doc] = float(s)
@@ -141,7 +141,7 @@ def rerank_command(model: str, run_path: str, dataset_dir: str, out: str, top_k:
     if not any(scores and qid in queries for qid, scores in run.items()):
         raise ValueError(f"{run_path}: no query of the run is in {dataset_dir} split {split!r}")
     reranked, first_stage, facts = rerank_run(model, run, queries, ds.corpus, top_k, batch_size, precision, actors,
-                                              use_gpu, compile)
+                                              use_gpu, compile=compile)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_run(out_dir / "run.trec", reranked, tag="distributed-ir-rerank")

@@ -60,8 +60,6 @@ def maxsim(q: torch.Tensor, q_mask: torch.Tensor, d: torch.Tensor, d_mask: torch
 class ColBERTReranker(RerankerBase):
     """``encode(ids, mask) -> (vectors, mask)``; ``forward(query, document) -> [B, N]`` MaxSim."""
 
-    backbone_attr = "backbone"
-
     def __init__(self, backbone: nn.Module, tokenizer: Any, settings: RerankerSettings,
                  head: nn.Linear | None = None):
         super().__init__()
@@ -106,6 +104,9 @@ class ColBERTReranker(RerankerBase):
         return list(self.colbert_linear.parameters())
 
     # ------------------------------------------------------------------ encode / forward
+    def scoring_backbone(self) -> nn.Module:
+        return self.backbone
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised token vectors without the first ([CLS]) position, and their mask."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -46,8 +46,6 @@ def first_token(tokenizer: Any, word: str) -> int:
 class LLMReranker(RerankerBase):
     """``forward(input_ids, attention_mask) -> [batch]`` Yes-log-probabilities."""
 
-    backbone_attr = "lm"
-
     def __init__(self, lm: nn.Module, tokenizer: Any, settings: RerankerSettings):
         super().__init__()
         self.lm = lm
@@ -158,11 +156,15 @@ class LLMReranker(RerankerBase):
         return self.collate([first[i] for i in range(len(queries))])
 
     # ------------------------------------------------------------------ forward
+    def scoring_backbone(self) -> nn.Module:
+        """The decoder stack: forward applies the LM head to its last real token only, so the
+        causal LM's own forward (logits at every position) never runs."""
+        return getattr(self.lm, self.lm.base_model_prefix)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        decoder = getattr(self.lm, self.lm.base_model_prefix)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids).last_hidden_state
+        hidden = self.scoring_backbone()(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids).last_hidden_state
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
         logits = self.lm.get_output_embeddings()(last)[:, [self.yes_id, self.no_id]].float()
         return torch.log_softmax(logits, dim=-1)[:, 0]

@@ -110,8 +110,6 @@ class RerankerBase(torch.nn.Module):
     """
 
     settings: RerankerSettings
-    #: the transformer ``score_units`` runs (compiled by :meth:`compile_backbone`)
-    backbone_attr = "model"
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, settings: RerankerSettings | None = None,
@@ -134,11 +132,15 @@ class RerankerBase(torch.nn.Module):
     def score_units(self, units: list[dict]) -> torch.Tensor:
         raise NotImplementedError
 
+    def scoring_backbone(self) -> torch.nn.Module:
+        """The transformer ``score_units`` calls (what :meth:`compile_backbone` compiles)."""
+        return self.model
+
     def compile_backbone(self) -> None:
         """``torch.compile`` the transformer in place for inference (``dynamic=True``: one graph for
         every batch and sequence length; ``state_dict`` keys unchanged).  The first batches pay the
         compile (tens of seconds on CPU; inductor's on-disk cache makes later processes faster)."""
-        getattr(self, self.backbone_attr).compile(dynamic=True)
+        self.scoring_backbone().compile(dynamic=True)
 
     @staticmethod
     def unit_length(unit: dict) -> int:
