@@ -87,6 +87,9 @@ class LossConfig:
     temperature: float = _help("softmax temperature for infonce / cosent scale = 1/temperature", default=0.05)
     margin: float = _help("margin for the triplet loss", default=0.2)
     gather_across_workers: bool = _help("cross-worker negatives (all-gather with gradient)", default=True)
+    mask_shared_positives: bool = _help(
+        "infonce / ColBERT in-batch: a batch document that is also a positive of the row's query is not a "
+        "negative for it (masked)", default=True)
 
     def __post_init__(self) -> None:
         _check_choice("loss.name", self.name, ("infonce", "triplet", "cosent", "listwise", "bce"))

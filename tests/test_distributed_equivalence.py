@@ -1,6 +1,7 @@
 """2 workers with gathered negatives == 1 worker on the union batch (loss and gradients, 1e-5).
 
-Runs the real training step (the embedder task's train module + DDP) in 2 gloo processes.
+Runs the real training step (the embedder task's train module + DDP) in 2 gloo processes.  Query 5
+(rank 1) shares query 1's positive (rank 0): the false-negative mask must see the gathered columns.
 """
 
 from __future__ import annotations
@@ -14,28 +15,36 @@ import torch.multiprocessing as mp
 
 from distributed_ir.config import TrainConfig, from_dict
 from distributed_ir.models.embedder import Embedder
-from distributed_ir.train.batching import TextBatch
+from distributed_ir.train.batching import TextBatch, text_key
 from distributed_ir.train.tasks import get_task
 
 QUERIES = [f"query number {i} about topic {i % 3}" for i in range(8)]
 POSITIVES = [f"relevant document {i} on topic {i % 3} with extra words {'w ' * i}" for i in range(8)]
+POSITIVES[5] = POSITIVES[1]
 NEGATIVES = [f"hard negative {i} " + "filler " * (i % 4) for i in range(16)]  # 2 per query
+
+
+def _batch(sl: slice, negatives: list[str]) -> TextBatch:
+    return TextBatch(QUERIES[sl], POSITIVES[sl], negatives,
+                     doc_keys=[text_key(d) for d in POSITIVES[sl] + negatives],
+                     positive_keys=[[text_key(d)] for d in POSITIVES[sl]])
 
 
 def _grads(embedder: Embedder) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in embedder.parameters() if p.requires_grad and p.grad is not None])
 
 
-def _step(model_path: str, rank: int, world: int, gather: bool = True) -> tuple[float, torch.Tensor]:
+def _step(model_path: str, rank: int, world: int, gather: bool = True, mask: bool = True) -> tuple[float, torch.Tensor]:
     torch.manual_seed(0)
     task = get_task(from_dict(TrainConfig, {"model": {"name_or_path": model_path},
-                                            "loss": {"temperature": 0.05, "gather_across_workers": gather}}))
+                                            "loss": {"temperature": 0.05, "gather_across_workers": gather,
+                                                     "mask_shared_positives": mask}}))
     inner = task.build()
     embedder = inner.embedder
     module = torch.nn.parallel.DistributedDataParallel(inner) if world > 1 else inner
     per = len(QUERIES) // world
     sl = slice(rank * per, (rank + 1) * per)
-    batch = TextBatch(QUERIES[sl], POSITIVES[sl], NEGATIVES[2 * rank * per: 2 * (rank + 1) * per])
+    batch = _batch(sl, NEGATIVES[2 * rank * per: 2 * (rank + 1) * per])
     loss = module(**task.inputs(inner, batch))
     loss.backward()
     return float(loss), _grads(embedder)
@@ -64,6 +73,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_workers_equal_one_worker_on_union_batch(tiny_bert, tmp_path):
     loss_1, grads_1 = _step(str(tiny_bert), 0, 1)
+    assert abs(_step(str(tiny_bert), 0, 1, mask=False)[0] - loss_1) > 1e-4  # the shared positive is masked
     out = tmp_path / "rank0.pt"
     mp.spawn(_worker, args=(2, str(tiny_bert), _free_port(), str(out), True), nprocs=2, join=True)
     res = torch.load(out, weights_only=True)

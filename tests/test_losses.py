@@ -29,9 +29,48 @@ def test_infonce_matches_formula():
     assert abs(float(got_inbatch) - float(torch.nn.functional.cross_entropy(q @ p.T / tau, torch.arange(4)))) < 1e-6
 
 
-def test_infonce_prefers_correct_pairs():
-    q = _unit(3, 16)
-    assert InfoNCELoss(0.05)(q, q) < InfoNCELoss(0.05)(q, q.roll(1, 0))
+def _keys(positive_docs: list[str], negative_docs: list[str], positive_sets: list[list[str]]):
+    from distributed_ir.train.batching import TextBatch, text_key
+
+    batch = TextBatch(["q"] * len(positive_docs), positive_docs, negative_docs,
+                      doc_keys=[text_key(d) for d in positive_docs + negative_docs],
+                      positive_keys=[[text_key(d) for d in ps] for ps in positive_sets])
+    return batch.key_tensors()
+
+
+def test_infonce_shared_positive_equals_batch_without_the_duplicate_column():
+    """Queries 0 and 2 share positive "a": masking == scoring against the batch holding "a" once."""
+    torch.manual_seed(0)
+    q, p = _unit(3, 8), _unit(3, 8)
+    p[2] = p[0]  # the same document, encoded twice in the batch
+    tau = 0.1
+    keys = _keys(["a", "b", "a"], [], [["a"], ["b", "x"], ["a", "c"]])
+    masked = InfoNCELoss(tau)(q, p, **keys)
+    dedup = torch.nn.functional.cross_entropy(q @ p[:2].T / tau, torch.tensor([0, 1, 0]))
+    assert abs(float(masked) - float(dedup)) < 1e-6
+    unmasked = InfoNCELoss(tau)(q, p)
+    assert abs(float(unmasked) - float(dedup)) > 1e-3  # the mask changes the loss here
+
+
+def test_infonce_hard_negative_that_is_another_querys_positive_is_masked_for_that_query_only():
+    torch.manual_seed(1)
+    q, p, n = _unit(2, 8), _unit(2, 8), _unit(2, 8)
+    tau = 0.1
+    # query 1's hard negative "b0" is also a positive of query 0 (not its sampled one)
+    keys = _keys(["a0", "a1"], ["n0", "b0"], [["a0", "b0"], ["a1"]])
+    got = InfoNCELoss(tau)(q, p, n, **keys)
+    docs = torch.cat([p, n])
+    row0 = -torch.log_softmax(q[0] @ docs[[0, 1, 2]].T / tau, 0)[0]  # column 3 ("b0") left out
+    row1 = -torch.log_softmax(q[1] @ docs.T / tau, 0)[1]
+    assert abs(float(got) - float(row0 + row1) / 2) < 1e-6
+
+
+def test_colbert_in_batch_loss_masks_shared_positives():
+    from distributed_ir.losses.false_negatives import shared_positive_mask
+
+    doc_keys = _keys(["a", "b", "a"], [], [["a"], ["b"], ["a"]])
+    mask = shared_positive_mask(doc_keys["doc_keys"], doc_keys["positive_keys"], torch.arange(3))
+    assert mask.tolist() == [[False, False, True], [False, False, True], [True, False, False]]
 
 
 def test_triplet_matches_formula():

@@ -25,3 +25,13 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     if size == 1:
         return t
     return torch.cat(dist_fn.all_gather(t.contiguous()), dim=0)
+
+
+def gather_no_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` (e.g. integer keys) from every rank along dim 0, rank order; no autograd."""
+    rank, size = world()
+    if size == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out, dim=0)

@@ -10,11 +10,14 @@ Positive/negative choice is seeded by (seed, epoch, record index), also world-si
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
 from distributed_ir.data.records import ScoredRecord, TrainRecord
 
@@ -27,6 +30,25 @@ class TextBatch:
     positives: list[str]
     negatives: list[str]
     labels: list[float] | None = None  # scored pairs: positives hold the documents
+    # text keys (see text_key) of positives + negatives, and of every positive of each query:
+    # in-batch losses mask a column that is a positive of the row's query (false negative)
+    doc_keys: list[int] | None = None
+    positive_keys: list[list[int]] | None = None
+
+    def key_tensors(self) -> dict[str, Any]:
+        """``doc_keys`` [B(1+k)] and ``positive_keys`` [B, P] (padded by repeating the first key)
+        as int64 tensors, for the losses' false-negative mask; empty for scored batches."""
+        if self.doc_keys is None or self.positive_keys is None:
+            return {}
+        width = max(len(k) for k in self.positive_keys)
+        padded = [k + [k[0]] * (width - len(k)) for k in self.positive_keys]
+        return {"doc_keys": torch.tensor(self.doc_keys, dtype=torch.int64),
+                "positive_keys": torch.tensor(padded, dtype=torch.int64)}
+
+
+def text_key(text: str) -> int:
+    """A stable signed 64-bit key of ``text`` (the same in every process, unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def steps_per_epoch(num_records: int, world_size: int, batch_size: int) -> int:
@@ -66,11 +88,12 @@ def _make_batch(records: list, idx: np.ndarray, epoch: int, k: int, seed: int, n
     if isinstance(first, ScoredRecord):
         rows = [records[int(i)] for i in idx]
         return TextBatch([r.query for r in rows], [r.document for r in rows], [], [r.label for r in rows])
-    queries, positives, negatives = [], [], []
+    queries, positives, negatives, positive_keys = [], [], [], []
     for i in idx:
         rec: TrainRecord = records[int(i)]
         rng = random.Random(f"{seed}:{epoch}:{int(i)}")
         queries.append(rec.query)
+        positive_keys.append([text_key(p) for p in rec.positive])
         positives.append(rng.choice(rec.positive))
         if k:
             if len(rec.negative) >= k:
@@ -80,4 +103,5 @@ def _make_batch(records: list, idx: np.ndarray, epoch: int, k: int, seed: int, n
             else:  # no mined negatives: random documents from the pool, never a positive
                 picks = [d for d in rng.sample(neg_pool, min(len(neg_pool), 4 * k + 4)) if d not in rec.positive]
                 negatives.extend((picks * k)[:k] if picks else rng.choices(neg_pool, k=k))
-    return TextBatch(queries, positives, negatives)
+    return TextBatch(queries, positives, negatives, doc_keys=[text_key(d) for d in positives + negatives],
+                     positive_keys=positive_keys)

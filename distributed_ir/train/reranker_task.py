@@ -24,6 +24,7 @@ from torch import nn
 
 from distributed_ir.config import ConfigError, TrainConfig, reranker_losses
 from distributed_ir.losses import build_loss
+from distributed_ir.losses.false_negatives import shared_positive_mask
 from distributed_ir.models.colbert import ColBERTReranker
 from distributed_ir.models.cross_encoder import CrossEncoderReranker
 from distributed_ir.models.llm_reranker import LLMReranker
@@ -78,9 +79,14 @@ class ColBERTTrainModule(nn.Module):
         self.reranker = reranker
         self.loss_fn = loss_fn
 
-    def forward(self, query: dict[str, torch.Tensor], document: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, query: dict[str, torch.Tensor], document: dict[str, torch.Tensor],
+                doc_keys: torch.Tensor | None = None, positive_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """``doc_keys`` / ``positive_keys``: mask columns that are positives of the row's query."""
         scores = self.reranker(query, document, all_pairs=True)  # [B, B(1+k)]; positives in the first B columns
-        return self.loss_fn(scores, torch.arange(scores.shape[0], device=scores.device))
+        targets = torch.arange(scores.shape[0], device=scores.device)
+        if doc_keys is not None and positive_keys is not None:
+            scores = scores.masked_fill(shared_positive_mask(doc_keys, positive_keys, targets), float("-inf"))
+        return self.loss_fn(scores, targets)
 
 
 class RerankerTask(TrainTask):
@@ -131,7 +137,8 @@ class RerankerTask(TrainTask):
             d = reranker.tokenizer(batch.positives + batch.negatives, truncation=True,
                                    max_length=reranker.settings.document_max_length, padding=True, return_tensors="pt")
             pick = ("input_ids", "attention_mask")
-            return {"query": {k: q[k] for k in pick}, "document": {k: d[k] for k in pick}}
+            keys = batch.key_tensors() if self.cfg.loss.mask_shared_positives else {}
+            return {"query": {k: q[k] for k in pick}, "document": {k: d[k] for k in pick}, **keys}
         if batch.labels is not None:
             return {"features": reranker.features(batch.queries, batch.positives), "group_size": 1,
                     "labels": torch.tensor(batch.labels, dtype=torch.float32)}

@@ -92,12 +92,13 @@ class EmbedderTrainModule(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, query: dict[str, torch.Tensor], document: dict[str, torch.Tensor], num_queries: int,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, **keys: torch.Tensor) -> torch.Tensor:
+        """``keys``: ``doc_keys`` / ``positive_keys`` for the loss's false-negative mask (infonce)."""
         q = self.embedder(**query)
         d = self.embedder(**document)
         if labels is not None:
             return self.loss_fn(q, d, labels)
-        return self.loss_fn(q, d[:num_queries], d[num_queries:] if d.shape[0] > num_queries else None)
+        return self.loss_fn(q, d[:num_queries], d[num_queries:] if d.shape[0] > num_queries else None, **keys)
 
 
 class EmbedderTask(TrainTask):
@@ -136,6 +137,8 @@ class EmbedderTask(TrainTask):
         }
         if batch.labels is not None:
             out["labels"] = torch.tensor(batch.labels, dtype=torch.float32)
+        elif self.cfg.loss.name == "infonce" and self.cfg.loss.mask_shared_positives:
+            out.update(batch.key_tensors())
         return out
 
     def export(self, module: nn.Module, path: Path) -> Path:
