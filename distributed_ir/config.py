@@ -29,8 +29,10 @@ class ConfigError(ValueError):
         self.key = key
 
 
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, defaults: dict[str, Any] | None = None, **kw: Any) -> Any:
+    """A field with help text.  ``defaults``: a section's own defaults, as the keys that differ from
+    its class's; a config's mapping for the section is merged over them (see ``from_dict``)."""
+    return field(metadata={"help": text} | ({"defaults": defaults} if defaults is not None else {}), **kw)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -81,10 +83,26 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be >= 1")
 
 
+# The one defaults rule for ``loss`` (train embedder, train reranker and the pipeline alike): by
+# task, (name, temperature) when the config leaves them out.  Bounded scores (cosine, ColBERT's
+# MaxSim / |q| in [-1, 1]) need a low temperature; cross-encoder and LLM logits have a free scale.
+LOSS_DEFAULTS: dict[str, tuple[str, float]] = {
+    "embedder": ("infonce", 0.05), "colbert": ("listwise", 0.05),
+    "cross_encoder": ("listwise", 1.0), "llm_reranker": ("listwise", 1.0),
+}
+TASK_LOSSES: dict[str, tuple[str, ...]] = {
+    "embedder": ("infonce", "triplet", "cosent"), "colbert": ("listwise",),  # ColBERT scores in-batch lists only
+    "cross_encoder": ("listwise", "bce"), "llm_reranker": ("listwise", "bce"),
+}
+
+
 @dataclass
 class LossConfig:
-    name: str = _help("infonce | triplet | cosent (embedders); listwise | bce (rerankers)", default="infonce")
-    temperature: float = _help("softmax temperature for infonce / cosent scale = 1/temperature", default=0.05)
+    name: str | None = _help("infonce | triplet | cosent (embedders); listwise | bce (rerankers); null = the "
+                             "task's default (embedder infonce, rerankers listwise)", default=None)
+    temperature: float | None = _help(
+        "softmax temperature for infonce / listwise, cosent scale = 1/temperature; null = the task's default "
+        "(0.05 embedder and colbert, 1.0 cross_encoder and llm_reranker)", default=None)
     margin: float = _help("margin for the triplet loss", default=0.2)
     gather_across_workers: bool = _help("cross-worker negatives (all-gather with gradient)", default=True)
     mask_shared_positives: bool = _help(
@@ -92,9 +110,10 @@ class LossConfig:
         "negative for it (masked)", default=True)
 
     def __post_init__(self) -> None:
-        _check_choice("loss.name", self.name, ("infonce", "triplet", "cosent", "listwise", "bce"))
-        if self.temperature <= 0:
-            raise ConfigError("loss.temperature must be > 0")
+        if self.name is not None:
+            _check_choice("loss.name", self.name, ("infonce", "triplet", "cosent", "listwise", "bce"))
+        if self.temperature is not None and self.temperature <= 0:
+            raise ConfigError("loss.temperature must be > 0", key="loss.temperature")
 
 
 @dataclass
@@ -258,6 +277,13 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_choice("task", self.task, tuple(LOSS_DEFAULTS))
+        name, temperature = LOSS_DEFAULTS[self.task]
+        self.loss = dataclasses.replace(self.loss, name=self.loss.name or name,
+                                        temperature=self.loss.temperature or temperature)
+        if self.loss.name not in TASK_LOSSES[self.task]:
+            raise ConfigError(f"loss.name={self.loss.name!r} is not a loss for task={self.task}; use "
+                              f"{' or '.join(TASK_LOSSES[self.task])}", key="loss.name")
         for name in ("epochs", "batch_size", "grad_accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
@@ -298,15 +324,10 @@ class MiningConfig:
 RERANKER_TASKS = ("cross_encoder", "colbert", "llm_reranker")
 
 
-def reranker_losses(task: str) -> tuple[str, ...]:
-    """The losses a reranker task trains with (ColBERT scores in-batch lists only)."""
-    return ("listwise",) if task == "colbert" else ("listwise", "bce")
-
-
-def _reranker_train_defaults() -> TrainConfig:
-    """A pipeline reranker's training defaults (keys a config leaves out keep these, not TrainConfig's)."""
-    return TrainConfig(task="cross_encoder", model=ModelConfig(name_or_path="finetuned"),
-                       loss=LossConfig(name="listwise", temperature=1.0), batch_size=8, num_negatives=7)
+# A pipeline reranker's training defaults: keys a config leaves out keep these, not TrainConfig's.
+# Only the keys that differ are listed, so the rest (the loss too) follow the task like any TrainConfig.
+_RERANKER_TRAIN_DEFAULTS = {"task": "cross_encoder", "model": {"name_or_path": "finetuned"}, "batch_size": 8,
+                            "num_negatives": 7}
 
 
 @dataclass
@@ -331,7 +352,8 @@ class PipelineRerankerConfig:
     train: TrainConfig = _help(
         "the reranker's training config (task cross_encoder | colbert | llm_reranker; loss listwise | bce); "
         "model.name_or_path 'finetuned' = the embedder this pipeline just fine-tuned; train_path and "
-        "output_dir are set by the pipeline", default_factory=_reranker_train_defaults)
+        "output_dir are set by the pipeline", defaults=_RERANKER_TRAIN_DEFAULTS,
+        default_factory=lambda: from_dict(TrainConfig, _RERANKER_TRAIN_DEFAULTS, "reranker.train"))
     mining: PipelineRerankerMiningConfig = field(default_factory=PipelineRerankerMiningConfig)
     top_k: int = _help("candidates of the fine-tuned run reranked per eval query", default=100)
     batch_size: int = _help("reranker batch size (pairs) per actor", default=32)
@@ -348,10 +370,6 @@ class PipelineRerankerConfig:
         if t.task not in RERANKER_TASKS:
             raise ConfigError(f"reranker.train.task={t.task!r} is not a reranker; expected one of "
                               f"{', '.join(RERANKER_TASKS)}", key="train.task")
-        losses = reranker_losses(t.task)
-        if t.loss.name not in losses:
-            raise ConfigError(f"reranker.train.loss.name={t.loss.name!r} is not a loss for task={t.task}; "
-                              f"use {' or '.join(losses)}", key="train.loss.name")
         if t.train_path:
             raise ConfigError("reranker.train.train_path: the pipeline mines the reranker's records itself "
                               "(reranker.mining); leave it empty", key="train.train_path")
@@ -460,9 +478,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
-        default = _section_default(fields[key], hints[key])
-        if default is not None and isinstance(value, dict):
-            value = _merge(to_dict(default), value)
+        defaults = fields[key].metadata.get("defaults")
+        if defaults is not None and isinstance(value, dict):
+            value = _merge(defaults, value)
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         return cls(**kwargs)
@@ -475,15 +493,6 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         else:
             key = e.key
         raise ConfigError(f"{where + ': ' if where else ''}{e}", key=key) from None
-
-
-def _section_default(f: dataclasses.Field, tp: Any) -> Any:
-    """A section whose default is not its class's plain defaults (``default_factory`` is not the
-    class itself): keys the config leaves out keep that default's values."""
-    factory = f.default_factory
-    if not _is_dataclass_type(tp) or factory is dataclasses.MISSING or factory is tp:
-        return None
-    return factory()
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

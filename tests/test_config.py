@@ -125,3 +125,32 @@ def test_pipeline_reranker_errors_name_file_and_line(tmp_path):
     bad.write_text("reranker:\n  enabled: true\n  top_k: 200\neval:\n  top_k: 100\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml:3: field 'reranker\.top_k'.*only rerank what the fine-tuned"):
         load_config(PipelineConfig, bad)
+
+
+@pytest.mark.parametrize("task, name, temperature", [("embedder", "infonce", 0.05), ("cross_encoder", "listwise", 1.0),
+                                                     ("llm_reranker", "listwise", 1.0), ("colbert", "listwise", 0.05)])
+def test_loss_defaults_follow_the_task_in_train_and_pipeline_alike(tmp_path, task, name, temperature):
+    """One rule (LOSS_DEFAULTS): a config without a `loss` section gets the task's loss and temperature,
+    whether it is run by `train reranker` / `train embedder` or as the pipeline's reranker stage."""
+    from distributed_ir.train.reranker_task import reranker_train_config
+
+    (tmp_path / "train.yaml").write_text(f"task: {task}\nbatch_size: 4\n")
+    train = load_config(TrainConfig, tmp_path / "train.yaml")
+    if task != "embedder":
+        train = reranker_train_config(train)
+        (tmp_path / "pipe.yaml").write_text(f"reranker:\n  enabled: true\n  train:\n    task: {task}\n")
+        piped = load_config(PipelineConfig, tmp_path / "pipe.yaml").reranker.train
+    else:
+        piped = load_config(PipelineConfig, None, []).train
+    for cfg in (train, piped):
+        assert (cfg.loss.name, cfg.loss.temperature) == (name, temperature)
+    # an explicit choice is kept, never rewritten
+    kept = load_config(TrainConfig, None, [f"task={task}", "loss.temperature=0.3"])
+    assert kept.loss.temperature == 0.3 and kept.loss.name == name
+
+
+def test_a_loss_the_task_cannot_train_with_is_refused_not_rewritten():
+    with pytest.raises(ConfigError, match=r"loss\.name='infonce' is not a loss for task=cross_encoder"):
+        load_config(TrainConfig, None, ["task=cross_encoder", "loss.name=infonce"])
+    with pytest.raises(ConfigError, match=r"loss\.name='listwise' is not a loss for task=embedder"):
+        load_config(TrainConfig, None, ["loss.name=listwise"])

@@ -84,7 +84,7 @@ def test_cross_encoder_head_has_its_own_learning_rate(tiny_bert, tmp_path):
 def test_wrong_loss_or_format_is_refused(tiny_bert, tmp_path):
     from distributed_ir.config import ConfigError
 
-    with pytest.raises(ConfigError, match="not a reranker loss"):
+    with pytest.raises(ConfigError, match="is not a loss for task=colbert"):
         get_task(from_dict(TrainConfig, _cfg(tiny_bert, tmp_path, "colbert", loss={"name": "bce"})))
     write_records(tmp_path / "train.jsonl", [r.__class__(r.query, r.positive) for r in _triplets(8)])
     with pytest.raises(ValueError, match="needs triplet records"):

@@ -15,14 +15,13 @@ has one positive and ``num_negatives`` hard negatives (negatives query-major).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from distributed_ir.config import ConfigError, TrainConfig, reranker_losses
+from distributed_ir.config import ConfigError, TrainConfig
 from distributed_ir.losses import build_loss
 from distributed_ir.losses.false_negatives import shared_positive_mask
 from distributed_ir.models.colbert import ColBERTReranker
@@ -95,14 +94,10 @@ class RerankerTask(TrainTask):
     def __init__(self, cfg: TrainConfig, kind: str):
         super().__init__(cfg)
         self.name = kind
-        loss = cfg.loss.name
-        allowed = reranker_losses(kind)
-        if loss not in allowed:
-            raise ConfigError(f"task={kind}: loss.name={loss!r} is not a reranker loss; use {' or '.join(allowed)}")
         if kind == "colbert":
             self.formats = ("pair", "triplet")
         else:
-            self.formats = ("triplet", "scored") if loss == "bce" else ("triplet",)
+            self.formats = ("triplet", "scored") if cfg.loss.name == "bce" else ("triplet",)
         if cfg.lora.enabled and kind != "llm_reranker":
             raise ConfigError(f"lora is supported for task=llm_reranker, not {kind}")
         if cfg.lora.enabled and cfg.lora.export != "merged":
@@ -164,9 +159,7 @@ for _kind in MODEL_CLASSES:
 
 
 def reranker_train_config(cfg: TrainConfig) -> TrainConfig:
-    """Defaults that differ for rerankers: the embedder's loss default (infonce) becomes listwise."""
+    """``cfg`` if it trains a reranker (its loss defaults were set by the task, see ``LOSS_DEFAULTS``)."""
     if cfg.task not in MODEL_CLASSES:
         raise ConfigError(f"train reranker: task={cfg.task!r}; expected one of {', '.join(MODEL_CLASSES)}")
-    if cfg.loss.name == "infonce":
-        cfg = replace(cfg, loss=replace(cfg.loss, name="listwise"))
     return cfg
