@@ -94,3 +94,31 @@ def test_sentence_transformers_loads_saved_model_with_same_vectors(tmp_path):
     base = Embedder.from_config(ModelConfig(name_or_path="default"))
     np.testing.assert_allclose(base.encode(TEXTS), SentenceTransformer(minilm_path(), device="cpu").encode(TEXTS),
                                atol=1e-5)
+
+
+LONG = ["a very long query about cats and dogs and rockets " * 12, "short one", "bread needs yeast " * 30]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("instruction", ["{}", "Query: {}"])
+def test_sentence_transformers_loads_llm_embedder_with_eos_and_per_kind_lengths(tmp_path, instruction):
+    """A last-token-pooled embedder with append_eos (tiny Qwen2): SentenceTransformer(path)'s
+    encode_query / encode_document equal ours, on texts longer than either max length."""
+    from sentence_transformers import SentenceTransformer
+
+    from tests.conftest import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "qwen", "qwen2", padding_side="left")
+    emb = Embedder.from_config(ModelConfig(name_or_path=str(model), query_instruction=instruction,
+                                           query_max_length=12, document_max_length=40))
+    assert emb.settings.append_eos and emb.settings.pooling == "last"
+    ids = emb.tokenize(LONG, "query")["input_ids"]
+    assert ids.shape[1] == 12 and (ids[:, -1] == emb.tokenizer.eos_token_id).all()
+    emb.save(tmp_path / "st")
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    np.testing.assert_allclose(st.encode_query(LONG), emb.encode(LONG, "query"), atol=1e-5)
+    np.testing.assert_allclose(st.encode_document(LONG), emb.encode(LONG, "document"), atol=1e-5)
+    # and the folder reloads here with the same settings and vectors (EOS not appended twice)
+    again = Embedder.load(tmp_path / "st")
+    assert again.settings == emb.settings
+    np.testing.assert_allclose(again.encode(LONG, "query"), emb.encode(LONG, "query"), atol=1e-6)

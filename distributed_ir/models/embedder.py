@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from distributed_ir.config import ConfigError, ModelConfig, check_template
+from distributed_ir.models.eos import tokenizer_appends_eos
 from distributed_ir.models.lora import adapter_base_path, is_adapter_dir, load_adapter
 from distributed_ir.models.pooling import pool, prepare_backbone
 
@@ -108,9 +109,10 @@ def read_checkpoint_settings(path: str | Path) -> dict[str, Any]:
             found["pooling"] = "last" if mode == "lasttoken" else mode
     sbert = path / "sentence_bert_config.json"
     if sbert.is_file() and "max_seq_length" in json.loads(sbert.read_text()):
-        max_len = int(json.loads(sbert.read_text())["max_seq_length"])
-        found["document_max_length"] = max_len
-        found["query_max_length"] = max_len  # sentence-transformers uses one limit for both
+        sb = json.loads(sbert.read_text())
+        max_len = int(sb["max_seq_length"])  # one limit for both, unless per-task lengths are given
+        found["document_max_length"] = int(sb.get("document_length") or max_len)
+        found["query_max_length"] = int(sb.get("query_length") or max_len)
     st_cfg = path / "config_sentence_transformers.json"
     if st_cfg.is_file():
         prompts = json.loads(st_cfg.read_text()).get("prompts") or {}
@@ -151,6 +153,9 @@ class Embedder(nn.Module):
         self.tokenizer = tokenizer
         self.settings = settings
         prepare_backbone(backbone, tokenizer)
+        # EOS in the tokenizer's post-processor travels with the saved folder (sentence-transformers);
+        # a tokenizer that cannot take it gets EOS appended here, and saves no sentence-transformers files
+        self._tokenizer_adds_eos = settings.append_eos and tokenizer_appends_eos(tokenizer)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -203,7 +208,7 @@ class Embedder(nn.Module):
         s = self.settings
         max_len = s.query_max_length if kind == "query" else s.document_max_length
         texts = self.format(texts, kind)
-        if not s.append_eos:
+        if not s.append_eos or self._tokenizer_adds_eos:
             enc = self.tokenizer(texts, max_length=max_len, truncation=True, padding=True, return_tensors="pt")
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         eos = self.tokenizer.eos_token_id
@@ -261,9 +266,15 @@ class Embedder(nn.Module):
             "transformers": transformers.__version__,
             "pytorch": torch.__version__,
         }
-        if is_adapter_dir(path):  # a peft backbone saved only its adapter: no sentence-transformers layout
+        # a peft backbone saved only its adapter, or EOS only this class appends: no sentence-transformers layout
+        no_st = ("adapter" if is_adapter_dir(path) else
+                 "append_eos with a tokenizer that cannot append EOS itself (slow tokenizer or unknown "
+                 "post-processor): sentence-transformers would encode without it" if s.append_eos and not
+                 self._tokenizer_adds_eos else None)
+        if no_st:
             _write_json(path / SETTINGS_FILE, {"settings": asdict(s), "similarity": "cosine" if s.normalize else "dot",
-                                               "dim": self.dim, "versions": versions, "adapter": True, **(extra or {})})
+                                               "dim": self.dim, "versions": versions, "adapter": is_adapter_dir(path),
+                                               "no_sentence_transformers_layout": no_st, **(extra or {})})
             return path
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -273,7 +284,10 @@ class Embedder(nn.Module):
             modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
             (path / "2_Normalize").mkdir(exist_ok=True)
         _write_json(path / "modules.json", modules)
-        _write_json(path / "sentence_bert_config.json", {"max_seq_length": s.document_max_length, "do_lower_case": False})
+        # one max_seq_length, plus the per-task limits encode_query / encode_document apply
+        _write_json(path / "sentence_bert_config.json", {
+            "max_seq_length": max(s.query_max_length, s.document_max_length), "do_lower_case": False,
+            "query_length": s.query_max_length, "document_length": s.document_max_length})
         (path / "1_Pooling").mkdir(exist_ok=True)
         _write_json(path / "1_Pooling" / "config.json", {
             "word_embedding_dimension": self.dim,
