@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import pytrec_eval
 
@@ -74,6 +75,33 @@ def test_run_file_roundtrip_and_cli(tmp_path):
     metrics = json.loads(out.read_text())
     assert set(metrics) >= {"ndcg@10", "mrr@10", "recall@100", "map@100", "num_queries"}
     assert metrics == pytest.approx(evaluate(run, qrels))
+
+
+def _pytrec_means(run: dict, qrels: dict) -> dict[str, float]:
+    """pytrec_eval's means of ndcg_cut_10 / recall_100 / map_cut_100 and MRR@10 (recip_rank on the top 10)."""
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100", "map_cut.100"}).evaluate(run)
+    cut = {q: {d: s[d] for d in rank(s)[:10]} for q, s in run.items()}
+    mrr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+    means = {name: sum(v[key] for v in per_query.values()) / len(per_query) for name, key in TREC.items()}
+    means["mrr@10"] = sum(v["recip_rank"] for v in mrr.values()) / len(mrr)
+    return means
+
+
+def test_run_file_keeps_scores_that_differ_below_six_decimals(tmp_path):
+    """run.trec evaluates as the in-memory run did: no ties made up by rounding scores (issue #15)."""
+    qrels = {"q1": {"a": 1}, "q2": {"b": 2, "c": 1}}
+    # relevant docs 1e-7 above non-relevant ones that would win a tie (ties go to the larger doc id)
+    run = {"q1": {"a": 0.5000001, "z": 0.5}, "q2": {"c": 0.1234567, "b": 0.1234566, "a": 0.1234568}}
+    float32 = {"q3": {"x": float(np.float32(0.7) + np.float32(6e-8)), "y": float(np.float32(0.7))}}
+    write_run(tmp_path / "run.trec", {**run, **float32})
+    back = read_run(tmp_path / "run.trec")
+    ours = evaluate(run, qrels)
+    assert ours["mrr@10"] == 0.75 and evaluate(back, qrels) == ours  # q1: 1, q2: 1/2
+    with (tmp_path / "run.trec").open() as fh:  # the file as pytrec_eval reads it, not through read_run
+        theirs = _pytrec_means(dict(pytrec_eval.parse_run(fh)), qrels)
+    for name, value in theirs.items():
+        assert ours[name] == pytest.approx(value, abs=1e-12), name
+    assert back == {**run, **float32}  # exact: float64 and float32 values round-trip
 
 
 def test_bad_run_line_is_named(tmp_path):

@@ -117,13 +117,18 @@ def read_run(path: str | Path) -> Run:
 
 
 def write_run(path: str | Path, run: Run, tag: str = "distributed-ir") -> Path:
-    """Write a TREC run file, each query ranked as trec_eval would rank it."""
+    """Write a TREC run file, each query ranked as trec_eval would rank it.
+
+    Scores are written in full precision (``repr`` of the float: the shortest text that reads back
+    as the same float64, so float32 scores survive too); rounding would turn close scores into
+    ties that trec_eval then breaks by doc id, and the file would no longer evaluate as the run did.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for qid, scores in run.items():
             for i, doc in enumerate(rank(scores), start=1):
-                fh.write(f"{qid} Q0 {doc} {i} {scores[doc]:.6f} {tag}\n")
+                fh.write(f"{qid} Q0 {doc} {i} {float(scores[doc])!r} {tag}\n")
     tmp.replace(path)
     return path
