@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from distributed_ir.data.beir import BeirDataset
 from distributed_ir.data.records import TrainRecord
+from distributed_ir.eval.metrics import rank
 
 
 def mine_negatives(ds: BeirDataset, ranked: dict[str, list[str]], rank_start: int, rank_end: int, per_query: int,
@@ -78,8 +79,8 @@ def mine_in_process(embedder: Any, index: Any, ds: BeirDataset, rank_start: int,
 class SearchStage:
     """``__call__({"query_id", "text"}) -> Arrow table (query_id, doc_ids: list<string>)`` (no Ray imports).
 
-    Loads the index and the model that built it once per actor; each list holds the ranked ids
-    found (fewer than top_k when the index is smaller).
+    Loads the index and the model that built it once per actor; each list holds the ids found
+    (fewer than top_k when the index is smaller), ranked by :func:`distributed_ir.eval.metrics.rank`.
     """
 
     def __init__(self, index_dir: str, top_k: int, batch_size: int = 64, precision: str = "auto",
@@ -104,9 +105,12 @@ class SearchStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         vectors = self.encoder.encode([str(t) for t in batch["text"]])
-        _, positions = self.index.search(vectors, self.top_k, use_gpu=self.use_gpu, progress=False)
+        scores, positions = self.index.search(vectors, self.top_k, use_gpu=self.use_gpu, progress=False)
+        # Ranked by evaluation's rule (ties by doc id, not FAISS's order): the window mined is the
+        # window `search`/`evaluate` rank there.
+        ids = [rank({self.index.doc_ids[p]: float(s) for s, p in zip(srow, prow) if p >= 0})
+               for srow, prow in zip(scores, positions)]
         # An Arrow list<string> column: Ray stores it natively (a 2-D object array would be pickled).
-        ids = [[self.index.doc_ids[p] for p in row if p >= 0] for row in positions]
         return pa.table({"query_id": pa.array([str(q) for q in batch["query_id"]], pa.string()),
                          "doc_ids": pa.array(ids, pa.list_(pa.string()))})
 

@@ -27,6 +27,36 @@ def test_mined_negatives_skip_judged_docs_and_duplicate_texts():
     assert "text 3" not in records[0].negative
 
 
+def test_mining_ranks_ties_as_evaluation_does(tiny_bert, tmp_path):
+    """Tied scores: both mining paths (in-process run, `mine`'s SearchStage) order the hits as
+    evaluation does (trec_eval: score descending, then doc id descending), so a mining window
+    ``[rank_start, rank_end)`` holds the documents evaluation ranks there."""
+    from distributed_ir.eval.metrics import rank, read_run
+    from distributed_ir.eval.retrieval import ranked_ids
+    from distributed_ir.index.faiss_index import ShardedIndex, build_index
+    from distributed_ir.index.pipeline import MANIFEST
+    from distributed_ir.index.search import search_index
+    from distributed_ir.mining import SearchStage
+
+    # in-process mining: a run whose ties sit in retrieval order (ascending ids), as FAISS returns them
+    run = {"q": {"d1": 0.5, "d2": 0.5, "d3": 0.5, "d0": 0.9, "d4": 0.1}}
+    assert ranked_ids(run)["q"] == rank(run["q"]) == ["d0", "d3", "d2", "d1", "d4"]
+    # `distributed-ir mine`: every document has the same vector, so every score ties; FAISS returns
+    # tied hits by position, and positions are not in doc id order
+    doc_ids = ["d3", "d0", "d5", "d1", "d4", "d2"]
+    vectors = np.tile(np.linspace(0.1, 1.0, 32, dtype=np.float32), (6, 1))
+    ShardedIndex([build_index(vectors, np.arange(6), use_gpu=False)], doc_ids).save(tmp_path / "ix" / "index")
+    (tmp_path / "ix" / MANIFEST).write_text(json.dumps({"model": str(tiny_bert)}))
+    (tmp_path / "queries.jsonl").write_text(json.dumps({"_id": "q", "text": "cats purr"}) + "\n")
+    search_index(tmp_path / "ix", tmp_path / "queries.jsonl", tmp_path / "run.trec", top_k=6, precision="fp32",
+                 progress=False)
+    evaluated = read_run(tmp_path / "run.trec")["q"]
+    assert len(set(evaluated.values())) == 1  # all tied
+    stage = SearchStage(str(tmp_path / "ix"), top_k=6, precision="fp32")
+    mined = stage({"query_id": np.array(["q"]), "text": np.array(["cats purr"])}).to_pydict()["doc_ids"][0]
+    assert mined == rank(evaluated) == sorted(doc_ids, reverse=True)
+
+
 def _beir(folder, n_docs=48):
     (folder / "qrels").mkdir(parents=True)
     with (folder / "corpus.jsonl").open("w") as fh:

@@ -24,7 +24,11 @@ DEFAULT_METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 
 
 def rank(scores: dict[str, float]) -> list[str]:
-    """Doc ids by score descending; ties by doc id descending (trec_eval's order)."""
+    """Doc ids by score descending; ties by doc id descending (trec_eval's order).
+
+    The project's one ranking rule: evaluation, run files, reranking candidates and hard-negative
+    mining all order hits with it, so a rank window means the same documents everywhere.
+    """
     return [d for d, _ in sorted(scores.items(), key=lambda x: (x[1], x[0]), reverse=True)]
 
 
