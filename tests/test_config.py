@@ -6,6 +6,8 @@ checked with Ray's own validator and structural checks in tests/test_cluster_con
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,19 @@ def test_pipeline_reranker_errors_name_file_and_line(tmp_path):
     bad.write_text("reranker:\n  enabled: true\n  top_k: 200\neval:\n  top_k: 100\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml:3: field 'reranker\.top_k'.*only rerank what the fine-tuned"):
         load_config(PipelineConfig, bad)
+
+
+@pytest.mark.parametrize("key, value, line", [("dataset", "../x", 1), ("eval_split", "../../etc/passwd", 2),
+                                              ("train_split", "a/b", 3), ("dataset", "..", 1), ("eval_split", ".", 2)])
+def test_dataset_and_split_names_cannot_leave_the_data_folder(tmp_path, key, value, line):
+    """Names joined into paths (data_dir/<dataset>, qrels/<split>.tsv) are one plain path component."""
+    text = {"dataset": "scifact", "eval_split": "test", "train_split": "train", key: value}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in text.items()))
+    with pytest.raises(ConfigError, match=rf"bad\.yaml:{line}: field '{key}'.*{re.escape(repr(value))}") as err:
+        load_config(PipelineConfig, bad)
+    assert err.value.key == key
+    with pytest.raises(ConfigError, match=key):  # a command-line override too
+        load_config(PipelineConfig, None, [f"{key}={value}"])
+    ok = load_config(PipelineConfig, None, ["dataset=cqadupstack.en-v1_2", "eval_split=dev"])
+    assert (ok.dataset, ok.eval_split) == ("cqadupstack.en-v1_2", "dev")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -85,6 +86,18 @@ def test_qrels_trec_format(tmp_path):
 def test_missing_beir_files_say_what_to_put_where(tmp_path):
     with pytest.raises(DataError, match=r"missing corpus\.jsonl, queries\.jsonl, qrels/test\.tsv"):
         load_beir(tmp_path, "test")
+
+
+@pytest.mark.parametrize("split", ["../../etc/passwd", "..", "sub/b", "/abs"])
+def test_split_and_dataset_names_stay_inside_the_folder(beir, split):
+    from distributed_ir.data.beir import ensure_beir
+
+    (beir / "qrels" / "sub").mkdir()
+    (beir / "qrels" / "sub" / "b.tsv").write_text((beir / "qrels" / "test.tsv").read_text())
+    with pytest.raises(DataError, match=rf"field 'split': {re.escape(repr(split))} is not a plain name"):
+        load_beir(beir, split)
+    with pytest.raises(DataError, match=rf"field 'dataset': {re.escape(repr(split))} is not a plain name"):
+        ensure_beir(beir, split)  # before any download
 
 
 @pytest.mark.parametrize("row, message", [
