@@ -57,6 +57,12 @@ def mine_negatives(ds: BeirDataset, ranked: dict[str, list[str]], rank_start: in
     return records, counts, chosen_ids
 
 
+def count_qrels_positives(ds: BeirDataset, chosen: dict[str, list[str]]) -> int:
+    """Chosen negatives that are relevant (qrels relevance > 0) for their own query: counted on the
+    output, so the summary's ``negatives_that_are_qrels_positives`` is measured, not assumed."""
+    return sum(1 for q, ids in chosen.items() for d in ids if (ds.qrels.get(q) or {}).get(d, 0) > 0)
+
+
 def check_no_judged(ds: BeirDataset, chosen: dict[str, list[str]]) -> None:
     """The guarantee, checked on the output rather than assumed: no negative is judged for its query."""
     leaks = [(q, d) for q, ids in chosen.items() for d in ids if d in (ds.qrels.get(q) or {})]
@@ -72,8 +78,9 @@ def mine_in_process(embedder: Any, index: Any, ds: BeirDataset, rank_start: int,
 
     run = search(embedder, index, ds.split_queries(), rank_end, batch_size, bf16)
     records, counts, chosen = mine_negatives(ds, ranked_ids(run), rank_start, rank_end, per_query, seed)
+    leaked = count_qrels_positives(ds, chosen)
     check_no_judged(ds, chosen)
-    return records, {**counts, "records": len(records), "negatives_that_are_qrels_positives": 0}
+    return records, {**counts, "records": len(records), "negatives_that_are_qrels_positives": leaked}
 
 
 class SearchStage:
@@ -158,9 +165,10 @@ def mine_command(index_dir: str, dataset_dir: str, split: str, out: str, rank_st
     if missing:
         raise RuntimeError(f"{len(missing)} queries came back without results, e.g. {missing[:3]}")
     records, counts, chosen = mine_negatives(ds, ranked, rank_start, rank_end, per_query, seed)
+    leaked = count_qrels_positives(ds, chosen)
     check_no_judged(ds, chosen)
     write_records(out, records)
-    summary = {**counts, "records": len(records), "negatives_that_are_qrels_positives": 0,
+    summary = {**counts, "records": len(records), "negatives_that_are_qrels_positives": leaked,
                "rank_start": rank_start, "rank_end": rank_end, "per_query": per_query, "split": split,
                "search_seconds": round(search_s, 2), "out": str(Path(out).resolve())}
     Path(str(out) + ".counts.json").write_text(json.dumps(summary, indent=2) + "\n")
