@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed_ir.config import ConfigError, PipelineConfig, TrainConfig, load_config
+from distributed_ir.config import ConfigError, PipelineConfig, TrainConfig, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,8 +26,20 @@ def _config_class(path: Path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").rglob("*.y*ml")), ids=lambda p: p.name)
 def test_every_job_config_loads(path):
-    cfg = load_config(_config_class(path), path)
-    assert cfg is not None
+    import yaml
+
+    cfg = to_dict(load_config(_config_class(path), path))
+
+    def leaves(node: dict, prefix: str = ""):
+        for k, v in node.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+
+    # every value the file sets arrives in the loaded config, under the same key
+    for key, value in leaves(yaml.safe_load(path.read_text())):
+        got = cfg
+        for part in key.split("."):
+            got = got[part]
+        assert got == value and (type(got) is type(value) or (type(value), type(got)) == (int, float)), key
 
 
 def test_there_are_job_configs():

@@ -163,4 +163,7 @@ def test_mined_negatives_never_include_judged_docs():
     for rec in records:
         assert not set(rec.negative) & {"text 3", "text 5"} if rec.query == "a" else "text 0" not in rec.negative
         assert len(rec.negative) == 4
-    assert isinstance(records[0], TrainRecord)
+    assert [(r.query, r.positive) for r in records] == [("a", ["text 3"]), ("b", ["text 0"])]
+    # negatives come from ranks 2..9 of their own query's run, judged documents left out
+    assert set(records[0].negative) <= {f"text {i}" for i in (2, 4, 6, 7, 8, 9)}
+    assert set(records[1].negative) <= {f"text {i}" for i in range(10, 18)}
