@@ -12,11 +12,12 @@ import pytest
 import pytrec_eval
 
 from distributed_ir.eval.metrics import evaluate, evaluate_per_query, rank, read_run, write_run
+from tests.conftest import PYTREC_MEASURES as TREC
+from tests.conftest import pytrec_means
 
-TREC = {"ndcg@10": "ndcg_cut_10", "recall@100": "recall_100", "map@100": "map_cut_100"}
 
-
-def _random_case(seed: int):
+def _random_case(seed: int, decimals: int | None = 1):
+    """Random graded qrels and run; scores rounded to ``decimals`` (1: many ties) or full precision (None)."""
     rng = random.Random(seed)
     docs = [f"d{i}" for i in range(300)]
     qrels, run = {}, {}
@@ -28,7 +29,7 @@ def _random_case(seed: int):
         if q % 10 != 7:  # some queries only in the qrels
             retrieved = rng.sample(docs, rng.randint(5, 150))
             # coarse scores -> many ties, broken by doc id as trec_eval does
-            run[qid] = {d: round(rng.random(), 1) for d in retrieved}
+            run[qid] = {d: rng.random() if decimals is None else round(rng.random(), decimals) for d in retrieved}
     qrels["q_zero"] = {"d1": 0, "d2": 0}  # judged, nothing relevant
     run["q_zero"] = {"d1": 0.5, "d2": 0.4}
     return run, qrels
@@ -61,9 +62,9 @@ def test_ties_broken_by_doc_id_descending():
 
 
 def test_run_file_roundtrip_and_cli(tmp_path):
-    run, qrels = _random_case(11)
+    run, qrels = _random_case(11, decimals=None)  # full-precision scores
     write_run(tmp_path / "run.trec", run)
-    assert read_run(tmp_path / "run.trec") == {q: {d: round(s, 6) for d, s in v.items()} for q, v in run.items()}
+    assert read_run(tmp_path / "run.trec") == run
     with (tmp_path / "qrels.tsv").open("w") as fh:
         fh.write("query-id\tcorpus-id\tscore\n")
         for q, rels in qrels.items():
@@ -73,18 +74,10 @@ def test_run_file_roundtrip_and_cli(tmp_path):
     subprocess.run([sys.executable, "-m", "distributed_ir.cli", "evaluate", "--run", str(tmp_path / "run.trec"),
                     "--qrels", str(tmp_path / "qrels.tsv"), "--out", str(out)], check=True, capture_output=True)
     metrics = json.loads(out.read_text())
-    assert set(metrics) >= {"ndcg@10", "mrr@10", "recall@100", "map@100", "num_queries"}
-    assert metrics == pytest.approx(evaluate(run, qrels))
-
-
-def _pytrec_means(run: dict, qrels: dict) -> dict[str, float]:
-    """pytrec_eval's means of ndcg_cut_10 / recall_100 / map_cut_100 and MRR@10 (recip_rank on the top 10)."""
-    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100", "map_cut.100"}).evaluate(run)
-    cut = {q: {d: s[d] for d in rank(s)[:10]} for q, s in run.items()}
-    mrr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
-    means = {name: sum(v[key] for v in per_query.values()) / len(per_query) for name, key in TREC.items()}
-    means["mrr@10"] = sum(v["recip_rank"] for v in mrr.values()) / len(mrr)
-    return means
+    theirs = pytrec_means(run, qrels)  # pytrec_eval on the in-memory run, not our own evaluate
+    assert theirs["num_queries"] == metrics["num_queries"] == 49  # 60 - 6 without qrels - 6 without run + q_zero
+    for name in ("ndcg@10", "mrr@10", "recall@100", "map@100"):
+        assert metrics[name] == pytest.approx(theirs[name], abs=1e-12), name
 
 
 def test_run_file_keeps_scores_that_differ_below_six_decimals(tmp_path):
@@ -98,7 +91,7 @@ def test_run_file_keeps_scores_that_differ_below_six_decimals(tmp_path):
     ours = evaluate(run, qrels)
     assert ours["mrr@10"] == 0.75 and evaluate(back, qrels) == ours  # q1: 1, q2: 1/2
     with (tmp_path / "run.trec").open() as fh:  # the file as pytrec_eval reads it, not through read_run
-        theirs = _pytrec_means(dict(pytrec_eval.parse_run(fh)), qrels)
+        theirs = pytrec_means(dict(pytrec_eval.parse_run(fh)), qrels)
     for name, value in theirs.items():
         assert ours[name] == pytest.approx(value, abs=1e-12), name
     assert back == {**run, **float32}  # exact: float64 and float32 values round-trip
