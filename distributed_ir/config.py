@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from distributed_ir.data.beir import name_problem
+
 T = TypeVar("T")
 
 
@@ -269,7 +271,8 @@ class TrainConfig:
     seed: int = _help("seed for init, shuffling and negative sampling", default=42)
     log_every: int = _help("report metrics every N optimizer steps", default=10)
     checkpoint_every: int = _help("checkpoint every N optimizer steps; 0 = final only", default=0)
-    resume_from: str = _help("checkpoint dir to resume from ('' = none)", default="")
+    resume_from: str = _help("checkpoint dir to resume from ('' = none); must be trusted: the DeepSpeed engine "
+                             "unpickles it, which can run code", default="")
     storage_path: str = _help("Ray Train storage path ('' = <output_dir>/ray)", default="")
     max_failures: int = _help("Ray Train worker-failure retries", default=0)
     ray_train_metrics: bool = _help(
@@ -385,7 +388,8 @@ class PipelineConfig:
     """train -> encode -> search -> evaluate on a BEIR dataset (-> mine -> train reranker -> rerank)."""
 
     data_dir: str = _help("folder holding BEIR datasets ('' = $IR_DATA_DIR)", default="")
-    dataset: str = _help("BEIR dataset folder name under data_dir", default="scifact")
+    dataset: str = _help("BEIR dataset folder name under data_dir (one plain name: for cqadupstack/<x>, "
+                         "point data_dir at the cqadupstack folder)", default="scifact")
     train_split: str = _help("qrels split used for training", default="train")
     eval_split: str = _help("qrels split used for evaluation", default="test")
     output_dir: str = _help("where metrics.json, run.trec and the model go", default="outputs/pipeline")
@@ -397,6 +401,10 @@ class PipelineConfig:
     reranker: PipelineRerankerConfig = field(default_factory=PipelineRerankerConfig)
 
     def __post_init__(self) -> None:
+        for key in ("dataset", "train_split", "eval_split"):  # joined into paths under data_dir
+            problem = name_problem(getattr(self, key))
+            if problem:
+                raise ConfigError(f"{key}={problem}", key=key)
         if self.reranker.enabled and self.reranker.top_k > self.eval.top_k:
             raise ConfigError(f"reranker.top_k={self.reranker.top_k} > eval.top_k={self.eval.top_k}: the reranker "
                               "can only rerank what the fine-tuned model retrieved", key="reranker.top_k")

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from distributed_ir.data.beir import BeirDataset
 from distributed_ir.data.records import TrainRecord
+from distributed_ir.eval.metrics import rank
 
 
 def mine_negatives(ds: BeirDataset, ranked: dict[str, list[str]], rank_start: int, rank_end: int, per_query: int,
@@ -56,6 +57,12 @@ def mine_negatives(ds: BeirDataset, ranked: dict[str, list[str]], rank_start: in
     return records, counts, chosen_ids
 
 
+def count_qrels_positives(ds: BeirDataset, chosen: dict[str, list[str]]) -> int:
+    """Chosen negatives that are relevant (qrels relevance > 0) for their own query: counted on the
+    output, so the summary's ``negatives_that_are_qrels_positives`` is measured, not assumed."""
+    return sum(1 for q, ids in chosen.items() for d in ids if (ds.qrels.get(q) or {}).get(d, 0) > 0)
+
+
 def check_no_judged(ds: BeirDataset, chosen: dict[str, list[str]]) -> None:
     """The guarantee, checked on the output rather than assumed: no negative is judged for its query."""
     leaks = [(q, d) for q, ids in chosen.items() for d in ids if d in (ds.qrels.get(q) or {})]
@@ -71,15 +78,16 @@ def mine_in_process(embedder: Any, index: Any, ds: BeirDataset, rank_start: int,
 
     run = search(embedder, index, ds.split_queries(), rank_end, batch_size, bf16)
     records, counts, chosen = mine_negatives(ds, ranked_ids(run), rank_start, rank_end, per_query, seed)
+    leaked = count_qrels_positives(ds, chosen)
     check_no_judged(ds, chosen)
-    return records, {**counts, "records": len(records), "negatives_that_are_qrels_positives": 0}
+    return records, {**counts, "records": len(records), "negatives_that_are_qrels_positives": leaked}
 
 
 class SearchStage:
     """``__call__({"query_id", "text"}) -> Arrow table (query_id, doc_ids: list<string>)`` (no Ray imports).
 
-    Loads the index and the model that built it once per actor; each list holds the ranked ids
-    found (fewer than top_k when the index is smaller).
+    Loads the index and the model that built it once per actor; each list holds the ids found
+    (fewer than top_k when the index is smaller), ranked by :func:`distributed_ir.eval.metrics.rank`.
     """
 
     def __init__(self, index_dir: str, top_k: int, batch_size: int = 64, precision: str = "auto",
@@ -104,9 +112,12 @@ class SearchStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         vectors = self.encoder.encode([str(t) for t in batch["text"]])
-        _, positions = self.index.search(vectors, self.top_k, use_gpu=self.use_gpu, progress=False)
+        scores, positions = self.index.search(vectors, self.top_k, use_gpu=self.use_gpu, progress=False)
+        # Ranked by evaluation's rule (ties by doc id, not FAISS's order): the window mined is the
+        # window `search`/`evaluate` rank there.
+        ids = [rank({self.index.doc_ids[p]: float(s) for s, p in zip(srow, prow) if p >= 0})
+               for srow, prow in zip(scores, positions)]
         # An Arrow list<string> column: Ray stores it natively (a 2-D object array would be pickled).
-        ids = [[self.index.doc_ids[p] for p in row if p >= 0] for row in positions]
         return pa.table({"query_id": pa.array([str(q) for q in batch["query_id"]], pa.string()),
                          "doc_ids": pa.array(ids, pa.list_(pa.string()))})
 
@@ -154,9 +165,10 @@ def mine_command(index_dir: str, dataset_dir: str, split: str, out: str, rank_st
     if missing:
         raise RuntimeError(f"{len(missing)} queries came back without results, e.g. {missing[:3]}")
     records, counts, chosen = mine_negatives(ds, ranked, rank_start, rank_end, per_query, seed)
+    leaked = count_qrels_positives(ds, chosen)
     check_no_judged(ds, chosen)
     write_records(out, records)
-    summary = {**counts, "records": len(records), "negatives_that_are_qrels_positives": 0,
+    summary = {**counts, "records": len(records), "negatives_that_are_qrels_positives": leaked,
                "rank_start": rank_start, "rank_end": rank_end, "per_query": per_query, "split": split,
                "search_seconds": round(search_s, 2), "out": str(Path(out).resolve())}
     Path(str(out) + ".counts.json").write_text(json.dumps(summary, indent=2) + "\n")

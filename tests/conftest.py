@@ -48,6 +48,24 @@ def build_tiny_model(path: Path, arch: str = "bert", padding_side: str = "right"
     return path
 
 
+PYTREC_MEASURES = {"ndcg@10": "ndcg_cut_10", "recall@100": "recall_100", "map@100": "map_cut_100"}
+
+
+def pytrec_means(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
+    """pytrec_eval's (trec_eval's) means over the queries in both run and qrels: ndcg@10, recall@100,
+    map@100, and mrr@10 as ``recip_rank`` of the run cut to its top 10 (an oracle for our metrics)."""
+    import pytrec_eval
+
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100", "map_cut.100"}).evaluate(run)
+    # the top 10 in trec_eval's order: score descending, ties by doc id descending
+    cut = {q: dict(sorted(s.items(), key=lambda x: (x[1], x[0]), reverse=True)[:10]) for q, s in run.items()}
+    mrr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+    means = {name: sum(v[key] for v in per_query.values()) / len(per_query) for name, key in PYTREC_MEASURES.items()}
+    means["mrr@10"] = sum(v["recip_rank"] for v in mrr.values()) / len(mrr)
+    means["num_queries"] = len(per_query)
+    return means
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_bert"), "bert")

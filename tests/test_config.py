@@ -6,11 +6,13 @@ checked with Ray's own validator and structural checks in tests/test_cluster_con
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 
-from distributed_ir.config import ConfigError, PipelineConfig, TrainConfig, load_config
+from distributed_ir.config import ConfigError, PipelineConfig, TrainConfig, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +26,20 @@ def _config_class(path: Path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").rglob("*.y*ml")), ids=lambda p: p.name)
 def test_every_job_config_loads(path):
-    cfg = load_config(_config_class(path), path)
-    assert cfg is not None
+    import yaml
+
+    cfg = to_dict(load_config(_config_class(path), path))
+
+    def leaves(node: dict, prefix: str = ""):
+        for k, v in node.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+
+    # every value the file sets arrives in the loaded config, under the same key
+    for key, value in leaves(yaml.safe_load(path.read_text())):
+        got = cfg
+        for part in key.split("."):
+            got = got[part]
+        assert got == value and (type(got) is type(value) or (type(value), type(got)) == (int, float)), key
 
 
 def test_there_are_job_configs():
@@ -154,3 +168,19 @@ def test_a_loss_the_task_cannot_train_with_is_refused_not_rewritten():
         load_config(TrainConfig, None, ["task=cross_encoder", "loss.name=infonce"])
     with pytest.raises(ConfigError, match=r"loss\.name='listwise' is not a loss for task=embedder"):
         load_config(TrainConfig, None, ["loss.name=listwise"])
+
+
+@pytest.mark.parametrize("key, value, line", [("dataset", "../x", 1), ("eval_split", "../../etc/passwd", 2),
+                                              ("train_split", "a/b", 3), ("dataset", "..", 1), ("eval_split", ".", 2)])
+def test_dataset_and_split_names_cannot_leave_the_data_folder(tmp_path, key, value, line):
+    """Names joined into paths (data_dir/<dataset>, qrels/<split>.tsv) are one plain path component."""
+    text = {"dataset": "scifact", "eval_split": "test", "train_split": "train", key: value}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in text.items()))
+    with pytest.raises(ConfigError, match=rf"bad\.yaml:{line}: field '{key}'.*{re.escape(repr(value))}") as err:
+        load_config(PipelineConfig, bad)
+    assert err.value.key == key
+    with pytest.raises(ConfigError, match=key):  # a command-line override too
+        load_config(PipelineConfig, None, [f"{key}={value}"])
+    ok = load_config(PipelineConfig, None, ["dataset=cqadupstack.en-v1_2", "eval_split=dev"])
+    assert (ok.dataset, ok.eval_split) == ("cqadupstack.en-v1_2", "dev")

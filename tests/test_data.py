@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -87,6 +88,18 @@ def test_missing_beir_files_say_what_to_put_where(tmp_path):
         load_beir(tmp_path, "test")
 
 
+@pytest.mark.parametrize("split", ["../../etc/passwd", "..", "sub/b", "/abs"])
+def test_split_and_dataset_names_stay_inside_the_folder(beir, split):
+    from distributed_ir.data.beir import ensure_beir
+
+    (beir / "qrels" / "sub").mkdir()
+    (beir / "qrels" / "sub" / "b.tsv").write_text((beir / "qrels" / "test.tsv").read_text())
+    with pytest.raises(DataError, match=rf"field 'split': {re.escape(repr(split))} is not a plain name"):
+        load_beir(beir, split)
+    with pytest.raises(DataError, match=rf"field 'dataset': {re.escape(repr(split))} is not a plain name"):
+        ensure_beir(beir, split)  # before any download
+
+
 @pytest.mark.parametrize("row, message", [
     ({"query": "q", "positive": []}, "field 'positive': empty list"),
     ({"query": "q"}, "field 'positive': missing"),
@@ -150,4 +163,7 @@ def test_mined_negatives_never_include_judged_docs():
     for rec in records:
         assert not set(rec.negative) & {"text 3", "text 5"} if rec.query == "a" else "text 0" not in rec.negative
         assert len(rec.negative) == 4
-    assert isinstance(records[0], TrainRecord)
+    assert [(r.query, r.positive) for r in records] == [("a", ["text 3"]), ("b", ["text 0"])]
+    # negatives come from ranks 2..9 of their own query's run, judged documents left out
+    assert set(records[0].negative) <= {f"text {i}" for i in (2, 4, 6, 7, 8, 9)}
+    assert set(records[1].negative) <= {f"text {i}" for i in range(10, 18)}

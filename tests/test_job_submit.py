@@ -23,7 +23,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+import pytrec_eval
 import yaml
+
+from tests.conftest import pytrec_means
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: `ray` and the `python` the job entrypoint runs
@@ -211,8 +214,18 @@ def test_pipeline_job_via_ray_job_submit(ray_head, tiny_bert, tmp_path):
     out = tmp_path / "outputs" / "pipeline"
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["metrics"]) == {"base", "finetuned"}
-    for row in report["metrics"].values():
-        assert row["num_queries"] == num_test and 0.0 <= row["ndcg@10"] <= 1.0
+    # each metrics row is what pytrec_eval (trec_eval) computes from the run file the job wrote
+    qrels: dict[str, dict[str, int]] = {}
+    for line in (tmp_path / "beir" / "tiny" / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        qid, doc_id, rel = line.split("\t")
+        qrels.setdefault(qid, {})[doc_id] = int(rel)
+    for name, run_file in (("base", "run_base.trec"), ("finetuned", "run.trec")):
+        with (out / run_file).open() as fh:
+            theirs = pytrec_means(dict(pytrec_eval.parse_run(fh)), qrels)
+        row = report["metrics"][name]
+        assert row["num_queries"] == theirs["num_queries"] == num_test
+        for metric in ("ndcg@10", "mrr@10", "recall@100", "map@100"):
+            assert row[metric] == pytest.approx(theirs[metric], abs=1e-12), (name, metric)
     assert report["train"]["records"] == 16 and report["train"]["step"] == 2
     assert report["config"]["output_dir"] == str(out)
     run_lines = (out / "run.trec").read_text().splitlines()

@@ -7,15 +7,17 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import pytrec_eval
 
 from distributed_ir.eval.metrics import evaluate, evaluate_per_query, rank, read_run, write_run
+from tests.conftest import PYTREC_MEASURES as TREC
+from tests.conftest import pytrec_means
 
-TREC = {"ndcg@10": "ndcg_cut_10", "recall@100": "recall_100", "map@100": "map_cut_100"}
 
-
-def _random_case(seed: int):
+def _random_case(seed: int, decimals: int | None = 1):
+    """Random graded qrels and run; scores rounded to ``decimals`` (1: many ties) or full precision (None)."""
     rng = random.Random(seed)
     docs = [f"d{i}" for i in range(300)]
     qrels, run = {}, {}
@@ -27,7 +29,7 @@ def _random_case(seed: int):
         if q % 10 != 7:  # some queries only in the qrels
             retrieved = rng.sample(docs, rng.randint(5, 150))
             # coarse scores -> many ties, broken by doc id as trec_eval does
-            run[qid] = {d: round(rng.random(), 1) for d in retrieved}
+            run[qid] = {d: rng.random() if decimals is None else round(rng.random(), decimals) for d in retrieved}
     qrels["q_zero"] = {"d1": 0, "d2": 0}  # judged, nothing relevant
     run["q_zero"] = {"d1": 0.5, "d2": 0.4}
     return run, qrels
@@ -60,9 +62,9 @@ def test_ties_broken_by_doc_id_descending():
 
 
 def test_run_file_roundtrip_and_cli(tmp_path):
-    run, qrels = _random_case(11)
+    run, qrels = _random_case(11, decimals=None)  # full-precision scores
     write_run(tmp_path / "run.trec", run)
-    assert read_run(tmp_path / "run.trec") == {q: {d: round(s, 6) for d, s in v.items()} for q, v in run.items()}
+    assert read_run(tmp_path / "run.trec") == run
     with (tmp_path / "qrels.tsv").open("w") as fh:
         fh.write("query-id\tcorpus-id\tscore\n")
         for q, rels in qrels.items():
@@ -72,8 +74,27 @@ def test_run_file_roundtrip_and_cli(tmp_path):
     subprocess.run([sys.executable, "-m", "distributed_ir.cli", "evaluate", "--run", str(tmp_path / "run.trec"),
                     "--qrels", str(tmp_path / "qrels.tsv"), "--out", str(out)], check=True, capture_output=True)
     metrics = json.loads(out.read_text())
-    assert set(metrics) >= {"ndcg@10", "mrr@10", "recall@100", "map@100", "num_queries"}
-    assert metrics == pytest.approx(evaluate(run, qrels))
+    theirs = pytrec_means(run, qrels)  # pytrec_eval on the in-memory run, not our own evaluate
+    assert theirs["num_queries"] == metrics["num_queries"] == 49  # 60 - 6 without qrels - 6 without run + q_zero
+    for name in ("ndcg@10", "mrr@10", "recall@100", "map@100"):
+        assert metrics[name] == pytest.approx(theirs[name], abs=1e-12), name
+
+
+def test_run_file_keeps_scores_that_differ_below_six_decimals(tmp_path):
+    """run.trec evaluates as the in-memory run did: no ties made up by rounding scores (issue #15)."""
+    qrels = {"q1": {"a": 1}, "q2": {"b": 2, "c": 1}}
+    # relevant docs 1e-7 above non-relevant ones that would win a tie (ties go to the larger doc id)
+    run = {"q1": {"a": 0.5000001, "z": 0.5}, "q2": {"c": 0.1234567, "b": 0.1234566, "a": 0.1234568}}
+    float32 = {"q3": {"x": float(np.float32(0.7) + np.float32(6e-8)), "y": float(np.float32(0.7))}}
+    write_run(tmp_path / "run.trec", {**run, **float32})
+    back = read_run(tmp_path / "run.trec")
+    ours = evaluate(run, qrels)
+    assert ours["mrr@10"] == 0.75 and evaluate(back, qrels) == ours  # q1: 1, q2: 1/2
+    with (tmp_path / "run.trec").open() as fh:  # the file as pytrec_eval reads it, not through read_run
+        theirs = pytrec_means(dict(pytrec_eval.parse_run(fh)), qrels)
+    for name, value in theirs.items():
+        assert ours[name] == pytest.approx(value, abs=1e-12), name
+    assert back == {**run, **float32}  # exact: float64 and float32 values round-trip
 
 
 def test_bad_run_line_is_named(tmp_path):

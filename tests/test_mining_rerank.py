@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from distributed_ir.data.beir import BeirDataset
-from distributed_ir.mining import mine_negatives
+from distributed_ir.mining import count_qrels_positives, mine_negatives
 
 TOPICS = ["cats purr", "rockets fly", "bread rises", "rivers flow", "chess games", "bees buzz"]
 
@@ -25,6 +25,46 @@ def test_mined_negatives_skip_judged_docs_and_duplicate_texts():
     assert not {"d3", "d5", "d9"} & set(chosen["q0"]) and "d0" not in chosen["q1"]
     assert all(set(ids) <= set(ranked[q][2:12]) for q, ids in chosen.items())
     assert "text 3" not in records[0].negative
+
+
+def test_negatives_that_are_qrels_positives_are_counted():
+    """The count the mine summary reports is computed from the chosen ids, not written as 0."""
+    ds = BeirDataset(corpus={f"d{i}": f"text {i}" for i in range(6)}, queries={"q0": "a", "q1": "b"},
+                     qrels={"q0": {"d3": 1, "d5": 0}, "q1": {"d0": 2, "d1": 1}})
+    assert count_qrels_positives(ds, {"q0": ["d3", "d5", "d4"], "q1": ["d0", "d1", "d3"]}) == 3  # not d5 (rel 0)
+    assert count_qrels_positives(ds, {"q0": ["d0", "d1"], "q1": ["d3", "d5"]}) == 0  # another query's positives
+    _, _, chosen = mine_negatives(ds, {"q0": list(ds.corpus), "q1": list(ds.corpus)}, 0, 6, per_query=6)
+    assert count_qrels_positives(ds, chosen) == 0 and chosen["q1"]
+
+
+def test_mining_ranks_ties_as_evaluation_does(tiny_bert, tmp_path):
+    """Tied scores: both mining paths (in-process run, `mine`'s SearchStage) order the hits as
+    evaluation does (trec_eval: score descending, then doc id descending), so a mining window
+    ``[rank_start, rank_end)`` holds the documents evaluation ranks there."""
+    from distributed_ir.eval.metrics import rank, read_run
+    from distributed_ir.eval.retrieval import ranked_ids
+    from distributed_ir.index.faiss_index import ShardedIndex, build_index
+    from distributed_ir.index.pipeline import MANIFEST
+    from distributed_ir.index.search import search_index
+    from distributed_ir.mining import SearchStage
+
+    # in-process mining: a run whose ties sit in retrieval order (ascending ids), as FAISS returns them
+    run = {"q": {"d1": 0.5, "d2": 0.5, "d3": 0.5, "d0": 0.9, "d4": 0.1}}
+    assert ranked_ids(run)["q"] == rank(run["q"]) == ["d0", "d3", "d2", "d1", "d4"]
+    # `distributed-ir mine`: every document has the same vector, so every score ties; FAISS returns
+    # tied hits by position, and positions are not in doc id order
+    doc_ids = ["d3", "d0", "d5", "d1", "d4", "d2"]
+    vectors = np.tile(np.linspace(0.1, 1.0, 32, dtype=np.float32), (6, 1))
+    ShardedIndex([build_index(vectors, np.arange(6), use_gpu=False)], doc_ids).save(tmp_path / "ix" / "index")
+    (tmp_path / "ix" / MANIFEST).write_text(json.dumps({"model": str(tiny_bert)}))
+    (tmp_path / "queries.jsonl").write_text(json.dumps({"_id": "q", "text": "cats purr"}) + "\n")
+    search_index(tmp_path / "ix", tmp_path / "queries.jsonl", tmp_path / "run.trec", top_k=6, precision="fp32",
+                 progress=False)
+    evaluated = read_run(tmp_path / "run.trec")["q"]
+    assert len(set(evaluated.values())) == 1  # all tied
+    stage = SearchStage(str(tmp_path / "ix"), top_k=6, precision="fp32")
+    mined = stage({"query_id": np.array(["q"]), "text": np.array(["cats purr"])}).to_pydict()["doc_ids"][0]
+    assert mined == rank(evaluated) == sorted(doc_ids, reverse=True)
 
 
 def _beir(folder, n_docs=48):
@@ -67,15 +107,25 @@ def test_mine_command_distributed_over_queries(beir_index, tmp_path):
     summary = mine_command(str(index), str(folder), "train", str(tmp_path / "mined.jsonl"), rank_start=2,
                            rank_end=20, per_query=4, precision="fp32", actors=2)
     assert summary["queries"] == summary["records"] == 8
-    assert summary["negatives"] == 8 * 4 and summary["negatives_that_are_qrels_positives"] == 0
+    assert summary["negatives"] == 8 * 4
     assert summary["dropped_positives"] > 0  # the tiny encoder does rank some positives in 2..20
     assert json.loads((tmp_path / "mined.jsonl.counts.json").read_text())["negatives"] == 32
+    # the written records, checked against the qrels without the miner's own counts
     ds = load_beir(folder, "train")
     fmt, records = read_records(tmp_path / "mined.jsonl")
-    assert fmt == "triplet"
-    by_query = {ds.queries[q]: {ds.corpus[d] for d in rels} for q, rels in ds.qrels.items()}
+    assert fmt == "triplet" and len(records) == 8
+    qid_of = {ds.queries[q]: q for q in ds.qrels}
+    ids_of: dict[str, set[str]] = {}
+    for doc_id, text in ds.corpus.items():
+        ids_of.setdefault(text, set()).add(doc_id)
+    negatives_that_are_positives = 0
     for rec in records:
-        assert not set(rec.negative) & by_query[rec.query]
+        rels = ds.qrels[qid_of[rec.query]]
+        assert sorted(rec.positive) == sorted(ds.corpus[d] for d, r in rels.items() if r > 0)
+        negative_ids = set().union(*(ids_of[t] for t in rec.negative))
+        assert len(rec.negative) == 4 and not negative_ids & set(rels)  # never a judged document
+        negatives_that_are_positives += sum(1 for d in negative_ids if rels.get(d, 0) > 0)
+    assert summary["negatives_that_are_qrels_positives"] == negatives_that_are_positives
 
 
 @pytest.mark.ray

@@ -10,6 +10,7 @@ file instead (see :mod:`distributed_ir.data.intake`).  Graded relevance is kept 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -21,6 +22,19 @@ from distributed_ir.data.errors import DataError
 from distributed_ir.data.intake import InputCheck, iter_jsonl
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
+_PLAIN_NAME = re.compile(r"[\w.-]+")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a dataset or split name, or None when it can.
+
+    Such names are joined into paths (``data_dir/<dataset>``, ``qrels/<split>.tsv``) and come from
+    configs and command lines: each must be one plain path component, never ``.`` or ``..``.
+    """
+    if isinstance(name, str) and _PLAIN_NAME.fullmatch(name) and name not in (".", ".."):
+        return None
+    return (f"{name!r} is not a plain name: use letters, digits, '_', '.' and '-' "
+            "(no path separators, not '.' or '..')")
 
 
 def _id(path: str | Path, lineno: int, obj: dict) -> str:
@@ -175,6 +189,9 @@ def load_beir(folder: str | Path, split: str, base: BeirDataset | None = None,
     Pass ``base`` (another split of the same folder) to reuse its corpus and queries.
     """
     folder = Path(folder)
+    problem = name_problem(split)
+    if problem:
+        raise DataError(folder, None, problem, field="split")
     missing = [p for p in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv") if not (folder / p).is_file()]
     if missing:
         raise DataError(
@@ -194,6 +211,9 @@ def ensure_beir(data_dir: Path, name: str) -> Path:
 
     Offline, the error says exactly which files to put where.
     """
+    problem = name_problem(name)
+    if problem:
+        raise DataError(data_dir, None, problem, field="dataset")
     folder = data_dir / name
     if (folder / "corpus.jsonl").is_file():
         return folder

@@ -24,7 +24,11 @@ DEFAULT_METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 
 
 def rank(scores: dict[str, float]) -> list[str]:
-    """Doc ids by score descending; ties by doc id descending (trec_eval's order)."""
+    """Doc ids by score descending; ties by doc id descending (trec_eval's order).
+
+    The project's one ranking rule: evaluation, run files, reranking candidates and hard-negative
+    mining all order hits with it, so a rank window means the same documents everywhere.
+    """
     return [d for d, _ in sorted(scores.items(), key=lambda x: (x[1], x[0]), reverse=True)]
 
 
@@ -117,13 +121,18 @@ def read_run(path: str | Path) -> Run:
 
 
 def write_run(path: str | Path, run: Run, tag: str = "distributed-ir") -> Path:
-    """Write a TREC run file, each query ranked as trec_eval would rank it."""
+    """Write a TREC run file, each query ranked as trec_eval would rank it.
+
+    Scores are written in full precision (``repr`` of the float: the shortest text that reads back
+    as the same float64, so float32 scores survive too); rounding would turn close scores into
+    ties that trec_eval then breaks by doc id, and the file would no longer evaluate as the run did.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for qid, scores in run.items():
             for i, doc in enumerate(rank(scores), start=1):
-                fh.write(f"{qid} Q0 {doc} {i} {scores[doc]:.6f} {tag}\n")
+                fh.write(f"{qid} Q0 {doc} {i} {float(scores[doc])!r} {tag}\n")
     tmp.replace(path)
     return path

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from distributed_ir.data.beir import BeirDataset
-from distributed_ir.eval.metrics import DEFAULT_METRICS, Run, evaluate
+from distributed_ir.eval.metrics import DEFAULT_METRICS, Run, evaluate, rank
 from distributed_ir.models.embedder import Embedder
 
 
@@ -62,6 +62,6 @@ def evaluate_model(embedder: Embedder, ds: BeirDataset, top_k: int = 100, batch_
 
 
 def ranked_ids(run: Run) -> dict[str, list[str]]:
-    """Run -> doc ids best first (for hard-negative mining)."""
-    return {q: [d for d, _ in sorted(s.items(), key=lambda x: -x[1])] for q, s in run.items()}
+    """Run -> doc ids best first (for hard-negative mining), ties as evaluation breaks them (:func:`rank`)."""
+    return {q: rank(s) for q, s in run.items()}
 
