@@ -29,6 +29,7 @@ from pydantic import ConfigDict, PrivateAttr
 
 from distributed_ir.data.beir import _id, _text, iter_jsonl
 from distributed_ir.data.errors import DataError
+from distributed_ir.eval.metrics import rank
 from distributed_ir.index.corpus import expand_corpus
 from distributed_ir.rag.reranker import Reranker
 
@@ -123,12 +124,12 @@ class IndexRetriever(BaseRetriever):
         scores, positions = self._index.search(vectors, k or self.k, use_gpu=self._use_gpu)
         out = []
         for row_scores, row_positions in zip(scores, positions):
+            hits = {self._index.doc_ids[p]: float(s) for s, p in zip(row_scores, row_positions) if p >= 0}
             docs = []
-            for rank, (score, pos) in enumerate(((s, p) for s, p in zip(row_scores, row_positions) if p >= 0), 1):
-                doc_id = self._index.doc_ids[pos]
+            for position, doc_id in enumerate(rank(hits), 1):  # the project's one ranking rule (ties too)
                 title, text = self._docs[doc_id]
-                docs.append(Document(id=doc_id, page_content=text,
-                                     metadata={"doc_id": doc_id, "title": title, "score": float(score), "rank": rank}))
+                docs.append(Document(id=doc_id, page_content=text, metadata={
+                    "doc_id": doc_id, "title": title, "score": hits[doc_id], "rank": position}))
             out.append(docs)
         return out
 
