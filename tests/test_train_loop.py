@@ -49,7 +49,7 @@ def test_trains_and_loss_falls(tiny_bert, tmp_path):
     losses = [m["loss"] for m in result["history"]]
     assert len(losses) == 6 * (24 // 4)
     assert sum(losses[-6:]) < sum(losses[:6])
-    assert all(m["samples_per_s"] > 0 and m["grad_norm"] >= 0 for m in result["history"])
+    assert all(m["samples_per_s"] > 0 for m in result["history"])  # grad norms: tests/test_pinned_losses.py
     final = tmp_path / "out" / "checkpoints" / "final"
     assert (final / "model" / "modules.json").is_file()
     assert json.loads((final / "metrics.json").read_text())["step"] == 36
@@ -69,14 +69,43 @@ def test_grad_accumulation_counts_optimizer_steps(tiny_bert, tmp_path):
     assert [m["step"] for m in result["history"]] == [1, 2, 3, 4]  # 6 micro-batches / 3 per step x 2 epochs
 
 
-@pytest.mark.parametrize("loss, records", [
-    ("triplet", _triplets(8)),
-    ("cosent", [ScoredRecord(f"q {i}", f"doc {i}", float(i % 3)) for i in range(8)]),
-])
-def test_other_losses_and_formats_train(tiny_bert, tmp_path, loss, records):
-    write_records(tmp_path / "train.jsonl", records)
-    result = train_loop(_cfg(tiny_bert, tmp_path, max_steps=2, loss={"name": loss}))
-    assert result["step"] == 2 and torch.isfinite(torch.tensor(result["loss"]))
+def _scored(n=24):
+    """Query i with an on-topic document (label 1.0), a half-related one (0.5) and an off-topic one (0.0)."""
+    out = []
+    for i in range(n):
+        q = f"what about {TOPICS[i % 8].split()[0]} {i}"
+        out += [ScoredRecord(q, f"{TOPICS[i % 8]} fact {i}", 1.0),
+                ScoredRecord(q, f"{TOPICS[i % 8].split()[0]} and {TOPICS[(i + 3) % 8]} {i}", 0.5),
+                ScoredRecord(q, f"{TOPICS[(i + 5) % 8]} other {i}", 0.0)]
+    return out
+
+
+def _pair_order_accuracy(model_dir, records) -> float:
+    """Fraction of (query, higher label, lower label) pairs the model orders right by cosine."""
+    from distributed_ir.models.embedder import Embedder
+
+    emb = Embedder.load(model_dir)
+    q = emb.encode([r.query for r in records], "query")
+    d = emb.encode([r.document for r in records], "document")
+    s = (q * d).sum(-1)
+    by_query: dict[str, list[tuple[float, float]]] = {}
+    for r, score in zip(records, s):
+        by_query.setdefault(r.query, []).append((r.label, float(score)))
+    pairs = [(a[1] > b[1]) for g in by_query.values() for a in g for b in g if a[0] > b[0]]
+    return sum(pairs) / len(pairs)
+
+
+@pytest.mark.parametrize("loss", ["triplet", "cosent"])
+def test_other_losses_train_a_better_ranker(tiny_bert, tmp_path, loss):
+    """Triplet (triplet records) and CoSENT (scored records) over 8 epochs: the trained model orders
+    the training documents by relevance better than the untrained one does."""
+    write_records(tmp_path / "train.jsonl", _triplets(24) if loss == "triplet" else _scored(8))
+    result = train_loop(_cfg(tiny_bert, tmp_path, epochs=8, loss={"name": loss}, optim={"lr": 2e-3, "warmup_ratio": 0.0}))
+    assert result["step"] == 8 * 6
+    check = _scored(8)
+    before = _pair_order_accuracy(tiny_bert, check)
+    after = _pair_order_accuracy(tmp_path / "out" / "checkpoints" / "final" / "model", check)
+    assert after >= 0.9 and after > before + 0.1, (before, after)
 
 
 def test_resume_from_checkpoint_is_exact(tiny_bert, tmp_path):
