@@ -146,9 +146,13 @@ def test_llm_reranker_same_score_left_and_right_padding(tiny_qwen, tmp_path):
         alone = torch.cat([model(**model.collate([u], side="left")) for u in units])
     torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
-    assert torch.all(right <= 0)  # a log-probability
-    # the prompt is the default and ends every input
-    assert model.settings.prompt.startswith("Given a query with a relevant body")
+    # by hand: log P(Yes) against No from the causal LM's logits at the last token of each unpadded input
+    with torch.no_grad():
+        for unit, score in zip(units, right):
+            logits = model.lm(input_ids=torch.tensor([unit["input_ids"]])).logits[0, -1]
+            expected = torch.log_softmax(logits[[model.yes_id, model.no_id]].float(), 0)[0]
+            assert abs(float(score) - float(expected)) < 1e-5
+    # the prompt ends every input
     prompt_ids = model.tokenizer(model.settings.prompt, add_special_tokens=False)["input_ids"]
     assert all(u["input_ids"][-len(prompt_ids):] == prompt_ids for u in units)
     scores = model.score_pairs(QUERIES, DOCS)
