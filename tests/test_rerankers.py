@@ -189,3 +189,18 @@ def test_compile_backbone_compiles_the_module_that_scores(kind, tiny_bert, tiny_
     keys = set(model.state_dict())
     model.compile_backbone()
     assert backbone._compiled_call_impl is not None and set(model.state_dict()) == keys
+
+
+def test_colbert_new_head_leaves_the_global_rng_alone(tiny_bert):
+    """Rank 0 builds the export model at every checkpoint: that must not reseed training's RNG."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = ColBERTReranker.from_pretrained(str(tiny_bert), colbert_dim=8)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(7)  # a different global state gives the same head: its init has its own seed
+    second = ColBERTReranker.from_pretrained(str(tiny_bert), colbert_dim=8)
+    for name, value in first.colbert_linear.state_dict().items():
+        torch.testing.assert_close(second.colbert_linear.state_dict()[name], value, atol=0, rtol=0)
+    bound = 1 / 32 ** 0.5  # nn.Linear's default init range for 32 inputs, and not all zeros
+    weight = first.colbert_linear.weight
+    assert 0 < weight.abs().max() <= bound and weight.std() > bound / 4
