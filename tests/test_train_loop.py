@@ -124,3 +124,17 @@ def test_each_rank_resumes_its_own_rng_stream(tmp_path):
         ckpt.load_training_state(tmp_path)
         ckpt.load_rank_rng(tmp_path, rank)
         torch.testing.assert_close(torch.rand(3), expected, atol=0, rtol=0)
+
+
+def test_checkpoints_do_not_change_the_dropout_stream(tiny_bert, tmp_path):
+    """Rank 0 builds an export model at every checkpoint (LoRA init draws random numbers): the
+    training RNG must not see it, so checkpointing every step gives the losses of a run without."""
+    write_records(tmp_path / "train.jsonl", _triplets(16))
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.3}
+    runs = [train_loop(_cfg(tiny_bert, tmp_path, max_steps=3, checkpoint_every=every, num_negatives=1, lora=lora,
+                            output_dir=str(tmp_path / f"every{every}")))
+            for every in (0, 1)]
+    losses = [[m["loss"] for m in r["history"]] for r in runs]
+    assert len(losses[0]) == 3 and len(set(losses[0])) == 3
+    assert losses[1] == losses[0]
+
