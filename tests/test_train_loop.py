@@ -138,3 +138,24 @@ def test_checkpoints_do_not_change_the_dropout_stream(tiny_bert, tmp_path):
     assert len(losses[0]) == 3 and len(set(losses[0])) == 3
     assert losses[1] == losses[0]
 
+
+def test_rng_files_hold_every_device_stream(tmp_path):
+    """training_state.pt and rng_rank<R>.pt hold the CPU stream and one CUDA stream per visible
+    device (none on a CPU-only host), and loading restores them."""
+    from distributed_ir.train import checkpoint as ckpt
+
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(0)
+    ckpt.save_training_state(tmp_path, {"step": 1, "epoch": 0, "micro_in_epoch": 1}, {"step": 1})
+    ckpt.save_rank_rng(tmp_path, 1)
+    expected = (torch.rand(3), torch.rand(3, device="cuda") if cuda else None)
+    for name in (ckpt.STATE_FILE, "rng_rank1.pt"):
+        saved = torch.load(tmp_path / name, weights_only=True)
+        assert len(saved["cuda_rng"]) == torch.cuda.device_count()
+    for rank in (0, 1):
+        torch.manual_seed(99)
+        ckpt.load_training_state(tmp_path)
+        ckpt.load_rank_rng(tmp_path, rank)
+        torch.testing.assert_close(torch.rand(3), expected[0], atol=0, rtol=0)
+        if cuda:
+            torch.testing.assert_close(torch.rand(3, device="cuda"), expected[1], atol=0, rtol=0)
