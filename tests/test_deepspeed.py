@@ -78,16 +78,31 @@ def test_ddp_zero2_zero3_same_lora_trajectory_on_two_ray_workers(tiny_qwen2, tmp
     assert runs["zero3"]["state_mb"] < runs["ddp"]["state_mb"]
 
 
-def test_zero3_export_equals_gathered_parameters(tiny_qwen2, tmp_path):
-    """World size 1 without Ray: ZeRO-3 partitions, the export gathers; compare with a direct gather."""
+@pytest.fixture(scope="module")
+def tiny_tied_lm(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_tied_lm"), "qwen2_lm", tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("task_name", ["embedder", "llm_reranker"])
+def test_zero3_export_equals_gathered_parameters(tiny_qwen2, tiny_tied_lm, tmp_path, task_name):
+    """World size 1 without Ray: ZeRO-3 partitions, the export gathers.  Its keys are those of the
+    same module built without ZeRO (a tied LM head included), its values those of the engine's
+    state_dict() taken inside one gather of every parameter."""
     import deepspeed
 
     from distributed_ir.train.engines import DeepSpeedEngine, deepspeed_config, init_deepspeed_distributed
 
     write_records(tmp_path / "train.jsonl", _triplets(16))
-    cfg = _cfg(tiny_qwen2, tmp_path, tmp_path / "out", engine={"name": "deepspeed", "zero_stage": 3},
-               lora={**LORA, "export": "adapter"})
+    if task_name == "embedder":  # LoRA on a Qwen2Model, adapter export
+        cfg = _cfg(tiny_qwen2, tmp_path, tmp_path / "out", engine={"name": "deepspeed", "zero_stage": 3},
+                   lora={**LORA, "export": "adapter"})
+    else:  # full fine-tune of a causal LM whose head is tied to its input embeddings
+        from tests.test_reranker_train import _cfg as reranker_cfg
+
+        cfg = from_dict(TrainConfig, reranker_cfg(tiny_tied_lm, tmp_path, "llm_reranker",
+                                                  engine={"name": "deepspeed", "zero_stage": 3}))
     task = get_task(cfg)
+    plain_keys = set(task.build().state_dict())
     ds = deepspeed_config(cfg, 1)
     init_deepspeed_distributed("gloo")
     with DeepSpeedEngine.init_context(ds):
@@ -98,12 +113,16 @@ def test_zero3_export_equals_gathered_parameters(tiny_qwen2, tmp_path):
     assert any(getattr(p, "ds_numel", 0) and p.numel() == 0 for p in engine.inner.parameters())  # partitioned
     full = engine.full_state_dict(rank=0)
     with deepspeed.zero.GatheredParameters(list(engine.inner.parameters()), modifier_rank=None):
-        direct = {n: p.detach().clone() for n, p in engine.inner.named_parameters()}
-    assert direct.keys() <= full.keys()
+        direct = {n: v.detach().clone() for n, v in engine.inner.state_dict().items()}
+    assert full.keys() == plain_keys == direct.keys()
     for name, value in direct.items():
-        torch.testing.assert_close(full[name], value, atol=0, rtol=0)
+        torch.testing.assert_close(full[name], value, atol=0, rtol=0, msg=name)
     export = task.build()
     export.load_state_dict(full)
+    if task_name == "llm_reranker":
+        head = "reranker.lm.lm_head.weight"
+        assert head in full and not torch.equal(full[head], task.build().state_dict()[head])  # trained
+        return
     task.export(export, tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     lora = {n: v for n, v in direct.items() if "lora_" in n}
@@ -190,3 +209,32 @@ def test_tiny_llm_lora_config_runs_the_pipeline(scifact_dir, tmp_path):
     saved = json.loads((tmp_path / "out" / "train" / "model" / "distributed_ir.json").read_text())
     assert saved["settings"]["pooling"] == "last" and saved["settings"]["query_instruction"] == LLM_QUERY_INSTRUCTION
     assert saved["trained_with"] == {"task": "embedder", "engine": "deepspeed", "lora": True}
+
+
+def test_zero3_llm_reranker_exports_its_tied_head(tiny_tied_lm, tmp_path):
+    """ZeRO-3 full fine-tune of an LLM reranker whose LM head is tied to its embeddings (Qwen2 with
+    tie_word_embeddings=True), checkpoint every step: each export holds every weight, equal to the
+    fp32 weights DeepSpeed's own consolidation (zero_to_fp32) recovers from the partitioned checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from distributed_ir.models.reranking import load_reranker
+    from tests.test_reranker_train import _cfg as reranker_cfg
+
+    lm = tiny_tied_lm
+    write_records(tmp_path / "train.jsonl", _triplets(8))
+    cfg = reranker_cfg(lm, tmp_path, "llm_reranker", max_steps=2, checkpoint_every=1, batch_size=2,
+                       engine={"name": "deepspeed", "zero_stage": 3}, optim={"lr": 1e-2, "warmup_ratio": 0.0})
+    train_loop(cfg)
+    initial = load_file(lm / "model.safetensors")["model.embed_tokens.weight"]
+    for name in ("step_0000001", "final"):
+        ckpt = tmp_path / "out" / "checkpoints" / name
+        model = load_reranker(ckpt / "model")
+        lm_head = model.lm.get_output_embeddings().weight
+        assert lm_head is model.lm.get_input_embeddings().weight
+        assert not torch.equal(lm_head, initial)  # trained
+        reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="state")
+        reference = {k.removeprefix("reranker.lm."): v for k, v in reference.items()}
+        exported = model.lm.state_dict()
+        assert exported.keys() == reference.keys() and "lm_head.weight" in exported
+        for key, value in reference.items():
+            torch.testing.assert_close(exported[key], value, atol=0, rtol=0, msg=key)

@@ -272,23 +272,32 @@ class DeepSpeedEngine:
             raise RuntimeError(f"{path / 'deepspeed'}: no DeepSpeed checkpoint with tag 'state'")
 
     def full_state_dict(self, rank: int) -> dict[str, torch.Tensor] | None:
-        """Whole parameters on rank 0; under ZeRO-3 every rank joins one gather per parameter."""
+        """Every ``state_dict()`` key with its whole tensor, on rank 0 (None elsewhere).
+
+        Under ZeRO-3 every rank joins one gather per parameter.  A key is matched to its parameter
+        by identity (``state_dict(keep_vars=True)``), so an alias such as a tied ``lm_head.weight``,
+        which ``named_parameters()`` skips, gets the gathered tensor of the parameter it aliases.
+        """
         if self.zero_stage != 3:
             return {k: v.detach().cpu() for k, v in self.inner.state_dict().items()} if rank == 0 else None
         import deepspeed
 
+        entries = self.inner.state_dict(keep_vars=True)  # persistent entries only (not e.g. rotary inv_freq)
+        keys_of: dict[int, list[str]] = {}
+        for key, value in entries.items():
+            keys_of.setdefault(id(value), []).append(key)
         out: dict[str, torch.Tensor] = {}
-        keys = set(self.inner.state_dict().keys())  # persistent entries only (not e.g. rotary inv_freq)
-        for name, param in self.inner.named_parameters():
+        for param in self.inner.parameters():  # each parameter once, in the same order on every rank
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if rank == 0:
-                    out[name] = param.detach().cpu().clone()
+                    whole = param.detach().cpu().clone()
+                    out.update((key, whole) for key in keys_of.get(id(param), []))
         if rank != 0:
             return None
-        for name, buf in self.inner.named_buffers():
-            if name in keys:
-                out[name] = buf.detach().cpu().clone()
-        return out
+        for key, value in entries.items():  # buffers (and any other persistent entry)
+            if key not in out:
+                out[key] = value.detach().cpu().clone()
+        return {key: out[key] for key in entries}
 
     def memory(self) -> dict[str, int]:
         params = list(self.inner.parameters())
