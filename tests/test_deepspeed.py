@@ -238,3 +238,41 @@ def test_zero3_llm_reranker_exports_its_tied_head(tiny_tied_lm, tmp_path):
         assert exported.keys() == reference.keys() and "lm_head.weight" in exported
         for key, value in reference.items():
             torch.testing.assert_close(exported[key], value, atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("extra, refused", [
+    ({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2}, "gradient_accumulation_steps, "
+                                                                            "train_micro_batch_size_per_gpu"),
+    ({"train_batch_size": 64}, "train_batch_size"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled"),
+    ({"bfloat16": {"enabled": True}}, "bfloat16"),
+    ({"fp16": {"enabled": True, "loss_scale": 0}}, "fp16.enabled"),
+    ({"fp16": True}, "fp16.enabled"),
+    ({"gradient_clipping": 0.0}, "gradient_clipping"),
+    ({"optimizer": {"type": "Lamb", "params": {"lr": 1.0}}}, "optimizer"),
+    ({"scheduler": {"type": "WarmupLR"}}, "scheduler"),
+    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
+])
+def test_deepspeed_config_file_cannot_override_what_the_loop_owns(tmp_path, extra, refused):
+    from distributed_ir.config import ConfigError
+    from distributed_ir.train.engines import deepspeed_config
+
+    file = tmp_path / "ds.json"
+    file.write_text(json.dumps({**extra, "steps_per_print": 5}))
+    cfg = _cfg("m", tmp_path, tmp_path, engine={"name": "deepspeed", "zero_stage": 2, "config_file": str(file)})
+    with pytest.raises(ConfigError, match=f"{file}: sets {refused};"):
+        deepspeed_config(cfg, 2)
+
+
+def test_deepspeed_config_file_merges_other_settings(tmp_path):
+    from distributed_ir.train.engines import deepspeed_config
+
+    file = tmp_path / "ds.json"
+    file.write_text(json.dumps({"steps_per_print": 5, "fp16": {"initial_scale_power": 8},
+                                "zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 1000}}))
+    cfg = _cfg("m", tmp_path, tmp_path, batch_size=3, grad_accum_steps=2,
+               engine={"name": "deepspeed", "zero_stage": 2, "config_file": str(file)})
+    ds = deepspeed_config(cfg, 2)
+    assert ds["steps_per_print"] == 5 and ds["train_batch_size"] == 3 * 2 * 2
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": False, "reduce_bucket_size": 1000}
+    assert ds["fp16"] == {"enabled": False, "initial_scale_power": 8}  # loss-scale tuning, not the switch

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distributed_ir.config import TrainConfig
+from distributed_ir.config import ConfigError, TrainConfig
 
 STATE_FILE = "engine_state.pt"
 
@@ -155,8 +155,34 @@ class DDPEngine:
         return memory_breakdown(params, [p.grad for p in params if p.grad is not None], [], self.optimizer)
 
 
+# DeepSpeed settings the loop derives from the train config and relies on, with the setting that owns
+# each: the data sharding, accumulation boundary and step count assume the batch sizes; the export,
+# memory report and DDP equivalence assume the precision; the loop's param groups and schedule are
+# the optimizer's (DeepSpeed would silently ignore a file's scheduler beside the loop's);
+# ZeRO-3's partitioned build and gathered export follow engine.zero_stage.
+LOOP_OWNED = {
+    "train_batch_size": "batch_size x grad_accum_steps x workers",
+    "train_micro_batch_size_per_gpu": "batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "elasticity": "batch_size / grad_accum_steps / scaling.num_workers",
+    "bf16.enabled": "bf16", "bfloat16": "bf16", "fp16.enabled": "fp16", "amp": "bf16 / fp16",
+    "torch_autocast": "bf16 / fp16",
+    "gradient_clipping": "optim.max_grad_norm",
+    "optimizer": "optim.lr / optim.weight_decay / engine.torch_adam",
+    "scheduler": "optim.scheduler / optim.warmup_ratio",
+    "zero_optimization.stage": "engine.zero_stage",
+}
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """DeepSpeed's JSON config from ours; ``engine.config_file`` is merged over it."""
+    """DeepSpeed's JSON config from ours; ``engine.config_file`` is merged over it.
+
+    The file may tune anything else (bucket sizes, overlap, offload details, fp16 loss scaling,
+    logging), but it may not set a key of :data:`LOOP_OWNED` (batch sizes, accumulation,
+    elasticity, whether bf16/fp16/amp/autocast is on, gradient clipping, optimizer, scheduler, ZeRO
+    stage): the loop relies on those matching the train config, so a file that sets one is
+    refused (ConfigError naming the keys and the file).
+    """
     e = cfg.engine
     zero: dict[str, Any] = {"stage": e.zero_stage}
     if e.offload_optimizer:
@@ -182,7 +208,18 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     if e.offload_optimizer and e.torch_adam:
         ds["zero_force_ds_cpu_optimizer"] = False
     if e.config_file:
-        ds = _merge(ds, json.loads(Path(e.config_file).read_text()))
+        extra = json.loads(Path(e.config_file).read_text())
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{e.config_file}: expected a JSON object", key="engine.config_file")
+        # "a.b" is set by {"a": {"b": ...}}, and replaced by a non-object "a"
+        nested = {f"{k}.{sub}" for k, v in extra.items() if isinstance(v, dict) for sub in v}
+        clash = sorted(k for k in LOOP_OWNED if k in extra or k in nested
+                       or ("." in k and not isinstance(extra.get(k.split(".")[0], {}), dict)))
+        if clash:
+            raise ConfigError(f"{e.config_file}: sets {', '.join(clash)}; the training loop owns these: set "
+                              f"{'; '.join(LOOP_OWNED[k] for k in clash)} in the train config instead",
+                              key="engine.config_file")
+        ds = _merge(ds, extra)
     return ds
 
 
