@@ -266,6 +266,9 @@ class DeepSpeedEngine:
             lr_scheduler=lambda opt: build_scheduler(cfg, opt, total_steps),
         )
         self.inner = self.engine.module
+        # Without ZeRO and mixed precision DeepSpeed clips the plain optimizer's gradients but
+        # records no norm (get_global_grad_norm() is None): the loop measures it itself.
+        self._measure_norm = self.zero_stage == 0 and not (cfg.bf16 or cfg.fp16)
 
     @staticmethod
     def init_context(ds_config: dict[str, Any]) -> contextlib.AbstractContextManager:
@@ -289,10 +292,13 @@ class DeepSpeedEngine:
         self.engine.set_gradient_accumulation_boundary(boundary)
         loss = self.engine(**inputs)
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        measured = None
+        if boundary and self._measure_norm:  # the all-reduced gradients, before clipping and the step
+            measured = torch.nn.utils.get_total_norm([p.grad for p in self.inner.parameters() if p.grad is not None])
         self.engine.step()  # a real optimizer step only at the boundary
         if not boundary:
             return loss.item(), None
-        norm = self.engine.get_global_grad_norm()
+        norm = measured if measured is not None else self.engine.get_global_grad_norm()
         return loss.item(), float(norm) if norm is not None else 0.0
 
     def lr(self) -> float:
