@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,9 +168,10 @@ def test_adapter_export_loads_merged_and_encodes_like_the_trained_model(tiny_qwe
     np.testing.assert_allclose(merged.encode(texts, "query"), loaded.encode(texts, "query"), atol=1e-5)
 
 
-def test_deepspeed_checkpoint_resumes_exactly(tiny_qwen2, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_checkpoint_resumes_exactly(tiny_qwen2, tmp_path, stage):
     write_records(tmp_path / "train.jsonl", _triplets(16))
-    ds = {"name": "deepspeed", "zero_stage": 2}
+    ds = {"name": "deepspeed", "zero_stage": stage}
     straight = train_loop(to_dict(_cfg(tiny_qwen2, tmp_path, tmp_path / "a", engine=ds, max_steps=6,
                                        checkpoint_every=3)))
     ckpt = tmp_path / "a" / "checkpoints" / "step_0000003"
@@ -179,6 +181,10 @@ def test_deepspeed_checkpoint_resumes_exactly(tiny_qwen2, tmp_path):
     assert [m["step"] for m in resumed["history"]] == [4, 5, 6]
     np.testing.assert_allclose([m["loss"] for m in resumed["history"]],
                                [m["loss"] for m in straight["history"][3:]], atol=1e-6)
+    final = [load_file(tmp_path / run / "checkpoints" / "final" / "model" / "model.safetensors") for run in "ab"]
+    assert final[0].keys() == final[1].keys()
+    for name, value in final[0].items():
+        torch.testing.assert_close(final[1][name], value, atol=1e-6, rtol=0, msg=name)
 
 
 @pytest.mark.slow
@@ -314,3 +320,32 @@ def test_deepspeed_setting_follows_ddp(tiny_qwen2, ddp_reference, tmp_path, engi
     for name, value in ref_weights.items():
         torch.testing.assert_close(weights[name], value, atol=1e-5, rtol=0, msg=name)
 
+
+def test_deepspeed_fp16_follows_fp32(tiny_qwen2, ddp_reference, tmp_path):
+    """ZeRO-2 fp16 (half weights, dynamic loss scaling) on the reference data: fp32's losses and
+    gradient norms to fp16 precision, no step skipped, and the weights move as fp32's do.  The loss
+    scale starts at 2**8 (the config file may tune loss scaling): at the default 2**16 a tiny model
+    overflows and skips its first steps."""
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        pytest.skip(f"DeepSpeed's {get_accelerator().device_name()} accelerator has no fp16 on this host")
+    data, reference, ref_weights = ddp_reference
+    (tmp_path / "ds.json").write_text(json.dumps({"fp16": {"initial_scale_power": 8}}))
+    result = train_loop(to_dict(_cfg(tiny_qwen2, data, tmp_path / "out", max_steps=3, grad_accum_steps=2, fp16=True,
+                                     engine={"name": "deepspeed", "zero_stage": 2,
+                                             "config_file": str(tmp_path / "ds.json")})))
+    losses = [m["loss"] for m in result["history"]]
+    ref_losses = [m["loss"] for m in reference]
+    assert losses != ref_losses  # half precision really ran
+    np.testing.assert_allclose(losses, ref_losses, atol=2e-2, rtol=0)
+    np.testing.assert_allclose([m["grad_norm"] for m in result["history"]], [m["grad_norm"] for m in reference],
+                               rtol=5e-2)  # finite: no overflow, no skipped step
+    base = {k: v for k, v in load_file(Path(tiny_qwen2) / "model.safetensors").items()}
+    weights = _final_weights(tmp_path / "out")
+    moved = ref = 0.0
+    for name, value in ref_weights.items():
+        if name in base and not torch.equal(value, base[name]):  # the LoRA-merged weights
+            moved += float((weights[name].float() - value).norm() ** 2)
+            ref += float((value - base[name]).norm() ** 2)
+    assert ref > 0 and moved ** 0.5 < 0.1 * ref ** 0.5  # fp16's update is fp32's to within 10%
