@@ -159,3 +159,44 @@ def test_rng_files_hold_every_device_stream(tmp_path):
         torch.testing.assert_close(torch.rand(3), expected[0], atol=0, rtol=0)
         if cuda:
             torch.testing.assert_close(torch.rand(3, device="cuda"), expected[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["embedder", "llm_reranker"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_bert, tmp_path, task):
+    """One forward/backward with and without activation checkpointing: same loss and gradients
+    (LoRA dropout on: the recomputation replays the same mask), and the layers really recompute."""
+    from distributed_ir.train.tasks import get_task
+    from tests.conftest import build_tiny_model
+
+    write_records(tmp_path / "train.jsonl", _triplets(8))
+    if task == "embedder":  # full fine-tune of a BERT encoder
+        kw = {"num_negatives": 1}
+        model = tiny_bert
+    else:  # LoRA on a causal LM, through the reranker task
+        model = build_tiny_model(tmp_path / "lm", "qwen2_lm")
+        kw = {"task": task, "num_negatives": 1, "loss": {"name": "listwise"}, "reranker": {"max_length": 320},
+              "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.2}}
+    batch = next(iter(epoch_batches(_triplets(8), 0, 0, 1, 4, 1, seed=1)))
+    runs = []
+    for checkpointing in (False, True):
+        cfg = from_dict(TrainConfig, _cfg(model, tmp_path, gradient_checkpointing=checkpointing, **kw))
+        t = get_task(cfg)
+        torch.manual_seed(0)  # the same LoRA init in both builds
+        module = t.build()
+        module.train()
+        layer = next(m for n, m in module.named_modules() if n.endswith(("layers.0", "layer.0")))
+        calls = []  # transformers checkpoints the layer's forward: a submodule inside it runs again in backward
+        next(layer.children()).register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        torch.manual_seed(1)  # the same dropout masks
+        loss = module(**t.inputs(module, batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        runs.append((loss.detach(), grads, len(calls)))
+    (loss, grads, calls), (ck_loss, ck_grads, ck_calls) = runs
+    forwards = 1 if task == "llm_reranker" else 2  # the embedder encodes queries and documents apart
+    assert (calls, ck_calls) == (forwards, 2 * forwards)
+    torch.testing.assert_close(ck_loss, loss, atol=1e-6, rtol=0)
+    assert grads.keys() == ck_grads.keys() and len(grads) > 4
+    assert sum(float(g.abs().sum()) > 0 for g in grads.values()) > 4  # (LoRA A gets none while B is 0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(ck_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
