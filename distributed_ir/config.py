@@ -165,7 +165,9 @@ class EngineConfig:
     torch_adam: bool = _help(
         "use torch's AdamW inside DeepSpeed (no JIT op build); false = DeepSpeed's fused/CPU Adam", default=True
     )
-    config_file: str = _help("extra DeepSpeed JSON merged over the generated config ('' = none)", default="")
+    config_file: str = _help("extra DeepSpeed JSON merged over the generated config ('' = none); it may not set "
+                             "what the loop owns (batch sizes, accumulation, precision, clipping, optimizer, "
+                             "scheduler, ZeRO stage)", default="")
 
     def __post_init__(self) -> None:
         _check_choice("engine.name", self.name, ("ddp", "deepspeed"))

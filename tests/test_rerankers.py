@@ -193,3 +193,62 @@ def test_compile_backbone_compiles_the_module_that_scores(kind, tiny_bert, tiny_
     keys = set(model.state_dict())
     model.compile_backbone()
     assert backbone._compiled_call_impl is not None and set(model.state_dict()) == keys
+
+
+def test_colbert_new_head_leaves_the_global_rng_alone(tiny_bert):
+    """Rank 0 builds the export model at every checkpoint: that must not reseed training's RNG."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = ColBERTReranker.from_pretrained(str(tiny_bert), colbert_dim=8)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(7)  # a different global state gives the same head: its init has its own seed
+    second = ColBERTReranker.from_pretrained(str(tiny_bert), colbert_dim=8)
+    for name, value in first.colbert_linear.state_dict().items():
+        torch.testing.assert_close(second.colbert_linear.state_dict()[name], value, atol=0, rtol=0)
+    bound = 1 / 32 ** 0.5  # nn.Linear's default init range for 32 inputs, and not all zeros
+    weight = first.colbert_linear.weight
+    assert 0 < weight.abs().max() <= bound and weight.std() > bound / 4
+
+
+def _lora_llm(path, **kw):
+    from distributed_ir.config import LoraConfig
+
+    model = LLMReranker.from_pretrained(str(path), max_length=320, **kw)
+    model.attach_lora(LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # a non-zero adapter, so the merge matters
+        gen = torch.Generator().manual_seed(0)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
+
+
+def test_llm_reranker_merged_save_keeps_tied_head_and_dtype(tmp_path):
+    """An LM whose head is tied to its embeddings, cast to bf16 after loading (its config still says
+    float32): the merged save keeps bf16 and every weight."""
+    from safetensors.torch import load_file
+
+    lm = build_tiny_model(tmp_path / "lm", "qwen2_lm", tie_word_embeddings=True)
+    model = _lora_llm(lm).to(torch.bfloat16)
+    assert model.lm.dtype == torch.bfloat16 and model.lm.config.dtype == torch.float32
+    assert model.lm.get_output_embeddings().weight is model.lm.get_input_embeddings().weight
+    before = model.score_pairs(QUERIES, DOCS)
+    saved = model.save(tmp_path / "llm")
+    assert {v.dtype for v in load_file(saved / "model.safetensors").values()} == {torch.bfloat16}
+    again = load_reranker(saved)
+    assert again.lm.dtype == torch.bfloat16 and not any("lora" in n for n, _ in again.named_parameters())
+    # merged bf16 weights round once where the live model adds the adapter's output: bf16 tolerance
+    np.testing.assert_allclose(again.score_pairs(QUERIES, DOCS), before, atol=2e-2)
+    reference = dict(model.merged_state_dict())
+    for name, value in again.lm.state_dict().items():
+        torch.testing.assert_close(value, reference[name], atol=0, rtol=0, msg=name)
+
+
+def test_llm_reranker_merged_save_refuses_mismatched_keys(tiny_qwen, tmp_path, monkeypatch):
+    model = _lora_llm(tiny_qwen)
+    merged = model.merged_state_dict()
+    lost = merged.pop("model.norm.weight")
+    merged["model.extra.weight"] = lost
+    monkeypatch.setattr(model, "merged_state_dict", lambda: merged)
+    with pytest.raises(RuntimeError, match=r"(?s)model\.norm\.weight.*model\.extra\.weight"):
+        model.save(tmp_path / "llm")

@@ -153,3 +153,79 @@ def test_each_rank_resumes_its_own_rng_stream(tmp_path):
         ckpt.load_training_state(tmp_path)
         ckpt.load_rank_rng(tmp_path, rank)
         torch.testing.assert_close(torch.rand(3), expected, atol=0, rtol=0)
+
+
+def test_checkpoints_do_not_change_the_dropout_stream(tiny_bert, tmp_path):
+    """Rank 0 builds an export model at every checkpoint (LoRA init draws random numbers): the
+    training RNG must not see it, so checkpointing every step gives the losses of a run without."""
+    write_records(tmp_path / "train.jsonl", _triplets(16))
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.3}
+    runs = [train_loop(_cfg(tiny_bert, tmp_path, max_steps=3, checkpoint_every=every, num_negatives=1, lora=lora,
+                            output_dir=str(tmp_path / f"every{every}")))
+            for every in (0, 1)]
+    losses = [[m["loss"] for m in r["history"]] for r in runs]
+    assert len(losses[0]) == 3 and len(set(losses[0])) == 3
+    assert losses[1] == losses[0]
+
+
+def test_rng_files_hold_every_device_stream(tmp_path):
+    """training_state.pt and rng_rank<R>.pt hold the CPU stream and one CUDA stream per visible
+    device (none on a CPU-only host), and loading restores them."""
+    from distributed_ir.train import checkpoint as ckpt
+
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(0)
+    ckpt.save_training_state(tmp_path, {"step": 1, "epoch": 0, "micro_in_epoch": 1}, {"step": 1})
+    ckpt.save_rank_rng(tmp_path, 1)
+    expected = (torch.rand(3), torch.rand(3, device="cuda") if cuda else None)
+    for name in (ckpt.STATE_FILE, "rng_rank1.pt"):
+        saved = torch.load(tmp_path / name, weights_only=True)
+        assert len(saved["cuda_rng"]) == torch.cuda.device_count()
+    for rank in (0, 1):
+        torch.manual_seed(99)
+        ckpt.load_training_state(tmp_path)
+        ckpt.load_rank_rng(tmp_path, rank)
+        torch.testing.assert_close(torch.rand(3), expected[0], atol=0, rtol=0)
+        if cuda:
+            torch.testing.assert_close(torch.rand(3, device="cuda"), expected[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["embedder", "llm_reranker"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_bert, tmp_path, task):
+    """One forward/backward with and without activation checkpointing: same loss and gradients
+    (LoRA dropout on: the recomputation replays the same mask), and the layers really recompute."""
+    from distributed_ir.train.tasks import get_task
+    from tests.conftest import build_tiny_model
+
+    write_records(tmp_path / "train.jsonl", _triplets(8))
+    if task == "embedder":  # full fine-tune of a BERT encoder
+        kw = {"num_negatives": 1}
+        model = tiny_bert
+    else:  # LoRA on a causal LM, through the reranker task
+        model = build_tiny_model(tmp_path / "lm", "qwen2_lm")
+        kw = {"task": task, "num_negatives": 1, "loss": {"name": "listwise"}, "reranker": {"max_length": 320},
+              "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.2}}
+    batch = next(iter(epoch_batches(_triplets(8), 0, 0, 1, 4, 1, seed=1)))
+    runs = []
+    for checkpointing in (False, True):
+        cfg = from_dict(TrainConfig, _cfg(model, tmp_path, gradient_checkpointing=checkpointing, **kw))
+        t = get_task(cfg)
+        torch.manual_seed(0)  # the same LoRA init in both builds
+        module = t.build()
+        module.train()
+        layer = next(m for n, m in module.named_modules() if n.endswith(("layers.0", "layer.0")))
+        calls = []  # transformers checkpoints the layer's forward: a submodule inside it runs again in backward
+        next(layer.children()).register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        torch.manual_seed(1)  # the same dropout masks
+        loss = module(**t.inputs(module, batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        runs.append((loss.detach(), grads, len(calls)))
+    (loss, grads, calls), (ck_loss, ck_grads, ck_calls) = runs
+    forwards = 1 if task == "llm_reranker" else 2  # the embedder encodes queries and documents apart
+    assert (calls, ck_calls) == (forwards, 2 * forwards)
+    torch.testing.assert_close(ck_loss, loss, atol=1e-6, rtol=0)
+    assert grads.keys() == ck_grads.keys() and len(grads) > 4
+    assert sum(float(g.abs().sum()) > 0 for g in grads.values()) > 4  # (LoRA A gets none while B is 0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(ck_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -14,6 +14,7 @@ the head is initialised.  Long documents are cut into overlapping windows of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -86,8 +87,7 @@ class ColBERTReranker(RerankerBase):
                                                       trust_remote_code, overrides)
         head = load_head(Path(path) / HEAD_FILE, int(backbone.config.hidden_size))
         if head is None:
-            torch.manual_seed(0)  # a fresh head is reproducible
-            head = nn.Linear(int(backbone.config.hidden_size), settings.colbert_dim)
+            head = new_head(int(backbone.config.hidden_size), settings.colbert_dim)
         return cls(backbone, tokenizer, settings, head)
 
     def save(self, path: str | Path) -> Path:
@@ -190,6 +190,19 @@ class ColBERTReranker(RerankerBase):
             qv = q_vecs[q_index[q]]
             best = max(float((qv @ c.T).max(dim=1).values.sum()) for c in doc_chunks[d_index[d]])
             out[i] = best / max(1, qv.shape[0])
+
+
+def new_head(hidden: int, dim: int, seed: int = 0) -> nn.Linear:
+    """A fresh ``Linear(hidden, dim)`` with ``nn.Linear``'s default init drawn from its own seeded
+    generator: reproducible, and the global RNG (training's dropout stream: rank 0 builds the export
+    model at every checkpoint) is left untouched."""
+    head = nn.Linear(hidden, dim, device="meta").to_empty(device="cpu")  # meta: no draw from the global RNG
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5), generator=gen)  # as nn.Linear.reset_parameters
+        bound = 1 / math.sqrt(hidden)
+        nn.init.uniform_(head.bias, -bound, bound, generator=gen)
+    return head
 
 
 def load_head(path: Path, hidden: int) -> nn.Linear | None:

@@ -104,11 +104,15 @@ class LLMReranker(RerankerBase):
         path.mkdir(parents=True, exist_ok=True)
         state = self.merged_state_dict()
         if self.lora:
-            # save_pretrained walks the live (LoRA-injected) modules; hand it clean names and weights
+            # save_pretrained walks the live (LoRA-injected) modules; hand it clean names and weights,
+            # in the live model's dtype (the config's may be stale after a cast, and fp32 doubles the file)
             from transformers import AutoModelForCausalLM
 
-            clean = AutoModelForCausalLM.from_config(self.lm.config)
-            clean.load_state_dict(state, strict=False)
+            clean = AutoModelForCausalLM.from_config(self.lm.config, dtype=self.lm.dtype)
+            missing, unexpected = clean.load_state_dict(state, strict=False)
+            if missing or unexpected:  # strict=True's own error would not say why; a gap keeps random weights
+                raise RuntimeError(f"merged LoRA weights do not fit {type(clean).__name__}: missing {missing}, "
+                                   f"unexpected {unexpected}")
             clean.save_pretrained(path, safe_serialization=True)
         else:
             self.lm.save_pretrained(path, safe_serialization=True)

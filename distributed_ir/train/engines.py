@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distributed_ir.config import TrainConfig
+from distributed_ir.config import ConfigError, TrainConfig
 
 STATE_FILE = "engine_state.pt"
 
@@ -155,8 +155,34 @@ class DDPEngine:
         return memory_breakdown(params, [p.grad for p in params if p.grad is not None], [], self.optimizer)
 
 
+# DeepSpeed settings the loop derives from the train config and relies on, with the setting that owns
+# each: the data sharding, accumulation boundary and step count assume the batch sizes; the export,
+# memory report and DDP equivalence assume the precision; the loop's param groups and schedule are
+# the optimizer's (DeepSpeed would silently ignore a file's scheduler beside the loop's);
+# ZeRO-3's partitioned build and gathered export follow engine.zero_stage.
+LOOP_OWNED = {
+    "train_batch_size": "batch_size x grad_accum_steps x workers",
+    "train_micro_batch_size_per_gpu": "batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "elasticity": "batch_size / grad_accum_steps / scaling.num_workers",
+    "bf16.enabled": "bf16", "bfloat16": "bf16", "fp16.enabled": "fp16", "amp": "bf16 / fp16",
+    "torch_autocast": "bf16 / fp16",
+    "gradient_clipping": "optim.max_grad_norm",
+    "optimizer": "optim.lr / optim.weight_decay / engine.torch_adam",
+    "scheduler": "optim.scheduler / optim.warmup_ratio",
+    "zero_optimization.stage": "engine.zero_stage",
+}
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """DeepSpeed's JSON config from ours; ``engine.config_file`` is merged over it."""
+    """DeepSpeed's JSON config from ours; ``engine.config_file`` is merged over it.
+
+    The file may tune anything else (bucket sizes, overlap, offload details, fp16 loss scaling,
+    logging), but it may not set a key of :data:`LOOP_OWNED` (batch sizes, accumulation,
+    elasticity, whether bf16/fp16/amp/autocast is on, gradient clipping, optimizer, scheduler, ZeRO
+    stage): the loop relies on those matching the train config, so a file that sets one is
+    refused (ConfigError naming the keys and the file).
+    """
     e = cfg.engine
     zero: dict[str, Any] = {"stage": e.zero_stage}
     if e.offload_optimizer:
@@ -182,7 +208,18 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     if e.offload_optimizer and e.torch_adam:
         ds["zero_force_ds_cpu_optimizer"] = False
     if e.config_file:
-        ds = _merge(ds, json.loads(Path(e.config_file).read_text()))
+        extra = json.loads(Path(e.config_file).read_text())
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{e.config_file}: expected a JSON object", key="engine.config_file")
+        # "a.b" is set by {"a": {"b": ...}}, and replaced by a non-object "a"
+        nested = {f"{k}.{sub}" for k, v in extra.items() if isinstance(v, dict) for sub in v}
+        clash = sorted(k for k in LOOP_OWNED if k in extra or k in nested
+                       or ("." in k and not isinstance(extra.get(k.split(".")[0], {}), dict)))
+        if clash:
+            raise ConfigError(f"{e.config_file}: sets {', '.join(clash)}; the training loop owns these: set "
+                              f"{'; '.join(LOOP_OWNED[k] for k in clash)} in the train config instead",
+                              key="engine.config_file")
+        ds = _merge(ds, extra)
     return ds
 
 
@@ -229,6 +266,9 @@ class DeepSpeedEngine:
             lr_scheduler=lambda opt: build_scheduler(cfg, opt, total_steps),
         )
         self.inner = self.engine.module
+        # Without ZeRO and mixed precision DeepSpeed clips the plain optimizer's gradients but
+        # records no norm (get_global_grad_norm() is None): the loop measures it itself.
+        self._measure_norm = self.zero_stage == 0 and not (cfg.bf16 or cfg.fp16)
 
     @staticmethod
     def init_context(ds_config: dict[str, Any]) -> contextlib.AbstractContextManager:
@@ -252,10 +292,13 @@ class DeepSpeedEngine:
         self.engine.set_gradient_accumulation_boundary(boundary)
         loss = self.engine(**inputs)
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        measured = None
+        if boundary and self._measure_norm:  # the all-reduced gradients, before clipping and the step
+            measured = torch.nn.utils.get_total_norm([p.grad for p in self.inner.parameters() if p.grad is not None])
         self.engine.step()  # a real optimizer step only at the boundary
         if not boundary:
             return loss.item(), None
-        norm = self.engine.get_global_grad_norm()
+        norm = measured if measured is not None else self.engine.get_global_grad_norm()
         return loss.item(), float(norm) if norm is not None else 0.0
 
     def lr(self) -> float:
@@ -272,23 +315,32 @@ class DeepSpeedEngine:
             raise RuntimeError(f"{path / 'deepspeed'}: no DeepSpeed checkpoint with tag 'state'")
 
     def full_state_dict(self, rank: int) -> dict[str, torch.Tensor] | None:
-        """Whole parameters on rank 0; under ZeRO-3 every rank joins one gather per parameter."""
+        """Every ``state_dict()`` key with its whole tensor, on rank 0 (None elsewhere).
+
+        Under ZeRO-3 every rank joins one gather per parameter.  A key is matched to its parameter
+        by identity (``state_dict(keep_vars=True)``), so an alias such as a tied ``lm_head.weight``,
+        which ``named_parameters()`` skips, gets the gathered tensor of the parameter it aliases.
+        """
         if self.zero_stage != 3:
             return {k: v.detach().cpu() for k, v in self.inner.state_dict().items()} if rank == 0 else None
         import deepspeed
 
+        entries = self.inner.state_dict(keep_vars=True)  # persistent entries only (not e.g. rotary inv_freq)
+        keys_of: dict[int, list[str]] = {}
+        for key, value in entries.items():
+            keys_of.setdefault(id(value), []).append(key)
         out: dict[str, torch.Tensor] = {}
-        keys = set(self.inner.state_dict().keys())  # persistent entries only (not e.g. rotary inv_freq)
-        for name, param in self.inner.named_parameters():
+        for param in self.inner.parameters():  # each parameter once, in the same order on every rank
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if rank == 0:
-                    out[name] = param.detach().cpu().clone()
+                    whole = param.detach().cpu().clone()
+                    out.update((key, whole) for key in keys_of.get(id(param), []))
         if rank != 0:
             return None
-        for name, buf in self.inner.named_buffers():
-            if name in keys:
-                out[name] = buf.detach().cpu().clone()
-        return out
+        for key, value in entries.items():  # buffers (and any other persistent entry)
+            if key not in out:
+                out[key] = value.detach().cpu().clone()
+        return {key: out[key] for key in entries}
 
     def memory(self) -> dict[str, int]:
         params = list(self.inner.parameters())

@@ -240,7 +240,11 @@ def _checkpoint(task: Any, engine: Any, position: dict[str, int], cfg: TrainConf
     engine.save(path, rank)
     ckpt.save_rank_rng(path, rank)
     if rank == 0:
-        export = task.build()  # a fresh CPU model of the same shape takes the gathered weights
+        # A fresh CPU model of the same shape takes the gathered weights.  Building it may draw
+        # random numbers (LoRA init): fork the RNG so training's stream is the same with or
+        # without checkpoints.
+        with torch.random.fork_rng(devices=[]):
+            export = task.build()
         export.load_state_dict(full)
         task.export(export, path / "model")
         ckpt.save_training_state(path, position, metrics, history)
