@@ -270,6 +270,21 @@ def test_deepspeed_config_file_cannot_override_what_the_loop_owns(tmp_path, extr
         deepspeed_config(cfg, 2)
 
 
+@pytest.mark.ray
+def test_a_clashing_config_file_fails_on_the_driver_with_its_relative_path(tmp_path, ray_cluster, monkeypatch):
+    """run_training checks the file before any worker starts, and hands workers an absolute path."""
+    from distributed_ir.config import ConfigError
+    from distributed_ir.train.launch import run_training
+
+    write_records(tmp_path / "train.jsonl", _triplets(8))
+    (tmp_path / "ds.json").write_text(json.dumps({"gradient_clipping": 5.0}))
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg("m", tmp_path, tmp_path / "out", engine={"name": "deepspeed", "config_file": "ds.json"})
+    with pytest.raises(ConfigError, match=r"ds\.json: sets gradient_clipping;"):
+        run_training(cfg)
+    assert not (tmp_path / "out" / "ray").exists()  # no Ray Train run was started
+
+
 def test_deepspeed_config_file_merges_other_settings(tmp_path):
     from distributed_ir.train.engines import deepspeed_config
 

@@ -13,6 +13,7 @@ from typing import Any
 from distributed_ir.config import TrainConfig, to_dict
 from distributed_ir.data.records import read_records, write_records
 from distributed_ir.train import faults
+from distributed_ir.train.engines import deepspeed_config
 from distributed_ir.train.loop import train_loop
 
 
@@ -89,6 +90,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         loop_config["resume_from"] = str(Path(cfg.resume_from).resolve())
     if cfg.model.name_or_path != "default" and Path(cfg.model.name_or_path).exists():
         loop_config["model"]["name_or_path"] = str(Path(cfg.model.name_or_path).resolve())
+    if cfg.engine.name == "deepspeed" and cfg.engine.config_file:
+        loop_config["engine"]["config_file"] = str(Path(cfg.engine.config_file).resolve())
+        deepspeed_config(cfg, cfg.scaling.num_workers)  # a file that clashes with the loop fails here, not in workers
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
