@@ -93,27 +93,38 @@ LOSS_DEFAULTS: dict[str, tuple[str, float]] = {
     "cross_encoder": ("listwise", 1.0), "llm_reranker": ("listwise", 1.0),
 }
 TASK_LOSSES: dict[str, tuple[str, ...]] = {
-    "embedder": ("infonce", "triplet", "cosent"), "colbert": ("listwise",),  # ColBERT scores in-batch lists only
+    "embedder": ("infonce", "triplet", "cosent", "distill"), "colbert": ("listwise",),  # ColBERT: in-batch lists
     "cross_encoder": ("listwise", "bce"), "llm_reranker": ("listwise", "bce"),
 }
 
 
 @dataclass
 class LossConfig:
-    name: str | None = _help("infonce | triplet | cosent (embedders); listwise | bce (rerankers); null = the "
-                             "task's default (embedder infonce, rerankers listwise)", default=None)
+    name: str | None = _help("infonce | triplet | cosent | distill (embedders); listwise | bce (rerankers); null = "
+                             "the task's default (embedder infonce, rerankers listwise)", default=None)
     temperature: float | None = _help(
         "softmax temperature for infonce / listwise, cosent scale = 1/temperature; null = the task's default "
         "(0.05 embedder and colbert, 1.0 cross_encoder and llm_reranker)", default=None)
     margin: float = _help("margin for the triplet loss", default=0.2)
     gather_across_workers: bool = _help("cross-worker negatives (all-gather with gradient)", default=True)
+    distill_weight: float = _help(
+        "infonce + distill_weight x KL(teacher || student) over each query's candidates (records with `scores`); "
+        "0 = off; loss.name=distill trains on the KL term alone", default=0.0)
+    teacher_temperature: float = _help("temperature of the teacher's scores in the distillation softmax "
+                                       "(the student's is loss.temperature)", default=1.0)
     mask_shared_positives: bool = _help(
         "infonce / ColBERT in-batch: a batch document that is also a positive of the row's query is not a "
         "negative for it (masked)", default=True)
 
     def __post_init__(self) -> None:
         if self.name is not None:
-            _check_choice("loss.name", self.name, ("infonce", "triplet", "cosent", "listwise", "bce"))
+            _check_choice("loss.name", self.name, ("infonce", "triplet", "cosent", "distill", "listwise", "bce"))
+        if self.distill_weight < 0 or self.teacher_temperature <= 0:
+            raise ConfigError("loss.distill_weight must be >= 0 and loss.teacher_temperature > 0",
+                              key="loss.distill_weight")
+        if self.distill_weight and self.name not in (None, "infonce"):
+            raise ConfigError(f"loss.distill_weight is added to infonce, not to {self.name!r} (loss.name=distill "
+                              "trains on distillation alone)", key="loss.distill_weight")
         if self.temperature is not None and self.temperature <= 0:
             raise ConfigError("loss.temperature must be > 0", key="loss.temperature")
 

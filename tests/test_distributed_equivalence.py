@@ -2,6 +2,7 @@
 
 Runs the real training step (the embedder task's train module + DDP) in 2 gloo processes.  Query 5
 (rank 1) shares query 1's positive (rank 0): the false-negative mask must see the gathered columns.
+A distillation term (teacher scores of each query's own candidates) is added to the InfoNCE loss.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ POSITIVES[5] = POSITIVES[1]
 NEGATIVES = [f"hard negative {i} " + "filler " * (i % 4) for i in range(16)]  # 2 per query
 
 
+TEACHER = [[3.0, 0.5 * (i % 3), 1.0] for i in range(8)]  # scores of each query's positive and 2 negatives
+
+
 def _batch(sl: slice, negatives: list[str]) -> TextBatch:
     return TextBatch(QUERIES[sl], POSITIVES[sl], negatives,
                      doc_keys=[text_key(d) for d in POSITIVES[sl] + negatives],
-                     positive_keys=[[text_key(d)] for d in POSITIVES[sl]])
+                     positive_keys=[[text_key(d)] for d in POSITIVES[sl]], teacher_scores=TEACHER[sl])
 
 
 def _grads(embedder: Embedder) -> torch.Tensor:
@@ -37,8 +41,9 @@ def _grads(embedder: Embedder) -> torch.Tensor:
 def _step(model_path: str, rank: int, world: int, gather: bool = True, mask: bool = True) -> tuple[float, torch.Tensor]:
     torch.manual_seed(0)
     task = get_task(from_dict(TrainConfig, {"model": {"name_or_path": model_path},
+                                            "num_negatives": 2,
                                             "loss": {"temperature": 0.05, "gather_across_workers": gather,
-                                                     "mask_shared_positives": mask}}))
+                                                     "mask_shared_positives": mask, "distill_weight": 0.5}}))
     inner = task.build()
     embedder = inner.embedder
     module = torch.nn.parallel.DistributedDataParallel(inner) if world > 1 else inner

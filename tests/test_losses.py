@@ -115,3 +115,23 @@ def test_listwise_softmax_matches_formula():
     targets = torch.tensor([2, 1])
     expected_t = sum(-(s[b, t] / tau - torch.logsumexp(s[b] / tau, 0)) for b, t in zip(range(2), targets)) / 2
     assert abs(float(ListwiseSoftmaxLoss(tau)(s, targets)) - float(expected_t)) < 1e-6
+
+
+def test_kl_distillation_matches_formula():
+    from distributed_ir.losses import KLDistillationLoss
+
+    torch.manual_seed(3)
+    q, p, n = _unit(2, 8), _unit(2, 8), _unit(4, 8)  # 2 negatives per query
+    teacher = torch.tensor([[4.0, 1.0, 2.5], [0.5, 3.0, -1.0]])
+    ts, tt = 0.1, 2.0
+    expected = 0.0
+    for i in range(2):
+        s = torch.stack([q[i] @ p[i], q[i] @ n[2 * i], q[i] @ n[2 * i + 1]]) / ts
+        pt = torch.softmax(teacher[i] / tt, 0)
+        expected += float((pt * (pt.log() - torch.log_softmax(s, 0))).sum())
+    got = KLDistillationLoss(student_temperature=ts, teacher_temperature=tt)(q, p, n, teacher)
+    assert abs(float(got) - expected / 2) < 1e-6
+    # zero when the student's softmax is the teacher's
+    student_logits = torch.stack([torch.stack([q[i] @ p[i], q[i] @ n[2 * i], q[i] @ n[2 * i + 1]]) for i in range(2)])
+    same = KLDistillationLoss(ts, 1.0)(q, p, n, student_logits / ts)
+    assert abs(float(same)) < 1e-6

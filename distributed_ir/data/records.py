@@ -1,7 +1,9 @@
 """Training records in three formats, read from JSONL or Parquet and validated per line.
 
 - pair:    ``{"query": str, "positive": [str, ...]}``                  (in-batch negatives)
-- triplet: ``{"query": str, "positive": [str, ...], "negative": [str, ...]}`` (hard + in-batch)
+- triplet: ``{"query": str, "positive": [str, ...], "negative": [str, ...]}`` (hard + in-batch);
+  optional ``"scores": [number, ...]``: a teacher's score of each positive then each negative
+  (same order, ``len(positive) + len(negative)`` numbers), for distillation
 - scored:  ``{"query": str, "document": str, "label": number}``          (CoSENT / BCE)
 
 Fields are read by name, never by position.  The format is taken from the first record and
@@ -31,6 +33,7 @@ class TrainRecord:
     query: str
     positive: list[str]
     negative: list[str] = field(default_factory=list)
+    scores: list[float] | None = None  # teacher scores of positive + negative, in that order
 
 
 @dataclass
@@ -98,7 +101,22 @@ def parse_record(path: Path, line: int, row: dict, fmt: str) -> TrainRecord | Sc
     # A triplet file may hold queries for which mining found nothing: they train on in-batch
     # (and pooled random) negatives; an empty positive list is always an error.
     negative = _str_list(path, line, row, "negative", allow_empty=True) if fmt == "triplet" else []
-    return TrainRecord(query=query, positive=positive, negative=negative)
+    scores = _scores(path, line, row, len(positive) + len(negative)) if row.get("scores") is not None else None
+    return TrainRecord(query=query, positive=positive, negative=negative, scores=scores)
+
+
+def _scores(path: Path, line: int, row: dict, expected: int) -> list[float]:
+    """Teacher scores aligned with ``positive + negative``: finite numbers, one per document."""
+    value = row["scores"]
+    if not isinstance(value, list):
+        raise DataError(path, line, f"expected a list of numbers, got {type(value).__name__}", field="scores")
+    if len(value) != expected:
+        raise DataError(path, line, f"{len(value)} scores for {expected} documents (positive + negative)",
+                        field="scores")
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise DataError(path, line, f"item {i} is {v!r}, expected a finite number", field="scores")
+    return [float(v) for v in value]
 
 
 def read_records(path: str | Path, fmt: str = "auto",
@@ -140,6 +158,8 @@ def write_records(path: str | Path, records: list[TrainRecord] | list[ScoredReco
             row = rec.__dict__.copy()
             if isinstance(rec, TrainRecord) and not triplet:
                 row.pop("negative")
+            if isinstance(rec, TrainRecord) and rec.scores is None:
+                row.pop("scores")
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path

@@ -34,6 +34,9 @@ class TextBatch:
     # in-batch losses mask a column that is a positive of the row's query (false negative)
     doc_keys: list[int] | None = None
     positive_keys: list[list[int]] | None = None
+    # a teacher's scores of each query's own candidates [B][1 + k]: its positive, then its k
+    # negatives; None unless every record of the batch carries scores
+    teacher_scores: list[list[float]] | None = None
 
     def key_tensors(self) -> dict[str, Any]:
         """``doc_keys`` [B(1+k)] and ``positive_keys`` [B, P] (padded by repeating the first key)
@@ -88,20 +91,26 @@ def _make_batch(records: list, idx: np.ndarray, epoch: int, k: int, seed: int, n
     if isinstance(first, ScoredRecord):
         rows = [records[int(i)] for i in idx]
         return TextBatch([r.query for r in rows], [r.document for r in rows], [], [r.label for r in rows])
-    queries, positives, negatives, positive_keys = [], [], [], []
+    queries, positives, negatives, positive_keys, teacher = [], [], [], [], []
     for i in idx:
         rec: TrainRecord = records[int(i)]
         rng = random.Random(f"{seed}:{epoch}:{int(i)}")
         queries.append(rec.query)
         positive_keys.append([text_key(p) for p in rec.positive])
-        positives.append(rng.choice(rec.positive))
+        # draw indices (the same draws as drawing the texts) so teacher scores follow the documents
+        pos = rng.choice(range(len(rec.positive)))
+        positives.append(rec.positive[pos])
+        negs: list[int] = []
         if k:
             if len(rec.negative) >= k:
-                negatives.extend(rng.sample(rec.negative, k))
+                negs = rng.sample(range(len(rec.negative)), k)
             elif rec.negative:  # fewer than k mined: sample with replacement
-                negatives.extend(rng.choices(rec.negative, k=k))
+                negs = rng.choices(range(len(rec.negative)), k=k)
             else:  # no mined negatives: random documents from the pool, never a positive
                 picks = [d for d in rng.sample(neg_pool, min(len(neg_pool), 4 * k + 4)) if d not in rec.positive]
                 negatives.extend((picks * k)[:k] if picks else rng.choices(neg_pool, k=k))
+        negatives.extend(rec.negative[j] for j in negs)
+        if rec.scores is not None and (negs or not k):
+            teacher.append([rec.scores[pos]] + [rec.scores[len(rec.positive) + j] for j in negs])
     return TextBatch(queries, positives, negatives, doc_keys=[text_key(d) for d in positives + negatives],
-                     positive_keys=positive_keys)
+                     positive_keys=positive_keys, teacher_scores=teacher if len(teacher) == len(queries) else None)

@@ -15,6 +15,7 @@ from distributed_ir.data.records import read_records, write_records
 from distributed_ir.train import faults
 from distributed_ir.train.engines import deepspeed_config
 from distributed_ir.train.loop import train_loop
+from distributed_ir.train.tasks import get_task
 
 
 @dataclass
@@ -80,8 +81,11 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     # Validate the records once, here: bad input fails before any worker starts (a clean
     # FILE:LINE: field error), and with on_error=skip the workers read only accepted records.
     check = cfg.input.check(out)
-    _, records = read_records(cfg.train_path, check=check)
+    fmt, records = read_records(cfg.train_path, check=check)
     print(check.summary_line(), flush=True)
+    task = get_task(cfg)  # format and loss needs (e.g. distillation's teacher scores): refused before workers start
+    task.check_format(fmt, cfg.train_path)
+    task.check_records(records, cfg.train_path)
     if check.summary()["rejected"]:
         loop_config["train_path"] = str(write_records(out / "train_records.accepted.jsonl", records))
     del records

@@ -72,6 +72,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     # ---- setup: data, model, engine (optimizer + schedule), resume
     fmt, records = read_records(cfg.train_path)
     task.check_format(fmt, cfg.train_path)
+    task.check_records(records, cfg.train_path)
     k = cfg.num_negatives if fmt == "triplet" else 0
     micro_per_epoch = steps_per_epoch(len(records), world_size, cfg.batch_size)
     opt_per_epoch = micro_per_epoch // cfg.grad_accum_steps

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from distributed_ir.config import ConfigError, ModelConfig, TrainConfig
-from distributed_ir.losses import build_loss
+from distributed_ir.losses import build_distillation, build_loss
 from distributed_ir.models.embedder import Embedder
 from distributed_ir.train.batching import TextBatch
 
@@ -49,6 +49,9 @@ class TrainTask:
     def export(self, module: nn.Module, path: Path) -> Path:
         """Write the user-facing model from a CPU train module holding the trained weights."""
         raise NotImplementedError
+
+    def check_records(self, records: list, path: str) -> None:
+        """Refuse records this task's loss cannot train on (beyond their format)."""
 
     def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
         """Optimizer parameter groups (a task may give a head its own learning rate)."""
@@ -84,21 +87,31 @@ def _load_plugins() -> None:
 # ----------------------------------------------------------------------------- embedder
 
 class EmbedderTrainModule(nn.Module):
-    """Bi-encoder + contrastive loss in one forward (queries and documents encoded together)."""
+    """Bi-encoder + loss in one forward (queries and documents encoded together): the contrastive
+    ``loss_fn`` and/or ``distill_weight`` x the ``distill`` term against teacher scores."""
 
-    def __init__(self, embedder: Embedder, loss_fn: nn.Module):
+    def __init__(self, embedder: Embedder, loss_fn: nn.Module | None, distill: nn.Module | None = None,
+                 distill_weight: float = 1.0):
         super().__init__()
         self.embedder = embedder
         self.loss_fn = loss_fn
+        self.distill = distill
+        self.distill_weight = distill_weight
 
     def forward(self, query: dict[str, torch.Tensor], document: dict[str, torch.Tensor], num_queries: int,
-                labels: torch.Tensor | None = None, **keys: torch.Tensor) -> torch.Tensor:
-        """``keys``: ``doc_keys`` / ``positive_keys`` for the loss's false-negative mask (infonce)."""
+                labels: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
+                **keys: torch.Tensor) -> torch.Tensor:
+        """``keys``: ``doc_keys`` / ``positive_keys`` for the loss's false-negative mask (infonce);
+        ``teacher`` [B, 1+k]: the teacher's scores of each query's positive and negatives."""
         q = self.embedder(**query)
         d = self.embedder(**document)
         if labels is not None:
             return self.loss_fn(q, d, labels)
-        return self.loss_fn(q, d[:num_queries], d[num_queries:] if d.shape[0] > num_queries else None, **keys)
+        positive, negative = d[:num_queries], d[num_queries:] if d.shape[0] > num_queries else None
+        loss = self.loss_fn(q, positive, negative, **keys) if self.loss_fn is not None else 0.0
+        if self.distill is not None:
+            loss = loss + self.distill_weight * self.distill(q, positive, negative, teacher)
+        return loss
 
 
 class EmbedderTask(TrainTask):
@@ -108,7 +121,8 @@ class EmbedderTask(TrainTask):
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
-        self.formats = ("scored",) if cfg.loss.name == "cosent" else ("pair", "triplet")
+        self.formats = {"cosent": ("scored",), "distill": ("triplet",)}.get(cfg.loss.name, ("pair", "triplet"))
+        self.distills = build_distillation(cfg.loss) is not None
 
     def _embedder(self, weights_from: str | None) -> Embedder:
         model_cfg: ModelConfig = self.cfg.model
@@ -126,7 +140,22 @@ class EmbedderTask(TrainTask):
         return embedder
 
     def build(self, weights_from: str | None = None) -> nn.Module:
-        return EmbedderTrainModule(self._embedder(weights_from), build_loss(self.cfg.loss))
+        loss = self.cfg.loss
+        return EmbedderTrainModule(self._embedder(weights_from), build_loss(loss), build_distillation(loss),
+                                   loss.distill_weight if loss.name != "distill" else 1.0)
+
+    def check_records(self, records: list, path: str) -> None:
+        """Distillation needs every record's teacher scores and at least one negative per query."""
+        if not self.distills:
+            return
+        if self.cfg.num_negatives < 1:
+            raise ConfigError("distillation ranks each query's positive against its negatives: set num_negatives >= 1",
+                              key="num_negatives")
+        for n, rec in enumerate(records, 1):
+            if getattr(rec, "scores", None) is None or not rec.negative:
+                raise ValueError(f"{path}: record {n} has no {'scores' if rec.negative else 'negatives'}; "
+                                 f"distillation (loss.name={self.cfg.loss.name}, distill_weight="
+                                 f"{self.cfg.loss.distill_weight}) needs triplet records with teacher scores")
 
     def inputs(self, module: nn.Module, batch: TextBatch) -> dict[str, Any]:
         embedder: Embedder = module.embedder
@@ -139,6 +168,8 @@ class EmbedderTask(TrainTask):
             out["labels"] = torch.tensor(batch.labels, dtype=torch.float32)
         elif self.cfg.loss.name == "infonce" and self.cfg.loss.mask_shared_positives:
             out.update(batch.key_tensors())
+        if self.distills:
+            out["teacher"] = torch.tensor(batch.teacher_scores, dtype=torch.float32)
         return out
 
     def export(self, module: nn.Module, path: Path) -> Path:
