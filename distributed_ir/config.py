@@ -397,6 +397,29 @@ class PipelineRerankerConfig:
 
 
 @dataclass
+class HybridConfig:
+    """BM25 (bm25s) as a first stage of its own (row ``bm25``) and fused with the fine-tuned dense
+    run (row ``hybrid``)."""
+
+    enabled: bool = _help("add the bm25 and hybrid rows", default=False)
+    weight: float = _help("dense weight in the fusion: 1 = dense only, 0 = BM25 only", default=0.5)
+    method: str = _help("convex (min-max normalised scores) | rrf (reciprocal rank fusion)", default="convex")
+    rrf_k: int = _help("RRF constant k in 1 / (k + rank)", default=60)
+    k1: float = _help("BM25 k1 (Pyserini's BEIR baseline: 0.9)", default=0.9)
+    b: float = _help("BM25 b (Pyserini's BEIR baseline: 0.4)", default=0.4)
+    shards: int = _help("BM25 index shards (contiguous parts of the corpus, each its own index)", default=1)
+    rerank: bool = _help("the reranker stage reranks the hybrid run's top_k instead of the dense run's",
+                         default=True)
+
+    def __post_init__(self) -> None:
+        _check_choice("hybrid.method", self.method, ("convex", "rrf"))
+        if not 0.0 <= self.weight <= 1.0:
+            raise ConfigError(f"hybrid.weight={self.weight}: must be in [0, 1]", key="hybrid.weight")
+        if self.rrf_k < 1 or self.shards < 1 or self.k1 < 0 or not 0.0 <= self.b <= 1.0:
+            raise ConfigError("hybrid: need rrf_k >= 1, shards >= 1, k1 >= 0 and 0 <= b <= 1", key="hybrid.k1")
+
+
+@dataclass
 class PipelineConfig:
     """train -> encode -> search -> evaluate on a BEIR dataset (-> mine -> train reranker -> rerank)."""
 
@@ -412,6 +435,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     reranker: PipelineRerankerConfig = field(default_factory=PipelineRerankerConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
 
     def __post_init__(self) -> None:
         for key in ("dataset", "train_split", "eval_split"):  # joined into paths under data_dir

@@ -55,6 +55,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     report: dict[str, Any] = {"config": redact(to_dict(cfg)), "input": check.summary()}
 
+    # ---- BM25 alone (no model): the sparse first stage the hybrid row fuses with
+    bm25_run = None
+    if cfg.hybrid.enabled:
+        from distributed_ir.pipeline_hybrid import bm25_row
+
+        rows["bm25"], bm25_run = bm25_row(cfg.hybrid, eval_ds, ev.top_k, ev.max_queries, out, report)
+        print(metrics_table(rows), flush=True)
+
     # ---- base model: evaluate, and mine hard negatives from the same index
     base_index = None
     if not cfg.skip_base_eval or cfg.mining.enabled:
@@ -93,6 +101,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     write_run(out / "run.trec", run)
     if "base" in rows:
         write_run(out / "run_base.trec", base_run)
+    first_stage = run
+    if bm25_run is not None:
+        from distributed_ir.pipeline_hybrid import hybrid_row
+
+        rows["hybrid"], hybrid = hybrid_row(cfg.hybrid, run, bm25_run, eval_ds, ev.top_k, out, report)
+        first_stage = hybrid if cfg.hybrid.rerank else run
     report["metrics"] = rows
     report["model_path"] = str(result.model_path)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))  # the embedder's results survive a later failure
@@ -103,7 +117,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.reranker.enabled:
         from distributed_ir.pipeline_rerank import run_reranker_stage
 
-        reranker_history = run_reranker_stage(cfg, out, train_ds, eval_ds, tuned, tuned_index, run,
+        reranker_history = run_reranker_stage(cfg, out, train_ds, eval_ds, tuned, tuned_index, first_stage,
                                               result.model_path, report, rows)
         print(metrics_table(rows), flush=True)
     del tuned_index

@@ -1,6 +1,7 @@
-"""The pipeline's reranker stage end to end on a real local Ray cluster: fine-tune a tiny BERT
-embedder -> mine with it -> train a cross-encoder started from it (Ray Train) -> rerank its run
-(Ray Data actors) -> fuse -> metrics.json, TREC runs, report.md with both training curves."""
+"""The pipeline's reranker stage end to end on a real local Ray cluster: BM25 row -> fine-tune a tiny
+BERT embedder -> hybrid (dense + BM25) row -> mine with it -> train a cross-encoder started from it
+(Ray Train) -> rerank the hybrid run (Ray Data actors) -> fuse -> metrics.json, TREC runs, report.md
+with both training curves."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from distributed_ir.models.reranking import load_reranker
 from distributed_ir.pipeline import run_pipeline
 from distributed_ir.pipeline_rerank import FUSED_RUN, RECORDS, RERANKED_RUN
 from distributed_ir.report import LOSS_PNG, METRICS_PNG, RERANKER_LOSS_PNG
+from tests.conftest import pytrec_means
 from tests.test_mining_rerank import _beir
 
 TOP_K = 10
@@ -38,13 +40,19 @@ def test_pipeline_with_reranker_stage(tmp_path, tiny_bert, ray_cluster):
         "reranker.train.optim.lr=1e-3", "reranker.train.batch_size=2", "reranker.train.num_negatives=3",
         "reranker.train.max_steps=3", "reranker.train.log_every=1", "reranker.mining.rank_end=12",
         "reranker.mining.per_query=3", f"reranker.top_k={TOP_K}", "reranker.batch_size=8",
-        "reranker.precision=fp32", "reranker.actors=2", "reranker.fuse=0.5"])
+        "reranker.precision=fp32", "reranker.actors=2", "reranker.fuse=0.5",
+        "hybrid.enabled=true", "hybrid.weight=0.6", "hybrid.shards=2"])
     # the reranker section's own defaults hold where the overrides say nothing
     assert cfg.reranker.train.task == "cross_encoder" and cfg.reranker.train.loss.name == "listwise"
     assert cfg.reranker.train.model.name_or_path == "finetuned" and cfg.reranker.mining.rank_start == 0
     report = run_pipeline(cfg)
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["metrics"] == report["metrics"] and set(saved["metrics"]) == {"finetuned", "reranked", "fused"}
+    assert saved["metrics"] == report["metrics"]
+    assert list(saved["metrics"]) == ["bm25", "finetuned", "hybrid", "reranked", "fused"]
+    # the bm25 and hybrid rows are trec_eval's numbers on the runs written beside them
+    for row, name in (("bm25", "run_bm25.trec"), ("hybrid", "run_hybrid.trec")):
+        expected = pytrec_means(read_run(out / name), load_beir(folder, "test").qrels)
+        assert saved["metrics"][row]["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-12)
 
     # mining: the fine-tuned model's ranks over the 8 train queries, judged documents dropped
     train_ds = load_beir(folder, "train")
@@ -70,7 +78,8 @@ def test_pipeline_with_reranker_stage(tmp_path, tiny_bert, ray_cluster):
     n = rows["finetuned"]["num_queries"]
     assert n == 4 and rows["reranked"]["num_queries"] == rows["fused"]["num_queries"] == n
     assert saved["rerank"]["pairs"] == n * TOP_K and saved["rerank"]["fusion_weight"] == 0.5
-    reranked, fused, first = (read_run(out / name) for name in (RERANKED_RUN, FUSED_RUN, "run.trec"))
+    # the reranker's candidates are the hybrid run's top_k (hybrid.rerank defaults to true)
+    reranked, fused, first = (read_run(out / name) for name in (RERANKED_RUN, FUSED_RUN, "run_hybrid.trec"))
     assert len(reranked) == n and all(len(docs) == TOP_K for docs in reranked.values())
     for qid, docs in reranked.items():
         assert set(docs) == set(fused[qid]) == set(sorted(first[qid], key=first[qid].get)[-TOP_K:])
