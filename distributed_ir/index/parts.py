@@ -107,25 +107,30 @@ def build_part(out: Location, entries: list[dict], offset: int, factory: str, di
 
 
 def build_parts(out: Location, entries: list[dict], factory: str, dim: int, num_parts: int = 1,
-                use_gpu: bool = False, train_size: int = 100_000, extra: dict | None = None) -> dict[str, Any]:
-    """Build ``num_parts`` parts (consecutive groups of embedding shards) in Ray tasks; write
-    ``index/index.json`` last (it names the parts, so a crash mid-build leaves the old index
-    readable) and delete files no longer named. Returns ``index.json``'s content."""
-    import ray
-
+                use_gpu: bool = False, train_size: int = 100_000, extra: dict | None = None,
+                remote: bool = True) -> dict[str, Any]:
+    """Build ``num_parts`` parts (consecutive groups of embedding shards) in Ray tasks (in this
+    process with ``remote=False``); write ``index/index.json`` last (it names the parts, so a crash
+    mid-build leaves the old index readable) and delete files no longer named. Returns its content."""
     total = sum(e["count"] for e in entries)
     check_trainable(factory, dim, total)
     groups = [g for g in np.array_split(np.arange(len(entries)), max(1, min(num_parts, len(entries)))) if len(g)]
     starts = np.concatenate([[0], np.cumsum([e["count"] for e in entries])])
-    gpu = {"num_gpus": 1} if use_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else {}
+    train, part = train_quantizer, build_part
+    if remote:
+        import ray
+
+        # 0.5 CPU: fits beside a finishing encode pool on a small node; FAISS runs its own threads
+        gpu = {"num_gpus": 1} if use_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else {}
+        train, part = (ray.remote(num_cpus=0.5, **gpu)(f).remote for f in (train_quantizer, build_part))
     trained = None
     if not new_index(dim, factory).is_trained:
-        trained = ray.remote(num_cpus=0.5, **gpu)(train_quantizer).remote(out, entries, factory, dim, train_size,
-                                                                          0, use_gpu)
+        trained = train(out, entries, factory, dim, train_size, 0, use_gpu)  # an ObjectRef: never fetched here
     build = uuid.uuid4().hex[:8]
-    task = ray.remote(num_cpus=0.5, **gpu)(build_part)
-    parts = ray.get([task.remote(out, [entries[i] for i in g], int(starts[g[0]]), factory, dim, trained, use_gpu,
-                                 j, build) for j, g in enumerate(groups)])
+    parts = [part(out, [entries[i] for i in g], int(starts[g[0]]), factory, dim, trained, use_gpu, j, build)
+             for j, g in enumerate(groups)]
+    if remote:
+        parts = ray.get(parts)
     meta = {"layout": 2, "factory": factory, "dim": dim, "ntotal": sum(p["ntotal"] for p in parts),
             "shards": len(parts), "parts": parts, **(extra or {})}
     folder = out.child("index")

@@ -53,6 +53,10 @@ class IndexOptions:
     # Custom Ray resources each encode actor asks for (e.g. {"encoder": 1} to pin encoding to
     # the nodes that advertise it); the pool then holds at most as many actors as the cluster has.
     actor_resources: dict[str, float] = field(default_factory=dict)
+    # Encoding starts once the whole actor pool is up (so shards spread over every node instead of
+    # the first ready actor taking them all); a pool that cannot be placed in this time fails with
+    # Ray Data's "Timed out while starting actors" instead of waiting forever.
+    actor_start_timeout_s: int = 600
     fail_after_shards: int = field(default_factory=lambda: int(os.environ.get("DIR_FAIL_AFTER_SHARDS", "0")))
 
 
@@ -202,9 +206,22 @@ def encode_corpus(opts: IndexOptions, progress: bool = True) -> dict[str, Any]:
 def _encode_shards(out: Location, stage: Location, model_dir: str, opts: IndexOptions, todo: list[StagedShard],
                    manifest: dict, progress: bool) -> int:
     """Hand the unfinished shards to the encode actors; record each returned metadata row as it arrives."""
-    import ray
+
+    from ray.data import DataContext
 
     plan = actor_plan(opts, len(todo))
+    ctx = DataContext.get_current()
+    saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, opts.actor_start_timeout_s
+    try:
+        return _run_encode(out, stage, model_dir, opts, plan, todo, manifest, progress)
+    finally:
+        ctx.wait_for_min_actors_s = saved
+
+
+def _run_encode(out: Location, stage: Location, model_dir: str, opts: IndexOptions, plan: dict[str, Any],
+                todo: list[StagedShard], manifest: dict, progress: bool) -> int:
+    import ray
+
     ds = ray.data.from_items([{"shard": s.index, "file": s.file} for s in todo], override_num_blocks=len(todo))
     ds = map_encode(ds, out, stage, model_dir, opts, plan)
     expected = {s.index: s for s in todo}

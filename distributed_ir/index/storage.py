@@ -66,9 +66,12 @@ class Location:
         return f"{self.base}/{norm}"
 
     def child(self, relative: str) -> Location:
-        """The sub-folder ``relative`` as a Location of its own."""
-        self.path(relative)  # same escape check
-        return Location(self.uri.rstrip("/") + "/" + relative.strip("/"))
+        """The sub-folder ``relative`` as a Location of its own (sharing this filesystem object)."""
+        sub = object.__new__(Location)
+        sub.fs, sub.local = self.fs, self.local
+        sub.base = self.path(relative).rstrip("/")  # same escape check
+        sub.uri = self.uri.rstrip("/") + "/" + relative.strip("/")
+        return sub
 
     def local_path(self, relative: str = "") -> Path:
         if not self.local:
