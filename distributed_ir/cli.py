@@ -92,23 +92,38 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from distributed_ir.index.pipeline import IndexOptions, build_faiss, encode_corpus
+    from distributed_ir.index.storage import Location
     from distributed_ir.train.launch import init_ray
 
     opts = IndexOptions(model=args.model, corpus=args.corpus, out=args.out, index_type=args.index_type,
                         num_shards=args.num_shards, index_shards=args.index_shards, batch_size=args.batch_size,
                         precision=args.precision, use_gpu=args.use_gpu, actors=args.actors,
                         on_error=args.on_error or "raise", rejects_path=args.rejects or "",
-                        max_text_bytes=args.max_text_bytes)
+                        max_text_bytes=args.max_text_bytes, actor_resources=_resources(args.actor_resource))
     init_ray()
     manifest = encode_corpus(opts)
     _print_input(manifest["input"])
-    index = build_faiss(Path(opts.out).resolve(), manifest, opts.index_type, opts.index_shards, opts.use_gpu)
-    size = sum(f.stat().st_size for f in (Path(opts.out) / "index").glob("index-*.faiss"))
-    summary = {"docs": manifest["num_docs"], "indexed": index.ntotal, **manifest["last_run"],
-               "index_type": opts.index_type, "index_bytes": size, "out": str(Path(opts.out).resolve()),
+    index = build_faiss(opts.out, manifest, opts.index_type, opts.index_shards, opts.use_gpu)
+    summary = {"docs": manifest["num_docs"], "indexed": index["ntotal"], **manifest["last_run"],
+               "index_type": opts.index_type, "index_shards": index["shards"],
+               "index_bytes": sum(p["bytes"] for p in index["parts"]), "out": Location(opts.out).uri,
                **_flat_input(manifest["input"])}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _resources(specs: list[str] | None) -> dict[str, float]:
+    """``NAME=AMOUNT`` flags as a Ray resources dict."""
+    out = {}
+    for spec in specs or []:
+        name, sep, amount = spec.partition("=")
+        try:
+            out[name] = float(amount)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise ConfigError(f"--actor-resource {spec!r}: expected NAME=AMOUNT, e.g. encoder=1")
+    return out
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -167,21 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="encode a corpus with Ray Data into embedding shards and a FAISS index")
     p.add_argument("--model", default="default", help="saved embedder folder or 'default'")
     p.add_argument("--corpus", required=True, nargs="+", help="JSONL/Parquet files, folders or globs")
-    p.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    p.add_argument("--out", required=True,
+                   help="output folder or pyarrow filesystem URI (file://, s3://, gs://); rerun to resume")
     p.add_argument("--index-type", default="Flat", help="faiss index_factory string: Flat, IVF4096,Flat, HNSW32, ...")
-    p.add_argument("--num-shards", type=int, default=4, help="embedding shards (units of resume)")
-    p.add_argument("--index-shards", type=int, default=1, help="FAISS indexes to split the corpus over")
+    p.add_argument("--num-shards", type=int, default=4,
+                   help="embedding shards: units of work per encode actor and of resume (use several per actor)")
+    p.add_argument("--index-shards", type=int, default=1,
+                   help="FAISS indexes to split the corpus over (built in parallel Ray tasks, searched one at a time; "
+                        "at most --num-shards)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--use-gpu", action="store_true", help="one encode actor per GPU; FAISS on GPU")
     p.add_argument("--actors", type=int, default=0, help="encode actors (0 = from cluster resources)")
+    p.add_argument("--actor-resource", action="append", metavar="NAME=AMOUNT",
+                   help="custom Ray resource each encode actor requests (repeatable), e.g. encoder=1")
     p.add_argument("--max-text-bytes", type=int, default=1 << 20,
                    help="reject documents longer than this many UTF-8 bytes (default 1 MiB)")
     _add_input_flags(p, "<out>/rejects.jsonl")
     p.set_defaults(func=_cmd_index)
 
     p = sub.add_parser("search", help="search an index built by `index`; write a TREC run")
-    p.add_argument("--index", required=True, help="the --out folder of `distributed-ir index`")
+    p.add_argument("--index", required=True, help="the --out folder or URI of `distributed-ir index`")
     p.add_argument("--queries", required=True, help="BEIR queries.jsonl")
     p.add_argument("--qrels", help="only search the queries in these qrels")
     p.add_argument("--out", required=True, help="TREC run file to write")

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
-import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,9 @@ import pyarrow.parquet as pq
 from distributed_ir.data.beir import _id, document_text
 from distributed_ir.data.errors import DataError
 from distributed_ir.data.intake import MAX_TEXT_BYTES, InputCheck, iter_jsonl, iter_parquet
+from distributed_ir.index.storage import Location, inside
+
+__all__ = ["StagedShard", "expand_corpus", "ids_digest", "inside", "iter_documents", "stage_corpus"]
 
 STAGE_FILE = "stage.json"
 FLUSH = 8192
@@ -32,9 +33,28 @@ FLUSH = 8192
 
 @dataclass
 class StagedShard:
+    """One staged shard: ``file`` inside the stage location, ``count`` documents whose ids hash
+    to ``ids_digest`` (see :func:`ids_digest`)."""
+
     index: int
-    path: Path
+    file: str
     count: int
+    ids_digest: str = ""
+
+
+_MASK = (1 << 64) - 1
+
+
+def ids_digest(ids: Iterable[str]) -> str:
+    """Order-independent digest of a multiset of ids: the sum of their 64-bit hashes mod 2**64.
+
+    With the count it proves a shard written by a worker holds exactly its staged ids, without
+    anyone collecting the ids (or vectors) in one place.
+    """
+    total = 0
+    for doc_id in ids:
+        total += int.from_bytes(hashlib.blake2b(str(doc_id).encode(), digest_size=8).digest(), "little")
+    return f"{total & _MASK:016x}"
 
 
 def expand_corpus(spec: str | list[str]) -> list[Path]:
@@ -70,16 +90,6 @@ def iter_documents(paths: list[Path], check: InputCheck) -> Iterator[tuple[Path,
             yield path, line, doc_id, text, row
 
 
-def inside(root: Path, relative: str) -> Path:
-    """``root / relative``, refusing absolute paths and ``..`` that leave ``root`` (a manifest
-    is data: a crafted one must not make us read or overwrite files elsewhere)."""
-    rel = Path(relative)
-    path = (root / rel).resolve()
-    if rel.is_absolute() or not path.is_relative_to(root.resolve()):
-        raise ValueError(f"path {relative!r} escapes {root}")
-    return path
-
-
 def corpus_fingerprint(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -88,9 +98,9 @@ def corpus_fingerprint(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def stage_corpus(paths: list[Path], stage_dir: Path, num_shards: int,
+def stage_corpus(paths: list[Path], stage_dir: Path | str | Location, num_shards: int,
                  check: InputCheck | None = None) -> tuple[list[StagedShard], str]:
-    """Validate and shard the corpus into ``stage_dir``; reuse an identical earlier staging.
+    """Validate and shard the corpus into ``stage_dir`` (a folder or URI); reuse an identical earlier staging.
 
     Returns the shards and a stage id (corpus fingerprint + shard count + bad-input policy):
     embeddings made for another stage id must not be reused. Empty shards are dropped (fewer
@@ -98,41 +108,62 @@ def stage_corpus(paths: list[Path], stage_dir: Path, num_shards: int,
     a reused staging restores the counts it recorded into ``check``.
     """
     check = check or InputCheck()
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage = stage_dir if isinstance(stage_dir, Location) else Location(stage_dir)
+    stage.mkdir()
     fingerprint = corpus_fingerprint(paths)
     stage_id = f"{fingerprint}-{num_shards}"
     if check.on_error != "raise" or check.max_text_bytes != MAX_TEXT_BYTES:
         stage_id += f"-{check.on_error}-{check.max_text_bytes}"  # another policy stages other rows
-    meta_file = stage_dir / STAGE_FILE
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("stage_id") == stage_id:
+    if stage.is_file(STAGE_FILE):
+        meta = stage.read_json(STAGE_FILE)
+        # a staging without id digests (older versions) is redone: same corpus, same shards
+        if meta.get("stage_id") == stage_id and all("ids_digest" in s for s in meta["shards"]):
             for name, counts in meta.get("input", {}).items():
                 check.counts[name] = dict(counts)
-            return [StagedShard(s["index"], inside(stage_dir, s["file"]), s["count"]) for s in meta["shards"]], stage_id
-    for old in stage_dir.glob("shard-*.parquet"):
-        old.unlink()
+            for s in meta["shards"]:
+                stage.path(s["file"])  # a crafted stage.json must not point outside the folder
+            return [StagedShard(s["index"], s["file"], s["count"], s["ids_digest"]) for s in meta["shards"]], stage_id
+    for old in stage.list():
+        if old.startswith("shard-"):
+            stage.delete(old)
+    shards = _write_stage(paths, stage, num_shards, check)
+    meta = {"stage_id": stage_id, "fingerprint": fingerprint, "num_shards": num_shards,
+            "num_docs": sum(s.count for s in shards),
+            "input": {str(p): check.counts.get(str(p), {}) for p in paths},
+            "files": [str(p) for p in paths],
+            "shards": [{"index": s.index, "file": s.file, "count": s.count, "ids_digest": s.ids_digest}
+                       for s in shards]}
+    stage.write_json(STAGE_FILE, meta)
+    return shards, stage_id
+
+
+def _write_stage(paths: list[Path], stage: Location, num_shards: int, check: InputCheck) -> list[StagedShard]:
+    """Stream the valid documents into ``num_shards`` Parquet files (atomic each); empty ones are removed."""
+    from contextlib import ExitStack
+
     # Streams: at most FLUSH rows per shard are buffered; only the ids (for the duplicate
     # check) are held for the whole corpus.
     schema = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("shard", pa.int32())])
     names = [f"shard-{i:05d}.parquet" for i in range(num_shards)]
-    writers = [pq.ParquetWriter(stage_dir / (n + ".tmp"), schema) for n in names]
     buffers: list[tuple[list[str], list[str]]] = [([], []) for _ in range(num_shards)]
     counts = [0] * num_shards
+    digests = [0] * num_shards
     seen: dict[str, tuple[Path, int]] = {}
+    with ExitStack() as files:
+        writers = [pq.ParquetWriter(files.enter_context(stage.open_atomic(n)), schema) for n in names]
 
-    def flush(i: int) -> None:
-        ids, texts = buffers[i]
-        if ids:
-            # Length-sorted runs: Ray Data blocks then hold similar lengths, so each encode
-            # batch pads little (ids travel with their rows, order inside a shard is free).
-            order = sorted(range(len(ids)), key=lambda j: len(texts[j]))
-            ids, texts = [ids[j] for j in order], [texts[j] for j in order]
-            writers[i].write_table(pa.table({"doc_id": ids, "text": texts, "shard": pa.array([i] * len(ids), pa.int32())},
-                                            schema=schema))
-            buffers[i] = ([], [])
+        def flush(i: int) -> None:
+            ids, texts = buffers[i]
+            if ids:
+                # Length-sorted runs: encode batches then hold similar lengths, so each forward
+                # pads little (ids travel with their rows, order inside a shard is free).
+                order = sorted(range(len(ids)), key=lambda j: len(texts[j]))
+                ids, texts = [ids[j] for j in order], [texts[j] for j in order]
+                writers[i].write_table(pa.table({"doc_id": ids, "text": texts,
+                                                 "shard": pa.array([i] * len(ids), pa.int32())}, schema=schema))
+                digests[i] += int(ids_digest(ids), 16)
+                buffers[i] = ([], [])
 
-    try:
         k = 0
         for path, line, doc_id, text, row in iter_documents(paths, check):
             if doc_id in seen:
@@ -151,21 +182,12 @@ def stage_corpus(paths: list[Path], stage_dir: Path, num_shards: int,
                 flush(i)
         for i in range(num_shards):
             flush(i)
-    finally:
         for w in writers:
             w.close()
     shards = []
     for i, name in enumerate(names):
         if counts[i] == 0:
-            (stage_dir / (name + ".tmp")).unlink()
+            stage.delete(name)
             continue
-        os.replace(stage_dir / (name + ".tmp"), stage_dir / name)
-        shards.append(StagedShard(i, stage_dir / name, counts[i]))
-    meta = {"stage_id": stage_id, "fingerprint": fingerprint, "num_shards": num_shards, "num_docs": len(seen),
-            "input": {str(p): check.counts.get(str(p), {}) for p in paths},
-            "files": [str(p) for p in paths],
-            "shards": [{"index": s.index, "file": s.path.name, "count": s.count} for s in shards]}
-    tmp = meta_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_file)
-    return shards, stage_id
+        shards.append(StagedShard(i, name, counts[i], f"{digests[i] & _MASK:016x}"))
+    return shards

@@ -25,26 +25,47 @@ def gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
+def new_index(dim: int, factory: str):
+    """An empty inner-product index from ``index_factory`` string ``factory``; Flat and HNSW
+    indexes, which cannot hold external ids themselves, are wrapped in ``IndexIDMap2``."""
+    import faiss
+
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if not factory.startswith(("IVF", "IDMap")):
+        index = faiss.IndexIDMap2(index)
+    return index
+
+
+def check_trainable(factory: str, dim: int, n: int) -> None:
+    """Refuse an IVF index with more lists than vectors to train on (FAISS would only warn)."""
+    import faiss
+
+    if not factory.startswith("IVF"):
+        return
+    nlist = getattr(faiss.try_extract_index_ivf(faiss.index_factory(dim, factory)), "nlist", 0)
+    if nlist and n < nlist:
+        raise ValueError(f"index {factory!r} has {nlist} lists but only {n} vectors to train on; "
+                         f"use fewer lists (rule of thumb: nlist ~ 4*sqrt(N) = {int(4 * n ** 0.5)})")
+
+
+def _gpu_ok(factory: str, use_gpu: bool) -> bool:
+    return use_gpu and gpu_count() > 0 and "HNSW" not in factory  # no GPU HNSW in faiss
+
+
 def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str = "Flat", train_size: int = 100_000,
                 use_gpu: bool = True, seed: int = 0, hnsw_ef_search: int = 128, nprobe: int = 16):
     """Build an inner-product index from ``index_factory`` string ``factory`` and add ``ids``.
 
-    IVF/PQ indexes are trained on a random sample of ``train_size`` vectors. Flat and HNSW
-    indexes, which cannot hold external ids themselves, are wrapped in ``IndexIDMap2``.
+    IVF/PQ indexes are trained on a random sample of ``train_size`` vectors (in memory: for a
+    corpus that does not fit one process use :func:`build_parts`).
     """
     import faiss
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    dim = vectors.shape[1]
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    nlist = getattr(faiss.try_extract_index_ivf(index), "nlist", 0) if factory.startswith("IVF") else 0
-    if nlist and len(vectors) < nlist:
-        raise ValueError(f"index {factory!r} has {nlist} lists but only {len(vectors)} vectors to train on; "
-                         f"use fewer lists (rule of thumb: nlist ~ 4*sqrt(N) = {int(4 * len(vectors) ** 0.5)})")
-    if not factory.startswith(("IVF", "IDMap")):
-        index = faiss.IndexIDMap2(index)
-    on_gpu = use_gpu and gpu_count() > 0 and "HNSW" not in factory  # no GPU HNSW in faiss
+    check_trainable(factory, vectors.shape[1], len(vectors))
+    index = new_index(vectors.shape[1], factory)
+    on_gpu = _gpu_ok(factory, use_gpu)
     if on_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
     if not index.is_trained:
@@ -122,14 +143,21 @@ class ShardedIndex:
         os.replace(tmp, folder)
 
     @classmethod
-    def load(cls, folder: Path) -> ShardedIndex:
-        import faiss
+    def load(cls, folder: Path | str) -> ShardedIndex:
+        """Every index shard in memory at once (mining actors, the LangChain retriever); the
+        ``search`` command streams them with :func:`distributed_ir.index.parts.search_parts`."""
+        from distributed_ir.index.parts import iter_parts
 
-        files = sorted(folder.glob("index-*.faiss"))
-        if not files:
-            raise FileNotFoundError(f"{folder}: no index-*.faiss files (build one with `distributed-ir index`)")
-        doc_ids = json.loads((folder / IDS_FILE).read_text())
-        return cls([faiss.read_index(str(f)) for f in files], doc_ids)
+        indexes, doc_ids = [], []
+        for index, ids, offset in iter_parts(folder):
+            if offset != len(doc_ids) and offset >= 0:
+                raise ValueError(f"{folder}: index parts are not contiguous ({offset} != {len(doc_ids)})")
+            indexes.append(index)
+            if offset >= 0:
+                doc_ids += ids
+            else:
+                doc_ids = ids  # legacy layout: one global id list for every index file
+        return cls(indexes, doc_ids)
 
     @property
     def ntotal(self) -> int:

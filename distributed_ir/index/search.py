@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -10,17 +9,20 @@ from distributed_ir.data.beir import load_qrels, load_queries
 from distributed_ir.data.intake import InputCheck
 from distributed_ir.eval.metrics import Run, write_run
 from distributed_ir.index.encode import EncodeStage
-from distributed_ir.index.faiss_index import ShardedIndex
+from distributed_ir.index.parts import INDEX_JSON, search_parts
 from distributed_ir.index.pipeline import MANIFEST
+from distributed_ir.index.storage import Location
 
 
 def search_index(index_dir: str | Path, queries_path: str | Path, out: str | Path, top_k: int = 100,
                  qrels_path: str | Path | None = None, batch_size: int = 64, precision: str = "auto",
                  use_gpu: bool = False, progress: bool = True, check: InputCheck | None = None) -> tuple[Run, dict]:
-    """Encode queries (the model's saved query settings), search every index shard, merge, write."""
-    root = Path(index_dir)
-    manifest = json.loads((root / MANIFEST).read_text())
-    index = ShardedIndex.load(root / "index")
+    """Encode queries (the model's saved query settings), search the index shards one at a time,
+    merge their top-k by the ranking rule, write the run. ``index_dir`` may be a URI."""
+    root = Location(index_dir)
+    manifest = root.read_json(MANIFEST)
+    index = root.child("index")
+    meta = index.read_json(INDEX_JSON) if index.is_file(INDEX_JSON) else {}
     check = check or InputCheck()
     queries = load_queries(queries_path, check)
     if qrels_path:
@@ -31,14 +33,11 @@ def search_index(index_dir: str | Path, queries_path: str | Path, out: str | Pat
                         device="cuda" if use_gpu else "cpu")
     qids = list(queries)
     vectors = stage.encode([queries[q] for q in qids])
-    scores, positions = index.search(vectors, top_k, use_gpu=use_gpu, progress=progress)
-    run: Run = {
-        qid: {index.doc_ids[p]: float(s) for s, p in zip(scores[i], positions[i]) if p >= 0}
-        for i, qid in enumerate(qids)
-    }
+    hits = search_parts(index, vectors, top_k)
+    run: Run = dict(zip(qids, hits))
     write_run(out, run)
     seconds = time.perf_counter() - t0
     summary = {"queries": len(qids), "top_k": top_k, "seconds": round(seconds, 2),
-               "queries_per_s": round(len(qids) / seconds, 1), "index_docs": index.ntotal, "run": str(out),
-               "input": check.summary()}
+               "queries_per_s": round(len(qids) / seconds, 1),
+               "index_docs": meta.get("ntotal", manifest.get("num_docs")), "run": str(out), "input": check.summary()}
     return run, summary
