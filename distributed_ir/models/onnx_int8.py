@@ -117,7 +117,7 @@ class _Body(nn.Module):
         return getattr(self.module(**dict(zip(self.names, args))), self.output)
 
 
-def _export_fp32(module: nn.Module, example: dict[str, torch.Tensor], output: str, path: Path) -> None:
+def export_onnx(module: nn.Module, example: dict[str, torch.Tensor], output: str, path: Path) -> None:
     names = list(example)
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
     axes[output] = {0: "batch", 1: "sequence"} if output != "logits" else {0: "batch"}
@@ -174,7 +174,7 @@ def build_int8(module: nn.Module, example: dict[str, torch.Tensor], output: str,
         try:
             module = module.eval()
             example = {k: v.cpu() for k, v in example.items()}
-            _export_fp32(module, example, output, tmp / "fp32.onnx")
+            export_onnx(module, example, output, tmp / "fp32.onnx")
             err = _check_export(module, example, output, tmp / "fp32.onnx")
             _quantize(tmp / "fp32.onnx", tmp / MODEL_FILE)
             (tmp / "fp32.onnx").unlink()  # only the int8 graph is kept
