@@ -161,6 +161,15 @@ def test_decision_is_measured_once_per_host_and_model_then_cached(tiny_bert, tmp
     assert len(saved) == 2 and {d["key"]["role"] for d in saved.values()} == {"embedder-document", "embedder-query"}
 
 
+def test_an_unwritable_cache_still_decides(tiny_bert, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    runs = {"fp32": lambda: np.eye(2), "bf16": lambda: -np.eye(2)}  # bf16 flips the vectors: gate fails
+    decision = decide(tiny_bert, {"role": "embedder-document"}, CPU, PrecisionPolicy(cache_dir=str(blocker), rounds=1),
+                      runs, min_row_cosine, {})
+    assert decision.chosen == "fp32" and not decision.cached and "quality gate" in decision.rejected["bf16"]
+
+
 # ---------------------------------------------------------------- int8 through ONNX Runtime
 def _stage(model, precision, cache):
     from distributed_ir.index.encode import EncodeStage

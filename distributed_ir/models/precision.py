@@ -248,23 +248,33 @@ def decide(model_dir: str | Path, role: dict[str, Any], device: torch.device, po
            "candidates": sorted(runs)}
     key_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = model_cache_dir(model_dir, policy)
-    with file_lock(folder / "decisions.lock"):
-        saved = _read_json(folder / DECISIONS_FILE)
-        if key_id in saved:
-            decision = Decision(**{**saved[key_id], "cached": True})
-        else:
-            seconds, outputs, unavailable = measure(runs, policy.rounds)
-            scores = {k: 1.0 if k == "fp32" else quality(outputs["fp32"], v) for k, v in outputs.items()}
-            chosen, rejected = choose_precision(seconds, scores, policy.min_cosine, policy.min_speedup,
-                                                {**skipped, **unavailable})
-            decision = Decision(chosen=chosen, requested="auto", seconds={k: round(v, 5) for k, v in seconds.items()},
-                                quality={k: round(v, 6) for k, v in scores.items()}, rejected=rejected,
-                                min_cosine=policy.min_cosine, min_speedup=policy.min_speedup,
-                                calibration_texts=len(next(iter(outputs.values()))), key=key)
-            saved[key_id] = {k: v for k, v in asdict(decision).items() if k != "cached"}
-            _write_json_atomic(folder / DECISIONS_FILE, saved)
+    try:
+        with file_lock(folder / "decisions.lock"):
+            saved = _read_json(folder / DECISIONS_FILE)
+            if key_id in saved:
+                decision = Decision(**{**saved[key_id], "cached": True})
+            else:
+                decision = _measure_and_choose(runs, quality, skipped, policy, key)
+                saved[key_id] = {k: v for k, v in asdict(decision).items() if k != "cached"}
+                _write_json_atomic(folder / DECISIONS_FILE, saved)
+    except OSError as e:  # a read-only cache: measure anyway (int8 then reports its own export error)
+        print(f"[precision] cache {folder} not writable ({e}); measuring without caching", file=sys.stderr,
+              flush=True)
+        decision = _measure_and_choose(runs, quality, skipped, policy, key)
     print(f"[precision] {role.get('role', '')} {decision.summary()}", file=sys.stderr, flush=True)
     return decision
+
+
+def _measure_and_choose(runs: dict[str, Callable[[], np.ndarray]], quality: Callable[[np.ndarray, np.ndarray], float],
+                        skipped: dict[str, str], policy: PrecisionPolicy, key: dict[str, Any]) -> Decision:
+    seconds, outputs, unavailable = measure(runs, policy.rounds)
+    scores = {k: 1.0 if k == "fp32" else quality(outputs["fp32"], v) for k, v in outputs.items()}
+    chosen, rejected = choose_precision(seconds, scores, policy.min_cosine, policy.min_speedup,
+                                        {**skipped, **unavailable})
+    return Decision(chosen=chosen, requested="auto", seconds={k: round(v, 5) for k, v in seconds.items()},
+                    quality={k: round(v, 6) for k, v in scores.items()}, rejected=rejected,
+                    min_cosine=policy.min_cosine, min_speedup=policy.min_speedup,
+                    calibration_texts=len(next(iter(outputs.values()))), key=key)
 
 
 def _read_json(path: Path) -> dict:
