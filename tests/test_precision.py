@@ -21,6 +21,7 @@ from distributed_ir.models.precision import (
     check_forced,
     choose_precision,
     decide,
+    int8_missing,
     measure,
     min_row_cosine,
     score_cosine,
@@ -114,11 +115,11 @@ def test_quality_measures():
 
 def test_forced_precisions_the_device_cannot_run_are_refused():
     with pytest.raises(ValueError, match="fp16 autocast needs a GPU"):
-        check_forced("fp16", CPU, int8_ok=True)
+        check_forced("fp16", CPU, None)
     with pytest.raises(ValueError, match="int8 runs on CPU"):
-        check_forced("int8", torch.device("cuda"), int8_ok=True)
-    with pytest.raises(ValueError, match="encoder models"):
-        check_forced("int8", CPU, int8_ok=False)
+        check_forced("int8", torch.device("cuda"), None)
+    with pytest.raises(ValueError, match="int8: not offered for this model kind"):
+        check_forced("int8", CPU, int8_missing(torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="precision 'int4'"):
         PrecisionPolicy("int4")
     with pytest.raises(ValueError, match="slower than fp32"):
@@ -326,4 +327,4 @@ def test_llm_reranker_measures_without_int8(tmp_path):
     choice = PrecisionChoice(torch.nn.Linear(2, 2), tmp_path, CPU, PrecisionPolicy(cache_dir=str(tmp_path)),
                              {"role": "reranker-llm_reranker"})
     decision = choice.calibrate(lambda model, dtype: np.ones(4), score_cosine)
-    assert "int8" not in decision.seconds and "encoder models only" in decision.rejected["int8"]
+    assert "int8" not in decision.seconds and "embedders, cross-encoders and ColBERT only" in decision.rejected["int8"]

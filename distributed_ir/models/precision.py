@@ -176,14 +176,15 @@ def measure(runs: dict[str, Callable[[], np.ndarray]], rounds: int = 3, give_up:
     return {k: statistics.median(v) for k, v in times.items()}, outputs, unavailable
 
 
-def candidates(device: torch.device, int8_ok: bool) -> tuple[list[str], dict[str, str]]:
-    """Variants worth measuring on ``device``, and those left out with the reason."""
+def candidates(device: torch.device, int8_missing: str | None) -> tuple[list[str], dict[str, str]]:
+    """Variants worth measuring on ``device``, and those left out with the reason
+    (``int8_missing``: why this model has no int8 variant, None when it has one)."""
     if device.type == "cuda":
         names = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
         return names, {"int8": "int8 runs on CPU (ONNX Runtime)"}
     names, skipped = ["fp32", "bf16"], {"fp16": "fp16 autocast needs a GPU"}
-    if not int8_ok:
-        skipped["int8"] = "not offered for this model kind (encoder models only)"
+    if int8_missing:
+        skipped["int8"] = int8_missing
     else:
         try:
             import onnxruntime  # noqa: F401
@@ -194,14 +195,23 @@ def candidates(device: torch.device, int8_ok: bool) -> tuple[list[str], dict[str
     return names, skipped
 
 
-def check_forced(precision: str, device: torch.device, int8_ok: bool) -> None:
+def check_forced(precision: str, device: torch.device, int8_missing: str | None) -> None:
     """Refuse an explicit precision the device or model cannot run."""
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 autocast needs a GPU; use bf16, int8 or fp32 on CPU")
     if precision == "int8" and device.type != "cpu":
         raise ValueError("int8 runs on CPU (ONNX Runtime); on a GPU use fp16 or bf16")
-    if precision == "int8" and not int8_ok:
-        raise ValueError("int8 is offered for encoder models (embedders, cross-encoders, ColBERT), not LLMs")
+    if precision == "int8" and int8_missing:
+        raise ValueError(f"int8: {int8_missing}")
+
+
+def int8_missing(model: torch.nn.Module) -> str | None:
+    """Why ``model`` has no int8 variant (None: it has one)."""
+    if getattr(model, "onnx_body", None) is None:
+        return "not offered for this model kind (embedders, cross-encoders and ColBERT only)"
+    if sum(p.numel() for p in model.parameters()) * 4 >= 2 ** 31:
+        return "the fp32 ONNX export would exceed protobuf's 2 GB limit"
+    return None
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -302,12 +312,12 @@ class PrecisionChoice:
         self.base: torch.nn.Module | None = model
         self.model, self.dtype = model, None
         self.model_dir, self.device, self.policy, self.role = model_dir, device, policy, role
-        self.int8_ok = getattr(model, "onnx_body", None) is not None
+        self.int8_missing = int8_missing(model)
         self._int8: torch.nn.Module | None = None
         self.decision: Decision | None = None
         self._reported = False
         if policy.precision != "auto":
-            check_forced(policy.precision, device, self.int8_ok)
+            check_forced(policy.precision, device, self.int8_missing)
             self.apply(policy.precision)
             self.decision = Decision(chosen=policy.precision, requested=policy.precision,
                                      min_cosine=policy.min_cosine, min_speedup=policy.min_speedup)
@@ -332,12 +342,14 @@ class PrecisionChoice:
         self.model, self.dtype = self.variant(name)
         if name == "int8":
             self.base = None  # the ONNX session holds its own weights
+        else:
+            self._int8 = None  # measured, not chosen: free its session
 
     def calibrate(self, run: Callable[[torch.nn.Module, torch.dtype | None], np.ndarray],
                   quality: Callable[[np.ndarray, np.ndarray], float]) -> Decision:
         """Measure the candidates with ``run(model, dtype)`` on the calibration batch (or take the
         cached decision), then apply the winner."""
-        names, skipped = candidates(self.device, self.int8_ok)
+        names, skipped = candidates(self.device, self.int8_missing)
         runs = {n: (lambda n=n: run(*self.variant(n))) for n in names}
         self.decision = decide(self.model_dir, self.role, self.device, self.policy, runs, quality, skipped)
         self.apply(self.decision.chosen)
