@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from distributed_ir.config import ConfigError, PipelineConfig, TrainConfig, load_config
+from distributed_ir.config import PRECISION_CHOICES, ConfigError, PipelineConfig, TrainConfig, load_config
 from distributed_ir.data.errors import DataError
 from distributed_ir.jobenv import output_path
 
@@ -97,14 +97,19 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     opts = IndexOptions(model=args.model, corpus=args.corpus, out=args.out, index_type=args.index_type,
                         num_shards=args.num_shards, index_shards=args.index_shards, batch_size=args.batch_size,
-                        precision=args.precision, use_gpu=args.use_gpu, actors=args.actors,
+                        precision=args.precision, min_cosine=args.min_cosine, precision_cache=args.precision_cache,
+                        calibration_texts=args.calibration_texts, use_gpu=args.use_gpu, actors=args.actors,
                         on_error=args.on_error or "raise", rejects_path=args.rejects or "",
                         max_text_bytes=args.max_text_bytes, actor_resources=_resources(args.actor_resource))
     init_ray()
     manifest = encode_corpus(opts)
     _print_input(manifest["input"])
     index = build_faiss(opts.out, manifest, opts.index_type, opts.index_shards, opts.use_gpu)
-    summary = {"docs": manifest["num_docs"], "indexed": index["ntotal"], **manifest["last_run"],
+    from distributed_ir.models.precision import flat_summary
+
+    run = {k: v for k, v in manifest["last_run"].items() if k != "precision"}  # details: manifest.json
+    precision = flat_summary(manifest["last_run"]["precision"]) if "precision" in manifest["last_run"] else {}
+    summary = {"docs": manifest["num_docs"], "indexed": index["ntotal"], **run, **precision,
                "index_type": opts.index_type, "index_shards": index["shards"],
                "index_bytes": sum(p["bytes"] for p in index["parts"]), "out": Location(opts.out).uri,
                **_flat_input(manifest["input"])}
@@ -131,7 +136,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     check = _input_check(args, Path(args.out).resolve().parent)
     _, summary = search_index(args.index, args.queries, args.out, args.top_k, args.qrels, args.batch_size,
-                              args.precision, args.use_gpu, check=check)
+                              _policy(args), args.use_gpu, check=check)
     counts = summary.pop("input")
     _print_input(counts)
     print(json.dumps(summary | _flat_input(counts), indent=2))
@@ -145,13 +150,33 @@ def _add_input_flags(p: argparse.ArgumentParser, default_rejects: str) -> None:
     p.add_argument("--rejects", default=None, help=f"rejects JSONL path (default {default_rejects})")
 
 
+def _add_precision_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=list(PRECISION_CHOICES),
+                   help="auto (default): measure fp32, bf16 and int8 (CPU) or fp16/bf16 (GPU) on the first inputs, "
+                        "keep the fastest that passes the quality gate (cached per host and model); or force one")
+    p.add_argument("--min-cosine", type=float, default=0.99,
+                   help="auto's quality gate: cosine to fp32 on the calibration batch (default 0.99)")
+    p.add_argument("--precision-cache", default="",
+                   help="where int8 exports and auto's decisions are cached (default $DIR_PRECISION_CACHE, "
+                        "else ~/.cache/distributed-ir/precision)")
+    p.add_argument("--calibration-texts", type=int, default=32,
+                   help="texts (or pairs) auto measures on: the first ones each actor sees (default 32)")
+
+
+def _policy(args: argparse.Namespace):
+    from distributed_ir.models.precision import PrecisionPolicy
+
+    return PrecisionPolicy(args.precision, min_cosine=args.min_cosine, cache_dir=args.precision_cache,
+                           calibration_texts=args.calibration_texts)
+
+
 def _cmd_mine(args: argparse.Namespace) -> int:
     from distributed_ir.mining import mine_command
     from distributed_ir.train.launch import init_ray
 
     init_ray()
     summary = mine_command(args.index, args.dataset, args.split, args.out, args.rank_start, args.rank_end,
-                           args.per_query, args.seed, args.batch_size, args.precision, args.actors)
+                           args.per_query, args.seed, args.batch_size, _policy(args), args.actors)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -162,7 +187,7 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
 
     init_ray()
     report = rerank_command(args.model, args.run, args.dataset, args.out, args.top_k, args.split, args.batch_size,
-                            args.precision, args.actors, args.use_gpu, args.fuse, compile=args.compile)
+                            _policy(args), args.actors, args.use_gpu, args.fuse, compile=args.compile)
     print(json.dumps({k: report[k] for k in ("first_stage", "reranked", "fused", "speed") if k in report}, indent=2))
     return 0
 
@@ -191,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FAISS indexes to split the corpus over (built in parallel Ray tasks, searched one at a time; "
                         "at most --num-shards)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    _add_precision_flags(p)
     p.add_argument("--use-gpu", action="store_true", help="one encode actor per GPU; FAISS on GPU")
     p.add_argument("--actors", type=int, default=0, help="encode actors (0 = from cluster resources)")
     p.add_argument("--actor-resource", action="append", metavar="NAME=AMOUNT",
@@ -208,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="TREC run file to write")
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    _add_precision_flags(p)
     p.add_argument("--use-gpu", action="store_true")
     _add_input_flags(p, "rejects.jsonl beside --out")
     p.set_defaults(func=_cmd_search)
@@ -223,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-query", type=int, default=8, help="negatives kept per query")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    _add_precision_flags(p)
     p.add_argument("--actors", type=int, default=0, help="search actors (0 = from cluster resources)")
     p.set_defaults(func=_cmd_mine)
 
@@ -235,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=100, help="candidates reranked per query")
     p.add_argument("--out", required=True, help="output folder: run.trec + metrics.json")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    _add_precision_flags(p)
     p.add_argument("--actors", type=int, default=0, help="reranker actors (0 = from cluster resources)")
     p.add_argument("--use-gpu", action="store_true", help="one reranker actor per GPU")
     p.add_argument("--fuse", type=float, default=None, metavar="W",

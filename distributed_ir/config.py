@@ -338,6 +338,8 @@ class MiningConfig:
 
 
 RERANKER_TASKS = ("cross_encoder", "colbert", "llm_reranker")
+# = distributed_ir.models.precision.PRECISIONS (a test checks; models never import this module)
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 # A pipeline reranker's training defaults: keys a config leaves out keep these, not TrainConfig's.
@@ -373,7 +375,11 @@ class PipelineRerankerConfig:
     mining: PipelineRerankerMiningConfig = field(default_factory=PipelineRerankerMiningConfig)
     top_k: int = _help("candidates of the fine-tuned run reranked per eval query", default=100)
     batch_size: int = _help("reranker batch size (pairs) per actor", default=32)
-    precision: str = _help("auto (bf16 where native) | fp32 | bf16 | fp16 (GPU) while reranking", default="auto")
+    precision: str = _help("auto (the fastest of fp32 / bf16 / int8, or fp16 / bf16 on GPU, measured on the host "
+                           "and passing min_cosine) | fp32 | bf16 | fp16 (GPU) | int8 (CPU; cross-encoder, ColBERT) "
+                           "while reranking", default="auto")
+    min_cosine: float = _help("auto's quality gate: agreement of the scores with fp32's on the calibration pairs "
+                              "(cosine of the mean-centred scores)", default=0.99)
     actors: int = _help("reranker actors (0 = from cluster resources); GPUs when train.scaling.use_gpu",
                         default=0)
     fuse: float | None = _help("also a 'fused' row: w * z(reranker) + (1 - w) * z(fine-tuned); null = off",
@@ -389,7 +395,9 @@ class PipelineRerankerConfig:
         if t.train_path:
             raise ConfigError("reranker.train.train_path: the pipeline mines the reranker's records itself "
                               "(reranker.mining); leave it empty", key="train.train_path")
-        _check_choice("reranker.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check_choice("reranker.precision", self.precision, PRECISION_CHOICES)
+        if not 0.0 < self.min_cosine <= 1.0:
+            raise ConfigError(f"reranker.min_cosine={self.min_cosine}: expected a value in (0, 1]", key="min_cosine")
         if self.top_k < 1 or self.batch_size < 1 or self.actors < 0:
             raise ConfigError("reranker: top_k and batch_size must be >= 1, actors >= 0", key="top_k")
         if self.fuse is not None and not 0.0 <= self.fuse <= 1.0:

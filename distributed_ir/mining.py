@@ -24,6 +24,7 @@ import pyarrow as pa
 from distributed_ir.data.beir import BeirDataset
 from distributed_ir.data.records import TrainRecord
 from distributed_ir.eval.metrics import rank
+from distributed_ir.models.precision import PrecisionPolicy, collect_decisions, flat_summary, summarize_decisions
 
 
 def mine_negatives(ds: BeirDataset, ranked: dict[str, list[str]], rank_start: int, rank_end: int, per_query: int,
@@ -90,8 +91,8 @@ class SearchStage:
     (fewer than top_k when the index is smaller), ranked by :func:`distributed_ir.eval.metrics.rank`.
     """
 
-    def __init__(self, index_dir: str, top_k: int, batch_size: int = 64, precision: str = "auto",
-                 device: str = "cpu", threads: int = 0):
+    def __init__(self, index_dir: str, top_k: int, batch_size: int = 64, precision: str | PrecisionPolicy = "auto",
+                 device: str = "cpu", threads: int = 0, report_precision: bool = False):
         import json
 
         import torch
@@ -109,6 +110,7 @@ class SearchStage:
                                    device=device, threads=threads)
         self.top_k = top_k
         self.use_gpu = device == "cuda"
+        self.report_precision = report_precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         vectors = self.encoder.encode([str(t) for t in batch["text"]])
@@ -118,13 +120,18 @@ class SearchStage:
         ids = [rank({self.index.doc_ids[p]: float(s) for s, p in zip(srow, prow) if p >= 0})
                for srow, prow in zip(scores, positions)]
         # An Arrow list<string> column: Ray stores it natively (a 2-D object array would be pickled).
-        return pa.table({"query_id": pa.array([str(q) for q in batch["query_id"]], pa.string()),
-                         "doc_ids": pa.array(ids, pa.list_(pa.string()))})
+        columns = {"query_id": pa.array([str(q) for q in batch["query_id"]], pa.string()),
+                   "doc_ids": pa.array(ids, pa.list_(pa.string()))}
+        if self.report_precision:  # the query encoder's precision decision, on the first row returned
+            columns["precision_decision"] = pa.array(self.encoder.choice.report_column(len(ids)).tolist(), pa.string())
+        return pa.table(columns)
 
 
 def search_with_ray(index_dir: str | Path, queries: dict[str, str], top_k: int, batch_size: int = 64,
-                    precision: str = "auto", actors: int = 0) -> dict[str, list[str]]:
-    """Ranked doc ids per query, query batches spread over a Ray Data actor pool."""
+                    precision: str | PrecisionPolicy = "auto", actors: int = 0,
+                    decisions: list[dict[str, Any]] | None = None) -> dict[str, list[str]]:
+    """Ranked doc ids per query, query batches spread over a Ray Data actor pool; the actors'
+    precision decisions are appended to ``decisions`` when given."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -136,17 +143,19 @@ def search_with_ray(index_dir: str | Path, queries: dict[str, str], top_k: int, 
     # 0.5 CPU per actor leaves room for Ray Data's own tasks on a small node (DESIGN.md pitfalls).
     ds = ds.map_batches(SearchStage, fn_constructor_kwargs={
         "index_dir": str(Path(index_dir).resolve()), "top_k": top_k, "batch_size": batch_size,
-        "precision": precision, "threads": max(1, cpus // size)},
+        "precision": precision, "threads": max(1, cpus // size), "report_precision": decisions is not None},
         batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=size), num_cpus=0.5)
     ranked: dict[str, list[str]] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for qid, ids in zip(batch["query_id"], batch["doc_ids"]):
             ranked[str(qid)] = [str(d) for d in ids]
+        if decisions is not None:
+            decisions += collect_decisions(batch["precision_decision"])
     return ranked
 
 
 def mine_command(index_dir: str, dataset_dir: str, split: str, out: str, rank_start: int = 10, rank_end: int = 100,
-                 per_query: int = 8, seed: int = 42, batch_size: int = 64, precision: str = "auto",
+                 per_query: int = 8, seed: int = 42, batch_size: int = 64, precision: str | PrecisionPolicy = "auto",
                  actors: int = 0) -> dict[str, Any]:
     """Search ``split``'s queries on the index, mine, write triplet JSONL and ``<out>.counts.json``."""
     import json
@@ -159,7 +168,8 @@ def mine_command(index_dir: str, dataset_dir: str, split: str, out: str, rank_st
     ds = load_beir(dataset_dir, split)
     queries = ds.split_queries()
     t0 = time.perf_counter()
-    ranked = search_with_ray(index_dir, queries, rank_end, batch_size, precision, actors)
+    decisions: list[dict[str, Any]] = []
+    ranked = search_with_ray(index_dir, queries, rank_end, batch_size, precision, actors, decisions)
     search_s = time.perf_counter() - t0
     missing = sorted(set(queries) - set(ranked))
     if missing:
@@ -170,6 +180,7 @@ def mine_command(index_dir: str, dataset_dir: str, split: str, out: str, rank_st
     write_records(out, records)
     summary = {**counts, "records": len(records), "negatives_that_are_qrels_positives": leaked,
                "rank_start": rank_start, "rank_end": rank_end, "per_query": per_query, "split": split,
-               "search_seconds": round(search_s, 2), "out": str(Path(out).resolve())}
+               "search_seconds": round(search_s, 2), "out": str(Path(out).resolve()),
+               **flat_summary(summarize_decisions(PrecisionPolicy.of(precision).precision, decisions))}
     Path(str(out) + ".counts.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

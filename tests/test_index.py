@@ -127,6 +127,8 @@ def test_index_pipeline_exact_resumable_and_searchable(tiny_bert, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert {k: (out / manifest["shards"][k]["file"]).stat().st_mtime_ns for k in first} == first
     assert summary["encoded_docs"] == 100 - sum(manifest["shards"][k]["count"] for k in first)
+    # the actors' precision decision reached the manifest (Ray Data carried it back)
+    assert manifest["precision"]["requested"] == "fp32" and manifest["precision"]["chosen"] == ["fp32"]
     # every id exactly once, embeddings equal to the in-process encode
     from distributed_ir.index.pipeline import read_shard
 

@@ -105,7 +105,10 @@ def test_mine_command_distributed_over_queries(beir_index, tmp_path):
 
     folder, index = beir_index
     summary = mine_command(str(index), str(folder), "train", str(tmp_path / "mined.jsonl"), rank_start=2,
-                           rank_end=20, per_query=4, precision="fp32", actors=2)
+                           rank_end=20, per_query=4, precision="auto", actors=2)
+    # auto measured (or found cached) in the actors; their decision reaches the summary
+    assert summary["precision_requested"] == "auto" and summary["precision"] in ("fp32", "bf16", "int8")
+    assert summary["precision_speedup_vs_fp32"] >= 1.05 or summary["precision"] == "fp32"
     assert summary["queries"] == summary["records"] == 8
     assert summary["negatives"] == 8 * 4
     assert summary["dropped_positives"] > 0  # the tiny encoder does rank some positives in 2..20

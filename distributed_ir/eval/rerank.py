@@ -5,8 +5,8 @@
     -> scores -> reranked run.trec + metrics.json (before / after, pairs/s)
 
 ``RerankStage`` is a plain callable class (no Ray imports; unit tests call it directly): one
-reranker per actor, length-sorted micro-batches inside each Ray batch, bf16 autocast where the
-hardware runs it natively (``precision=auto``).  The pairs are sorted by text length before
+reranker per actor, length-sorted micro-batches inside each Ray batch, in the precision measured
+fastest on the host that keeps the scores (``precision=auto``, :mod:`distributed_ir.models.precision`).  The pairs are sorted by text length before
 they are split into blocks, so each actor's batches hold similar lengths and pad little.
 """
 
@@ -20,31 +20,63 @@ from typing import Any
 import numpy as np
 
 from distributed_ir.eval.metrics import DEFAULT_METRICS, Run, evaluate, rank, read_run, write_run
+from distributed_ir.models.precision import (
+    PrecisionChoice,
+    PrecisionPolicy,
+    collect_decisions,
+    score_cosine,
+    summarize_decisions,
+)
 
 
 class RerankStage:
-    """``__call__({"query", "document", ...}) -> {..., "score"}``; text columns are dropped."""
+    """``__call__({"query", "document", ...}) -> {..., "score"}``; text columns are dropped.
 
-    def __init__(self, model: str, batch_size: int = 32, precision: str = "auto", device: str = "auto",
-                 threads: int = 0, compile: bool = False):
+    ``precision``: ``auto`` | ``fp32`` | ``bf16`` | ``fp16`` | ``int8`` (cross-encoder, ColBERT) or a
+    :class:`~distributed_ir.models.precision.PrecisionPolicy`; ``auto`` measures the candidates on
+    the first pairs the stage sees (cached per host and model).  ``report_precision`` adds a
+    ``precision_decision`` column (the decision's JSON on the first row returned, else ``""``)."""
 
-        from distributed_ir.index.encode import actor_device, resolve_dtype
-        from distributed_ir.models.reranking import load_reranker
+    def __init__(self, model: str, batch_size: int = 32, precision: str | PrecisionPolicy = "auto",
+                 device: str = "auto", threads: int = 0, compile: bool = False, report_precision: bool = False):
+
+        from distributed_ir.index.encode import actor_device
+        from distributed_ir.models.reranking import load_reranker, resolve_reranker_path
 
         self.device = actor_device(device, threads)
-        self.reranker = load_reranker(model).to(self.device)
-        self.reranker.eval()
-        self.dtype = resolve_dtype(precision, self.device)
-        self.batch_size = batch_size
+        model_dir = resolve_reranker_path(model)
+        reranker = load_reranker(model_dir).to(self.device)
+        reranker.eval()
         if compile:
-            self.reranker.compile_backbone()
+            reranker.compile_backbone()
+        self.batch_size = batch_size
+        self.policy = PrecisionPolicy.of(precision)
+        self.choice = PrecisionChoice(reranker, model_dir, self.device, self.policy,
+                                      {"role": f"reranker-{reranker.settings.kind}", "batch_size": batch_size,
+                                       "compile": compile})
+        self.report_precision = report_precision
+
+    @property
+    def reranker(self):
+        """The reranker that runs: the torch model, or its int8 ONNX Runtime copy."""
+        return self.choice.model
+
+    @property
+    def dtype(self):
+        return self.choice.dtype
 
     def score(self, queries: list[str], documents: list[str]) -> np.ndarray:
+        if self.choice.pending and queries:  # auto: measure on the first pairs this stage sees
+            n = self.policy.calibration_texts
+            q, d = queries[:n], documents[:n]
+            self.choice.calibrate(lambda model, dtype: model.score_pairs(q, d, self.batch_size, dtype), score_cosine)
         return self.reranker.score_pairs(queries, documents, batch_size=self.batch_size, dtype=self.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: np.asarray(v) for k, v in batch.items() if k not in ("query", "document")}
         out["score"] = self.score([str(q) for q in batch["query"]], [str(d) for d in batch["document"]])
+        if self.report_precision:
+            out["precision_decision"] = self.choice.report_column(len(out["score"]))
         return out
 
 
@@ -65,7 +97,7 @@ def candidate_pairs(run: Run, queries: dict[str, str], corpus: dict[str, str], t
             "query": [queries[q] for q, _ in rows], "document": [corpus[d] for _, d in rows]}
 
 
-def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, precision: str = "auto",
+def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, precision: str | PrecisionPolicy = "auto",
                     actors: int = 0, use_gpu: bool = False, compile: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Scores in ``pairs`` order, computed by a Ray Data actor pool; plus timing facts.
 
@@ -95,22 +127,25 @@ def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, pr
     ds = ds.map_batches(RerankStage, fn_constructor_kwargs={"model": str(Path(model).resolve()),
                                                             "batch_size": batch_size, "precision": precision,
                                                             "device": device, "threads": threads,
-                                                            "compile": compile},
+                                                            "compile": compile, "report_precision": True},
                         batch_size=ray_batch, batch_format="numpy", compute=ActorPoolStrategy(size=size),
                         num_cpus=num_cpus, num_gpus=num_gpus)
     scores = np.full(n, np.nan, dtype=np.float32)
+    decisions = []
     t0 = time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         scores[batch["row"]] = batch["score"]
+        decisions += collect_decisions(batch["precision_decision"])
     seconds = time.perf_counter() - t0
     if np.isnan(scores).any():
         raise RuntimeError(f"{int(np.isnan(scores).sum())} of {n} pairs came back without a score")
     return scores, {"pairs": n, "seconds": round(seconds, 2), "pairs_per_s": round(n / seconds, 1),
-                    "actors": size, "precision": precision, "compile": compile}
+                    "actors": size, "precision": summarize_decisions(PrecisionPolicy.of(precision).precision, decisions),
+                    "compile": compile}
 
 
 def rerank_run(model: str, run: Run, queries: dict[str, str], corpus: dict[str, str], top_k: int,
-               batch_size: int = 32, precision: str = "auto", actors: int = 0,
+               batch_size: int = 32, precision: str | PrecisionPolicy = "auto", actors: int = 0,
                use_gpu: bool = False, compile: bool = False) -> tuple[Run, Run, dict[str, Any]]:
     """Each query's top_k of ``run`` rescored with Ray Data: (reranked run, the first-stage
     top_k it reranked, speed facts)."""
@@ -127,7 +162,7 @@ def rerank_run(model: str, run: Run, queries: dict[str, str], corpus: dict[str, 
 
 
 def rerank_command(model: str, run_path: str, dataset_dir: str, out: str, top_k: int = 100, split: str = "test",
-                   batch_size: int = 32, precision: str = "auto", actors: int = 0,
+                   batch_size: int = 32, precision: str | PrecisionPolicy = "auto", actors: int = 0,
                    use_gpu: bool = False, fuse: float | None = None, compile: bool = False) -> dict[str, Any]:
     """Rerank ``run_path``'s top_k; write ``out/run.trec`` and ``out/metrics.json``.
 

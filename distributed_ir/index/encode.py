@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from distributed_ir.config import ModelConfig
-from distributed_ir.models.embedder import Embedder
+from distributed_ir.models.embedder import Embedder, resolve_model_path
+from distributed_ir.models.precision import PrecisionChoice, PrecisionPolicy, min_row_cosine
 
 FAIL_AT_BATCH = "DIR_FAIL_ENCODE_AT_BATCH"  # fault injection (tests): an actor dies on its Nth batch
 FAULT_MARKER = "DIR_FAULT_MARKER"  # created first, so only one actor dies, once
@@ -41,32 +41,6 @@ def _maybe_die(calls: int) -> None:
     os._exit(1)
 
 
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matmul (AMX or AVX512-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``auto`` -> bf16 where the hardware runs it natively (GPU with bf16, CPU with AMX/AVX512-BF16)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError("fp16 autocast needs a GPU; use bf16 or fp32 on CPU")
-        return torch.float16
-    if precision != "auto":
-        raise ValueError(f"precision {precision!r}: expected auto, fp32, bf16 or fp16")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else None
-
-
 def actor_device(device: str, threads: int = 0) -> torch.device:
     """Set up a model actor: offline hub, ``threads`` torch threads (0 = default), ``auto`` device."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,39 +60,67 @@ class EncodeStage:
         kind: ``document`` or ``query`` (selects the instruction template and max length).
         batch_size: texts per forward pass (the Ray batch may be larger; it is split, sorted by
             length so each forward pads little).
-        precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16``.
+        precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16`` | ``int8``, or a
+            :class:`~distributed_ir.models.precision.PrecisionPolicy`.  ``auto`` measures the
+            candidates on the first texts the stage sees (cached per host and model).
         device: ``auto`` (first visible GPU, else CPU), ``cpu`` or ``cuda``.
-        threads: torch intra-op threads (0 = leave torch's default).
+        threads: torch intra-op threads (0 = leave torch's default); ONNX Runtime uses as many.
+        report_precision: add a ``precision_decision`` column: the decision (JSON) on the first row
+            this stage returns, ``""`` on every other row (how actors tell the driver what ran).
     """
 
-    def __init__(self, model: str, kind: str = "document", batch_size: int = 64, precision: str = "auto",
-                 device: str = "auto", threads: int = 0, overrides: dict | None = None):
+    def __init__(self, model: str, kind: str = "document", batch_size: int = 64,
+                 precision: str | PrecisionPolicy = "auto", device: str = "auto", threads: int = 0,
+                 overrides: dict | None = None, report_precision: bool = False):
         self.device = actor_device(device, threads)
-        self.embedder = Embedder.from_config(ModelConfig(name_or_path=model, **(overrides or {}))).to(self.device)
-        self.embedder.eval()
+        model_dir = resolve_model_path(model)
+        embedder = Embedder.from_config(ModelConfig(name_or_path=model_dir, **(overrides or {}))).to(self.device)
+        embedder.eval()
         self.kind = kind
         self.batch_size = batch_size
-        self.dtype = resolve_dtype(precision, self.device)
+        self.policy = PrecisionPolicy.of(precision)
+        self.choice = PrecisionChoice(embedder, model_dir, self.device, self.policy,
+                                      {"role": f"embedder-{kind}", "batch_size": batch_size})
+        self.report_precision = report_precision
         self.calls = 0
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder that runs: the torch model, or its int8 ONNX Runtime copy."""
+        return self.choice.model
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.choice.dtype
+
+    @property
+    def decision(self):
+        return self.choice.decision
 
     @property
     def dim(self) -> int:
         return self.embedder.dim
 
+    def _run(self, embedder: Embedder, dtype: torch.dtype | None, texts: list[str]) -> np.ndarray:
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), embedder.dim), dtype=np.float32)
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+        with torch.inference_mode(), autocast:
+            for start in range(0, len(texts), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                enc = embedder.tokenize([texts[i] for i in idx], self.kind)
+                enc = {k: v.to(self.device, non_blocking=True) for k, v in enc.items()}
+                out[idx] = embedder(**enc).float().cpu().numpy()
+        return out
+
     def encode(self, texts: list[str]) -> np.ndarray:
         """float32 ``[len(texts), dim]`` in input order."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
-        with torch.inference_mode(), autocast:
-            for start in range(0, len(texts), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                enc = self.embedder.tokenize([texts[i] for i in idx], self.kind)
-                enc = {k: v.to(self.device, non_blocking=True) for k, v in enc.items()}
-                out[idx] = self.embedder(**enc).float().cpu().numpy()
-        return out
+        if self.choice.pending:  # auto: measure on the first texts this stage sees
+            sample = texts[:self.policy.calibration_texts]
+            self.choice.calibrate(lambda emb, dtype: self._run(emb, dtype, sample), min_row_cosine)
+        return self._run(self.embedder, self.dtype, texts)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Replace the ``text`` column with ``embedding``; other columns (ids, shard) pass through."""
@@ -126,4 +128,6 @@ class EncodeStage:
         _maybe_die(self.calls)
         out = {k: np.asarray(v) for k, v in batch.items() if k != "text"}
         out["embedding"] = self.encode([str(t) for t in batch["text"]])
+        if self.report_precision:
+            out["precision_decision"] = self.choice.report_column(len(out["embedding"]))
         return out

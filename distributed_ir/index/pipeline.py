@@ -27,6 +27,7 @@ from distributed_ir.index.parts import build_parts
 from distributed_ir.index.shards import read_shard, shard_is_valid, verified_ids_digest, write_shard
 from distributed_ir.index.storage import Location
 from distributed_ir.models.embedder import resolve_model_path
+from distributed_ir.models.precision import PrecisionPolicy, collect_decisions, summarize_decisions
 
 MANIFEST = "manifest.json"
 __all__ = ["MANIFEST", "IndexOptions", "build_faiss", "encode_corpus", "read_shard", "shard_is_valid", "write_shard"]
@@ -41,7 +42,10 @@ class IndexOptions:
     num_shards: int = 4
     index_shards: int = 1
     batch_size: int = 64
-    precision: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 (models.precision)
+    min_cosine: float = 0.99  # auto's quality gate: cosine of each calibration vector to fp32's
+    precision_cache: str = ""  # '' = $DIR_PRECISION_CACHE, else ~/.cache/distributed-ir/precision
+    calibration_texts: int = 32  # auto measures on this many of the first texts an actor sees
     use_gpu: bool = False
     actors: int = 0  # 0 = size from cluster resources
     on_error: str = "raise"  # raise | skip (bad documents go to rejects_path)
@@ -127,7 +131,7 @@ def map_encode(ds, out: Location, stage: Location, model: str, opts: IndexOption
     return ds.map_batches(
         ShardWriter,
         fn_constructor_kwargs={"out": out.uri, "stage": stage.uri, "chunk_rows": opts.batch_size * 4, "model": model,
-                               "batch_size": opts.batch_size, "precision": opts.precision, "device": plan["device"],
+                               "batch_size": opts.batch_size, "precision": precision_policy(opts), "device": plan["device"],
                                "threads": plan["threads"]},
         batch_size=1,
         batch_format="numpy",
@@ -148,6 +152,12 @@ def _out_location(opts: IndexOptions) -> Location:
     loc = Location(opts.out)
     loc.mkdir()
     return loc
+
+
+def precision_policy(opts: IndexOptions) -> PrecisionPolicy:
+    return PrecisionPolicy(opts.precision, min_cosine=opts.min_cosine, cache_dir=opts.precision_cache,
+                           calibration_texts=opts.calibration_texts)
+
 
 
 def _rejects_path(opts: IndexOptions, out: Location) -> str | Path:
@@ -193,19 +203,26 @@ def encode_corpus(opts: IndexOptions, progress: bool = True) -> dict[str, Any]:
     manifest["shards"] = _reusable(out, manifest, staged)
     todo = [s for s in staged if str(s.index) not in manifest["shards"]]
     t0 = time.perf_counter()
-    encoded_docs = _encode_shards(out, stage, model_dir, opts, todo, manifest, progress) if todo else 0
+    encoded_docs, decisions = (_encode_shards(out, stage, model_dir, opts, todo, manifest, progress)
+                             if todo else (0, []))
     seconds = time.perf_counter() - t0
     verify_exact(manifest, staged)
     manifest["last_run"] = {"encoded_docs": encoded_docs, "skipped_shards": len(staged) - len(todo),
                             "seconds": round(seconds, 2), "docs_per_s": round(encoded_docs / seconds, 2) if encoded_docs else None,
                             "writer_nodes": sorted({e.get("node_id", "") for e in manifest["shards"].values()} - {""})}
+    if decisions:  # what encoded the vectors: precision chosen per actor, with auto's timings
+        manifest["precision"] = manifest["last_run"]["precision"] = summarize_decisions(opts.precision, decisions)
+        for d in manifest["precision"]["decisions"]:
+            print(f"[index] encode precision: {d['chosen']} (requested {d['requested']}"
+                  + (f", speed-up vs fp32 {d['speedup_vs_fp32']}" if d.get("seconds") else "") + ")", flush=True)
     out.write_json(MANIFEST, manifest)
     return manifest
 
 
 def _encode_shards(out: Location, stage: Location, model_dir: str, opts: IndexOptions, todo: list[StagedShard],
-                   manifest: dict, progress: bool) -> int:
-    """Hand the unfinished shards to the encode actors; record each returned metadata row as it arrives."""
+                   manifest: dict, progress: bool) -> tuple[int, list[dict[str, Any]]]:
+    """Hand the unfinished shards to the encode actors; record each returned metadata row as it arrives.
+    Returns the documents encoded and the actors' precision decisions."""
 
     from ray.data import DataContext
 
@@ -219,7 +236,7 @@ def _encode_shards(out: Location, stage: Location, model_dir: str, opts: IndexOp
 
 
 def _run_encode(out: Location, stage: Location, model_dir: str, opts: IndexOptions, plan: dict[str, Any],
-                todo: list[StagedShard], manifest: dict, progress: bool) -> int:
+                todo: list[StagedShard], manifest: dict, progress: bool) -> tuple[int, list[dict[str, Any]]]:
     import ray
 
     ds = ray.data.from_items([{"shard": s.index, "file": s.file} for s in todo], override_num_blocks=len(todo))
@@ -231,9 +248,12 @@ def _run_encode(out: Location, stage: Location, model_dir: str, opts: IndexOptio
 
         bar = tqdm(total=sum(s.count for s in todo), desc="encode corpus", unit="doc")
     encoded = written = 0
+    decisions: list[dict[str, Any]] = []
     for row in ds.iter_rows():
         shard = expected.pop(int(row["shard"]))
-        entry = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items() if k not in ("shard", "dim")}
+        decisions += collect_decisions([row["precision_decision"]])
+        entry = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
+                 if k not in ("shard", "dim", "precision_decision")}
         if entry["count"] != shard.count or entry["ids_digest"] != shard.ids_digest:
             raise RuntimeError(f"shard {shard.index}: the worker wrote {entry['count']} ids (digest "
                                f"{entry['ids_digest']}), staging has {shard.count} ({shard.ids_digest})")
@@ -250,7 +270,7 @@ def _run_encode(out: Location, stage: Location, model_dir: str, opts: IndexOptio
         bar.close()
     if expected:
         raise RuntimeError(f"shards {sorted(expected)} were not written by any encode actor")
-    return encoded
+    return encoded, decisions
 
 
 def verify_exact(manifest: dict, staged: list[StagedShard]) -> None:

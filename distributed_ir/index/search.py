@@ -12,10 +12,12 @@ from distributed_ir.index.encode import EncodeStage
 from distributed_ir.index.parts import INDEX_JSON, search_parts
 from distributed_ir.index.pipeline import MANIFEST
 from distributed_ir.index.storage import Location
+from distributed_ir.models.precision import PrecisionPolicy, flat_summary, summarize_decisions
 
 
 def search_index(index_dir: str | Path, queries_path: str | Path, out: str | Path, top_k: int = 100,
-                 qrels_path: str | Path | None = None, batch_size: int = 64, precision: str = "auto",
+                 qrels_path: str | Path | None = None, batch_size: int = 64,
+                 precision: str | PrecisionPolicy = "auto",
                  use_gpu: bool = False, progress: bool = True, check: InputCheck | None = None) -> tuple[Run, dict]:
     """Encode queries (the model's saved query settings), search the index shards one at a time,
     merge their top-k by the ranking rule, write the run. ``index_dir`` may be a URI."""
@@ -39,5 +41,6 @@ def search_index(index_dir: str | Path, queries_path: str | Path, out: str | Pat
     seconds = time.perf_counter() - t0
     summary = {"queries": len(qids), "top_k": top_k, "seconds": round(seconds, 2),
                "queries_per_s": round(len(qids) / seconds, 1),
-               "index_docs": meta.get("ntotal", manifest.get("num_docs")), "run": str(out), "input": check.summary()}
+               "index_docs": meta.get("ntotal", manifest.get("num_docs")), "run": str(out), "input": check.summary(),
+               **flat_summary(summarize_decisions(stage.policy.precision, [stage.decision.to_dict()]))}
     return run, summary

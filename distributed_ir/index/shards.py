@@ -119,6 +119,8 @@ class ShardWriter:
         stage: location of the staged corpus shards.
         chunk_rows: documents per :class:`EncodeStage` call (its ``batch_size`` splits them further).
         Other keywords go to :class:`EncodeStage` (``model``, ``batch_size``, ``precision``, ``device``, ``threads``).
+    The output also has a ``precision_decision`` column: the precision decision's JSON on this
+    actor's first row (``""`` elsewhere).
     """
 
     def __init__(self, out: str, stage: str, chunk_rows: int = 256, **encode: Any):
@@ -130,7 +132,9 @@ class ShardWriter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.encode_shard(int(s), str(f)) for s, f in zip(batch["shard"], batch["file"])]
-        return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+        out = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+        out["precision_decision"] = self.encoder.choice.report_column(len(rows))  # what ran, once per actor
+        return out
 
     def encode_shard(self, shard: int, staged_file: str) -> dict[str, Any]:
         """Encode one staged shard into its embedding shard file; return the metadata row."""

@@ -103,6 +103,17 @@ class ColBERTReranker(RerankerBase):
         """The head's parameters (trained with their own learning rate)."""
         return list(self.colbert_linear.parameters())
 
+    # ------------------------------------------------------------------ int8 (ONNX Runtime) body
+    onnx_body = ("backbone", "last_hidden_state")  # the encoder; the head and MaxSim stay in torch
+
+    def onnx_example(self) -> dict[str, torch.Tensor]:
+        from distributed_ir.models.onnx_int8 import EXAMPLE_TEXTS
+
+        return {k: v.cpu() for k, v in self.tokenize(list(EXAMPLE_TEXTS), "document").items()}
+
+    def with_body(self, body: nn.Module) -> ColBERTReranker:
+        return ColBERTReranker(body, self.tokenizer, self.settings, head=self.colbert_linear)
+
     # ------------------------------------------------------------------ encode / forward
     def scoring_backbone(self) -> nn.Module:
         return self.backbone

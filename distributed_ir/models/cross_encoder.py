@@ -114,6 +114,19 @@ class CrossEncoderReranker(RerankerBase):
                              padding=True, return_tensors="pt")
         return dict(enc.items())
 
+    # ------------------------------------------------------------------ int8 (ONNX Runtime) body
+    onnx_body = ("model", "logits")  # the whole classifier: its logits are the scores
+
+    def onnx_example(self) -> dict[str, torch.Tensor]:
+        """A padded batch of two (query, document) pairs, for tracing the model."""
+        from distributed_ir.models.onnx_int8 import EXAMPLE_TEXTS
+
+        units, _ = self.build_units(["a query"] * 2, list(EXAMPLE_TEXTS))
+        return self.collate(units)
+
+    def with_body(self, body: torch.nn.Module) -> CrossEncoderReranker:
+        return CrossEncoderReranker(body, self.tokenizer, self.settings)
+
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

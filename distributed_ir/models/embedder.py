@@ -181,6 +181,19 @@ class Embedder(nn.Module):
         """Load a saved embedder; ``overrides`` are ModelConfig fields (conflicts refused)."""
         return cls.from_config(ModelConfig(name_or_path=str(path), **overrides))
 
+    # ------------------------------------------------------------------ int8 (ONNX Runtime) body
+    onnx_body = ("backbone", "last_hidden_state")  # what models.onnx_int8 exports: the body and its output
+
+    def onnx_example(self) -> dict[str, torch.Tensor]:
+        """A padded batch of two documents, for tracing the body."""
+        from distributed_ir.models.onnx_int8 import EXAMPLE_TEXTS
+
+        return self.tokenize(list(EXAMPLE_TEXTS), "document")
+
+    def with_body(self, body: nn.Module) -> Embedder:
+        """The same embedder (tokenizer, settings, pooling) around another body (an ONNX session)."""
+        return Embedder(body, self.tokenizer, self.settings)
+
     # ------------------------------------------------------------------ forward / encode
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,330 @@
+"""Precision chosen by measurement: the decision rule, the measuring loop, the per-host cache, and
+int8 (ONNX Runtime) vectors and scores against fp32, with the export cached once per model."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_ir.models.precision import (
+    PRECISIONS,
+    PrecisionChoice,
+    PrecisionPolicy,
+    check_forced,
+    choose_precision,
+    decide,
+    int8_missing,
+    measure,
+    min_row_cosine,
+    score_cosine,
+)
+
+CPU = torch.device("cpu")
+TEXTS = ["Aspirin lowers the risk of heart attack in adults over fifty.",
+         "Vitamin D", "A randomised trial of statins in elderly patients with " + "chronic kidney disease " * 6,
+         "Protein folding is driven by hydrophobic collapse.", "x",
+         "Gene expression in the mouse retina changes after light exposure."]
+
+
+# ---------------------------------------------------------------- the decision rule (injected timings)
+def test_auto_picks_the_fastest_variant_that_passes_the_gate():
+    seconds = {"fp32": 1.0, "bf16": 0.70, "int8": 0.50}
+    assert choose_precision(seconds, {"bf16": 0.9999, "int8": 0.995})[0] == "int8"
+    # int8 as torch's dynamic quantisation measured it (min cosine 0.88): never chosen, and said why
+    chosen, rejected = choose_precision(seconds, {"bf16": 0.9999, "int8": 0.88})
+    assert chosen == "bf16" and "quality gate" in rejected["int8"] and "0.8800" in rejected["int8"]
+    # the gate is configurable
+    assert choose_precision(seconds, {"bf16": 0.9999, "int8": 0.88}, min_cosine=0.85)[0] == "int8"
+
+
+def test_auto_is_never_slower_than_fp32():
+    # the no-AMX Xeon: bf16 autocast 0.70x fp32, int8 unavailable -> fp32
+    chosen, rejected = choose_precision({"fp32": 1.0, "bf16": 1 / 0.70}, {"bf16": 0.99997},
+                                        unavailable={"int8": "unavailable: no onnxruntime"})
+    assert chosen == "fp32" and "not faster" in rejected["bf16"] and rejected["int8"].startswith("unavailable")
+    # within timing noise of fp32 (less than min_speedup) is not worth the rounding
+    assert choose_precision({"fp32": 1.0, "bf16": 0.97}, {"bf16": 1.0})[0] == "fp32"
+    assert choose_precision({"fp32": 1.0, "bf16": 0.97}, {"bf16": 1.0}, min_speedup=1.0)[0] == "bf16"
+    with pytest.raises(ValueError, match="fp32 must be measured"):
+        choose_precision({"bf16": 0.5}, {"bf16": 1.0})
+
+
+def test_decision_rule_on_random_timings_and_cosines():
+    """Property check over many injected cases: the winner passes the gate, is never slower than
+    fp32, and no other passing variant is faster."""
+    rng = random.Random(0)
+    picked = set()
+    for _ in range(2000):
+        names = ["fp32"] + rng.sample(["bf16", "fp16", "int8"], rng.randint(0, 3))
+        seconds = {n: rng.uniform(0.2, 2.0) for n in names}
+        quality = {n: rng.choice([1.0, rng.uniform(0.85, 1.0)]) for n in names if n != "fp32"}
+        chosen, rejected = choose_precision(seconds, quality, 0.99, 1.05)
+        picked.add(chosen)
+        assert seconds[chosen] <= seconds["fp32"]
+        if chosen != "fp32":
+            assert quality[chosen] >= 0.99 and seconds[chosen] * 1.05 <= seconds["fp32"]
+        ok = [n for n in quality if quality[n] >= 0.99 and seconds[n] * 1.05 <= seconds["fp32"]]
+        assert seconds[chosen] == min([seconds[n] for n in ok] or [seconds["fp32"]])
+        assert set(rejected) == set(quality) - {chosen}
+    assert picked == {"fp32", "bf16", "fp16", "int8"}
+
+
+# ---------------------------------------------------------------- the measuring loop (injected clock)
+def test_measure_times_medians_alternates_and_gives_up_on_slow_variants():
+    now = [0.0]
+    calls: list[str] = []
+    # per call: an untimed warm-up (slow: it builds the variant), then the timed rounds
+    costs = {"fp32": [3.0, 1.0, 1.2, 0.8], "bf16": [9.0, 0.6, 0.4, 0.9], "slow": [1.0, 5.0, 5.0, 5.0]}
+
+    def run(name):
+        def go():
+            now[0] += costs[name][sum(c == name for c in calls)]
+            calls.append(name)
+            return np.ones((2, 3))
+        return go
+
+    def broken():
+        raise RuntimeError("no kernel")
+
+    runs = {**{n: run(n) for n in costs}, "int8": broken}
+    seconds, outputs, unavailable = measure(runs, rounds=3, clock=lambda: now[0])
+    assert seconds == pytest.approx({"fp32": 1.0, "bf16": 0.6, "slow": 5.0})  # medians, warm-up not counted
+    assert set(outputs) == {"fp32", "bf16", "slow"} and "no kernel" in unavailable["int8"]
+    # warm-up, then round 1 in order, round 2 reversed, round 3 in order; "slow" (5x fp32) timed once
+    assert calls == ["fp32", "bf16", "slow", "fp32", "bf16", "slow", "bf16", "fp32", "fp32", "bf16"]
+
+
+def test_quality_measures():
+    ref = np.random.default_rng(0).standard_normal((5, 8))
+    assert min_row_cosine(ref, 3 * ref) == pytest.approx(1.0)
+    worse = ref.copy()
+    worse[2] = -worse[2]
+    assert min_row_cosine(ref, worse) == pytest.approx(-1.0)
+    scores = np.array([1.0, 2.0, 3.0, 4.0])
+    assert score_cosine(scores, scores * 2 + 5) == pytest.approx(1.0)  # same ranking, other scale
+    assert score_cosine(scores, scores[::-1]) == pytest.approx(-1.0)
+
+
+def test_forced_precisions_the_device_cannot_run_are_refused():
+    with pytest.raises(ValueError, match="fp16 autocast needs a GPU"):
+        check_forced("fp16", CPU, None)
+    with pytest.raises(ValueError, match="int8 runs on CPU"):
+        check_forced("int8", torch.device("cuda"), None)
+    with pytest.raises(ValueError, match="int8: not offered for this model kind"):
+        check_forced("int8", CPU, int8_missing(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="precision 'int4'"):
+        PrecisionPolicy("int4")
+    with pytest.raises(ValueError, match="slower than fp32"):
+        PrecisionPolicy(min_speedup=0.9)
+
+
+def test_cli_and_config_accept_exactly_the_precisions():
+    from distributed_ir.cli import build_parser
+    from distributed_ir.config import PRECISION_CHOICES
+
+    assert PRECISION_CHOICES == PRECISIONS
+    index = next(a for a in build_parser()._subparsers._group_actions[0].choices["index"]._actions
+                 if a.dest == "precision")
+    assert tuple(index.choices) == PRECISIONS
+
+
+# ---------------------------------------------------------------- the decision cache
+def test_decision_is_measured_once_per_host_and_model_then_cached(tiny_bert, tmp_path):
+    policy = PrecisionPolicy(cache_dir=str(tmp_path), rounds=2)
+    calls = {"fp32": 0, "bf16": 0}
+
+    def runs():
+        def go(name, out):
+            def f():
+                calls[name] += 1
+                time.sleep(0.02 if name == "fp32" else 0.005)
+                return out
+            return f
+        ref = np.eye(3)
+        return {"fp32": go("fp32", ref), "bf16": go("bf16", ref + 1e-4)}
+
+    first = decide(tiny_bert, {"role": "embedder-document", "batch_size": 8}, CPU, policy, runs(), min_row_cosine, {})
+    assert first.chosen == "bf16" and not first.cached and calls == {"fp32": 3, "bf16": 3}
+    again = decide(tiny_bert, {"role": "embedder-document", "batch_size": 8}, CPU, policy, runs(), min_row_cosine, {})
+    assert again.cached and again.chosen == "bf16" and again.seconds == first.seconds and calls["fp32"] == 3
+    # another role (query encoding: other lengths) is measured on its own
+    other = decide(tiny_bert, {"role": "embedder-query", "batch_size": 8}, CPU, policy, runs(), min_row_cosine, {})
+    assert not other.cached and calls["fp32"] == 6
+    saved = json.loads(next(tmp_path.glob("*/decisions.json")).read_text())
+    assert len(saved) == 2 and {d["key"]["role"] for d in saved.values()} == {"embedder-document", "embedder-query"}
+
+
+def test_an_unwritable_cache_still_decides(tiny_bert, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    runs = {"fp32": lambda: np.eye(2), "bf16": lambda: -np.eye(2)}  # bf16 flips the vectors: gate fails
+    decision = decide(tiny_bert, {"role": "embedder-document"}, CPU, PrecisionPolicy(cache_dir=str(blocker), rounds=1),
+                      runs, min_row_cosine, {})
+    assert decision.chosen == "fp32" and not decision.cached and "quality gate" in decision.rejected["bf16"]
+
+
+# ---------------------------------------------------------------- int8 through ONNX Runtime
+def _stage(model, precision, cache):
+    from distributed_ir.index.encode import EncodeStage
+
+    return EncodeStage(str(model), batch_size=4, device="cpu",
+                       precision=PrecisionPolicy(precision, cache_dir=str(cache)), report_precision=True)
+
+
+def test_int8_vectors_pass_the_gate_on_a_tiny_model(tiny_bert, tmp_path):
+    from distributed_ir.models.onnx_int8 import OnnxBody
+
+    ref = _stage(tiny_bert, "fp32", tmp_path).encode(TEXTS)
+    stage = _stage(tiny_bert, "int8", tmp_path)
+    got = stage.encode(TEXTS)
+    assert isinstance(stage.embedder.backbone, OnnxBody)  # the body ran in ONNX Runtime ...
+    assert 1e-6 < np.abs(got - ref).max()  # ... quantised (not the same numbers) ...
+    assert min_row_cosine(ref, got) >= 0.99  # ... and passes the gate
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # the model's normalisation
+
+
+def test_auto_in_a_stage_records_its_decision(tiny_bert, tmp_path):
+    stage = _stage(tiny_bert, "auto", tmp_path)
+    out = stage({"doc_id": np.arange(len(TEXTS)), "text": np.array(TEXTS, dtype=object)})
+    decision = json.loads(out["precision_decision"][0])
+    assert list(out["precision_decision"][1:]) == [""] * (len(TEXTS) - 1)
+    assert decision["requested"] == "auto" and decision["chosen"] == stage.decision.chosen
+    assert set(decision["seconds"]) == {"fp32", "bf16", "int8"} and decision["quality"]["fp32"] == 1.0
+    assert decision["calibration_texts"] == len(TEXTS)
+    ref = _stage(tiny_bert, "fp32", tmp_path).encode(TEXTS)
+    assert min_row_cosine(ref, out["embedding"]) >= 0.99
+    # the second call of the stage reports nothing more
+    more = stage({"doc_id": np.arange(2), "text": np.array(TEXTS[:2], dtype=object)})
+    assert list(more["precision_decision"]) == ["", ""]
+
+
+def test_int8_export_is_cached_and_reused(tiny_bert, tmp_path):
+    from distributed_ir.models.embedder import Embedder
+    from distributed_ir.models.onnx_int8 import META_FILE, build_int8
+
+    emb = Embedder.load(tiny_bert).eval()
+    path, built = build_int8(emb.backbone, emb.onnx_example(), "last_hidden_state", tiny_bert, "embedder", tmp_path)
+    assert built and path.is_file()
+    meta = json.loads((path.parent / META_FILE).read_text())
+    assert meta["built_by_pid"] == os.getpid() and meta["quantization"]["per_channel"]
+    mtime = path.stat().st_mtime_ns
+    again, built_again = build_int8(emb.backbone, emb.onnx_example(), "last_hidden_state", tiny_bert, "embedder",
+                                    tmp_path)
+    assert again == path and not built_again
+    _stage(tiny_bert, "int8", tmp_path).encode(TEXTS[:2])  # a stage loads the same export
+    assert path.stat().st_mtime_ns == mtime
+    assert [p.name for p in path.parent.parent.iterdir() if ".tmp-" in p.name] == []  # nothing half-built left
+
+
+_BUILD = """
+import json, os, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import torch
+from distributed_ir.models.onnx_int8 import build_int8
+
+class Body(torch.nn.Module):  # a transformer-shaped body, small: the test is about the lock
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.dense = torch.nn.Embedding(100, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(last_hidden_state=self.dense(self.embed(input_ids)) * attention_mask[..., None])
+
+model_dir, cache, me, other = sys.argv[1:]
+example = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+Path(me).touch()
+while not Path(other).exists():  # both processes reach the export together
+    time.sleep(0.01)
+path, built = build_int8(Body().eval(), example, "last_hidden_state", model_dir, "body", Path(cache))
+print(json.dumps({"path": str(path), "built": built, "pid": os.getpid()}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_exporting_at_once_build_one_valid_export(tmp_path):
+    import onnxruntime as ort
+
+    from tests.conftest import REPO
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ready = [tmp_path / "ready-a", tmp_path / "ready-b"]
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD, str(tmp_path / "model"), str(tmp_path / "cache"),
+                               str(ready[i]), str(ready[1 - i])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for i in (0, 1)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["built"] for r in results) == [False, True]  # one built, the other waited and reused it
+    assert results[0]["path"] == results[1]["path"]
+    folder = os.path.dirname(results[0]["path"])
+    builder = next(r["pid"] for r in results if r["built"])
+    assert json.loads(open(os.path.join(folder, "export.json")).read())["built_by_pid"] == builder
+    assert [p for p in os.listdir(os.path.dirname(folder)) if ".tmp-" in p] == []
+    session = ort.InferenceSession(results[0]["path"], providers=["CPUExecutionProvider"])
+    out = session.run(None, {"input_ids": np.array([[7, 8]]), "attention_mask": np.array([[1, 1]])})[0]
+    assert out.shape == (1, 2, 16)
+
+
+@pytest.mark.slow
+def test_int8_passes_the_gate_on_real_minilm(tmp_path, scifact_dir):
+    """SciFact documents, as an index's calibration batch sees them (measured here: min cosine 0.991)."""
+    from tests.conftest import minilm_path
+
+    docs = []
+    with open(scifact_dir / "corpus.jsonl") as fh:
+        for line in fh:
+            r = json.loads(line)
+            docs.append((r["title"] + " " + r["text"]).strip())
+            if len(docs) == 32:
+                break
+    ref = _stage(minilm_path(), "fp32", tmp_path).encode(docs)
+    got = _stage(minilm_path(), "int8", tmp_path).encode(docs)
+    assert 0.99 <= min_row_cosine(ref, got) < 0.9999
+
+
+# ---------------------------------------------------------------- rerankers
+@pytest.mark.parametrize("kind", ["cross_encoder", "colbert"])
+def test_int8_reranker_scores_pass_the_gate(kind, tmp_path):
+    from distributed_ir.eval.rerank import RerankStage
+    from distributed_ir.models.colbert import ColBERTReranker
+    from distributed_ir.models.cross_encoder import CrossEncoderReranker
+    from distributed_ir.models.onnx_int8 import OnnxBody
+    from tests.conftest import build_tiny_model
+
+    # init 0.2: scores that vary with the pair (at 0.02 a random tiny model scores all pairs within 1e-4)
+    body = build_tiny_model(tmp_path / "body", "bert", initializer_range=0.2)
+    torch.manual_seed(0)
+    cls = CrossEncoderReranker if kind == "cross_encoder" else ColBERTReranker
+    model = cls.from_pretrained(str(body)).save(tmp_path / kind)
+    queries = [TEXTS[i % 3] for i in range(12)]
+    docs = [TEXTS[(i * 5) % len(TEXTS)] + " " + TEXTS[i % len(TEXTS)] for i in range(12)]
+    ref = RerankStage(str(model), batch_size=4, precision="fp32", device="cpu").score(queries, docs)
+    stage = RerankStage(str(model), batch_size=4, device="cpu",
+                        precision=PrecisionPolicy("int8", cache_dir=str(tmp_path / "cache")))
+    got = stage.score(queries, docs)
+    body = stage.reranker.model if kind == "cross_encoder" else stage.reranker.backbone
+    assert isinstance(body, OnnxBody)
+    assert ref.std() > 0.05  # the pairs are told apart ...
+    assert 1e-6 < np.abs(got - ref).max() and score_cosine(ref, got) >= 0.99  # ... and int8 keeps the order
+
+
+def test_llm_reranker_measures_without_int8(tmp_path):
+    """An LLM reranker has no int8 body: auto leaves it out and says why."""
+    choice = PrecisionChoice(torch.nn.Linear(2, 2), tmp_path, CPU, PrecisionPolicy(cache_dir=str(tmp_path)),
+                             {"role": "reranker-llm_reranker"})
+    decision = choice.calibrate(lambda model, dtype: np.ones(4), score_cosine)
+    assert "int8" not in decision.seconds and "embedders, cross-encoders and ColBERT only" in decision.rejected["int8"]
