@@ -17,10 +17,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from train_ablation import mine_once
+
 from distributed_ir.config import EngineConfig, PipelineConfig, load_config
 from distributed_ir.data.beir import load_beir, resolve_data_dir
-from distributed_ir.data.records import triplets_from_run, write_records
-from distributed_ir.eval.retrieval import build_flat_index, evaluate_model, ranked_ids, search
+from distributed_ir.eval.retrieval import evaluate_model
 from distributed_ir.models.embedder import Embedder
 from distributed_ir.train.launch import run_training
 
@@ -43,15 +44,7 @@ def main() -> None:
     eval_ds = load_beir(folder, cfg.eval_split, base=train_ds)
     ev = cfg.eval
 
-    train_path = out / "train_records.jsonl"
-    if not train_path.is_file():  # mine once, reuse for every engine
-        base = Embedder.from_config(cfg.train.model)
-        index = build_flat_index(base, train_ds.corpus, ev.batch_size, ev.bf16)
-        mined = search(base, index, train_ds.split_queries(), cfg.mining.rank_end, ev.batch_size, ev.bf16)
-        records, counts = triplets_from_run(train_ds, ranked_ids(mined), cfg.mining.rank_start, cfg.mining.rank_end,
-                                            cfg.mining.per_query, seed=cfg.train.seed)
-        write_records(train_path, records)
-        print(f"mined: {counts}", flush=True)
+    train_path = mine_once(cfg, train_ds, out / "train_records.jsonl")  # mine once, reuse for every engine
 
     if args.speed_only:
         return speed_only(cfg, train_path, out, args)

@@ -40,6 +40,21 @@ def false_negative_pairs(records: list, cfg) -> tuple[int, int]:
     return pairs, batches
 
 
+def mine_once(cfg: PipelineConfig, train_ds, train_path: Path) -> Path:
+    """Hard negatives of the config's ``mining`` ranks from the base model, written once to
+    ``train_path`` and reused by every variant (and by ``engine_compare.py``)."""
+    if not train_path.is_file():
+        ev = cfg.eval
+        base = Embedder.from_config(cfg.train.model)
+        index = build_flat_index(base, train_ds.corpus, ev.batch_size, ev.bf16)
+        mined = search(base, index, train_ds.split_queries(), cfg.mining.rank_end, ev.batch_size, ev.bf16)
+        records, counts = triplets_from_run(train_ds, ranked_ids(mined), cfg.mining.rank_start, cfg.mining.rank_end,
+                                            cfg.mining.per_query, seed=cfg.train.seed)
+        write_records(train_path, records)
+        print(f"mined: {counts}", flush=True)
+    return train_path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="jobs/configs/scifact_minilm.yaml")
@@ -55,15 +70,7 @@ def main() -> None:
     eval_ds = load_beir(folder, cfg.eval_split, base=train_ds)
     ev = cfg.eval
 
-    train_path = out / "train_records.jsonl"
-    if not train_path.is_file():  # mine once, reuse for every variant
-        base = Embedder.from_config(cfg.train.model)
-        index = build_flat_index(base, train_ds.corpus, ev.batch_size, ev.bf16)
-        mined = search(base, index, train_ds.split_queries(), cfg.mining.rank_end, ev.batch_size, ev.bf16)
-        records, counts = triplets_from_run(train_ds, ranked_ids(mined), cfg.mining.rank_start, cfg.mining.rank_end,
-                                            cfg.mining.per_query, seed=cfg.train.seed)
-        write_records(train_path, records)
-        print(f"mined: {counts}", flush=True)
+    train_path = mine_once(cfg, train_ds, out / "train_records.jsonl")
     _, records = read_records(train_path)
 
     rows = []
