@@ -150,7 +150,10 @@ def _write_stage(paths: list[Path], stage: Location, num_shards: int, check: Inp
     digests = [0] * num_shards
     seen: dict[str, tuple[Path, int]] = {}
     with ExitStack() as files:
-        writers = [pq.ParquetWriter(files.enter_context(stage.open_atomic(n)), schema) for n in names]
+        writers = []
+        for n in names:
+            writers.append(pq.ParquetWriter(files.enter_context(stage.open_atomic(n)), schema))
+            files.callback(writers[-1].close)  # closed before its file (LIFO), also when a bad row raises
 
         def flush(i: int) -> None:
             ids, texts = buffers[i]

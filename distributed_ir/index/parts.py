@@ -89,14 +89,12 @@ def build_part(out: Location, entries: list[dict], offset: int, factory: str, di
         index = faiss.index_cpu_to_all_gpus(index)
     folder = out.child("index")
     ids_name, pos = f"ids-{part:05d}-{build}.parquet", offset
-    with folder.open_atomic(ids_name) as sink:
-        writer = pq.ParquetWriter(sink, pa.schema([("doc_id", pa.string())]))
+    with folder.open_atomic(ids_name) as sink, pq.ParquetWriter(sink, pa.schema([("doc_id", pa.string())])) as writer:
         for entry in entries:
             for ids, vecs in iter_shard(out, entry):
                 index.add_with_ids(np.ascontiguousarray(vecs, np.float32), np.arange(pos, pos + len(ids), dtype=np.int64))
                 writer.write_table(pa.table({"doc_id": pa.array(ids, pa.string())}))
                 pos += len(ids)
-        writer.close()
     if on_gpu:
         index = faiss.index_gpu_to_cpu(index)
     set_search_params(index, hnsw_ef_search=hnsw_ef_search, nprobe=nprobe)

@@ -143,8 +143,8 @@ class ShardWriter:
         schema = embedding_schema(self.encoder.dim)
         ids_all: list[str] = []
         pending: list[pa.Table] = []
-        with self.stage.open_input(staged_file) as src, self.out.open_atomic(name) as sink:
-            writer = pq.ParquetWriter(sink, schema)
+        with self.stage.open_input(staged_file) as src, self.out.open_atomic(name) as sink, \
+                pq.ParquetWriter(sink, schema) as writer:
             for rb in pq.ParquetFile(src).iter_batches(batch_size=self.chunk_rows, columns=["doc_id", "text", "shard"]):
                 cols = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in ("doc_id", "text", "shard")}
                 enc = self.encoder(cols)  # EncodeStage.__call__: the fault-injection hook counts these
@@ -156,7 +156,6 @@ class ShardWriter:
                     pending = []
             if pending:
                 writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
-            writer.close()
         if len(set(ids_all)) != len(ids_all):
             raise RuntimeError(f"{staged_file}: duplicate ids in a staged shard")
         return {"shard": shard, "file": name, "count": len(ids_all), "sha256": self.out.sha256(name),
