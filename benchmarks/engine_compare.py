@@ -17,10 +17,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from train_ablation import mine_once
+from train_ablation import mine_once, setup
 
-from distributed_ir.config import EngineConfig, PipelineConfig, load_config
-from distributed_ir.data.beir import load_beir, resolve_data_dir
+from distributed_ir.config import EngineConfig
 from distributed_ir.eval.retrieval import evaluate_model
 from distributed_ir.models.embedder import Embedder
 from distributed_ir.train.launch import run_training
@@ -36,12 +35,7 @@ def main() -> None:
                     help="only time STEPS optimizer steps per engine, alternating engines --repeats times (no eval)")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    cfg = load_config(PipelineConfig, args.config)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    folder = Path(resolve_data_dir(cfg.data_dir)) / cfg.dataset
-    train_ds = load_beir(folder, cfg.train_split)
-    eval_ds = load_beir(folder, cfg.eval_split, base=train_ds)
+    cfg, out, train_ds, eval_ds = setup(args.config, args.out)
     ev = cfg.eval
 
     train_path = mine_once(cfg, train_ds, out / "train_records.jsonl")  # mine once, reuse for every engine

