@@ -88,7 +88,12 @@ def _load_plugins() -> None:
 
 class EmbedderTrainModule(nn.Module):
     """Bi-encoder + loss in one forward (queries and documents encoded together): the contrastive
-    ``loss_fn`` and/or ``distill_weight`` x the ``distill`` term against teacher scores."""
+    ``loss_fn`` and/or ``distill_weight`` x the ``distill`` term against teacher scores.
+
+    ``forward(encode=features)`` instead returns the embeddings of one chunk of tokenised texts:
+    the cached-gradient step (:mod:`distributed_ir.train.grad_cache`) encodes through the DDP /
+    DeepSpeed wrapper chunk by chunk and takes the loss from :meth:`loss_from_embeddings`.
+    """
 
     def __init__(self, embedder: Embedder, loss_fn: nn.Module | None, distill: nn.Module | None = None,
                  distill_weight: float = 1.0):
@@ -98,13 +103,22 @@ class EmbedderTrainModule(nn.Module):
         self.distill = distill
         self.distill_weight = distill_weight
 
-    def forward(self, query: dict[str, torch.Tensor], document: dict[str, torch.Tensor], num_queries: int,
-                labels: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
-                **keys: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: dict[str, torch.Tensor] | None = None, document: dict[str, torch.Tensor] | None = None,
+                num_queries: int = 0, labels: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
+                encode: dict[str, torch.Tensor] | None = None, **keys: torch.Tensor) -> torch.Tensor:
         """``keys``: ``doc_keys`` / ``positive_keys`` for the loss's false-negative mask (infonce);
         ``teacher`` [B, 1+k]: the teacher's scores of each query's positive and negatives."""
+        if encode is not None:
+            return self.embedder(**encode)
         q = self.embedder(**query)
         d = self.embedder(**document)
+        return self.loss_from_embeddings(q, d, num_queries, labels, teacher, **keys)
+
+    def loss_from_embeddings(self, q: torch.Tensor, d: torch.Tensor, num_queries: int,
+                             labels: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
+                             **keys: torch.Tensor) -> torch.Tensor:
+        """The loss of query embeddings ``q`` [B, dim] and document embeddings ``d`` (positives,
+        then the query-major negatives); cross-worker gathering happens inside the loss."""
         if labels is not None:
             return self.loss_fn(q, d, labels)
         positive, negative = d[:num_queries], d[num_queries:] if d.shape[0] > num_queries else None
