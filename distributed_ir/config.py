@@ -273,6 +273,10 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     gradient_checkpointing: bool = _help("recompute activations in backward (less memory, ~30% slower)", default=False)
+    grad_cache_chunk: int = _help(
+        "GradCache (cached in-batch negatives, task embedder): 0 = off; N = encode each worker's batch in chunks of "
+        "N texts and back-propagate through cached embedding gradients, so batch_size can exceed what fits in "
+        "activation memory (equal gradients, ~1 extra forward)", default=0)
     input: InputConfig = field(default_factory=InputConfig)
     epochs: int = _help("passes over the training records", default=1)
     max_steps: int = _help("stop after this many optimizer steps; -1 = epochs decide", default=-1)
@@ -305,6 +309,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1")
         if self.num_negatives < 0 or self.checkpoint_every < 0:
             raise ConfigError("num_negatives and checkpoint_every must be >= 0")
+        if self.grad_cache_chunk < 0:
+            raise ConfigError("grad_cache_chunk must be >= 0 (0 = off)", key="grad_cache_chunk")
+        if self.grad_cache_chunk and self.task != "embedder":
+            raise ConfigError(f"grad_cache_chunk caches embedding gradients of a bi-encoder: task={self.task} scores "
+                              "(query, document) pairs jointly; use task=embedder or grad_cache_chunk=0",
+                              key="grad_cache_chunk")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are exclusive: pick one")
         if self.fp16 and self.engine.name == "ddp" and not self.scaling.use_gpu:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distributed_ir.config import ConfigError, TrainConfig
+from distributed_ir.train.grad_cache import cached_forward_backward
 
 STATE_FILE = "engine_state.pt"
 
@@ -88,14 +89,30 @@ class DDPEngine:
     def init_context() -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def train_step(self, inputs: dict[str, Any], boundary: bool) -> tuple[float, float | None]:
-        """Forward + backward of one micro-batch; at an accumulation boundary also step."""
-        sync = self.module.no_sync() if (self.world_size > 1 and not boundary) else contextlib.nullcontext()
-        with sync:
-            with self._autocast():
-                loss = self.module(**inputs)
+    def forward_backward(self, inputs: dict[str, Any], boundary: bool) -> torch.Tensor:
+        """Forward + backward of one micro-batch (gradients all-reduced once, at a ``boundary``);
+        with ``grad_cache_chunk`` the cached-gradient passes of :mod:`~distributed_ir.train.grad_cache`."""
+        def backward(loss: torch.Tensor) -> None:
             scaled = loss / self.cfg.grad_accum_steps
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+        def sync(last: bool = True) -> contextlib.AbstractContextManager:
+            # DDP reduces in the backward of a forward run outside no_sync(): the last one of a boundary
+            return self.module.no_sync() if (self.world_size > 1 and not (boundary and last)) \
+                else contextlib.nullcontext()
+
+        if self.cfg.grad_cache_chunk:
+            return cached_forward_backward(self.module, self.inner.loss_from_embeddings, inputs,
+                                           self.cfg.grad_cache_chunk, backward, sync, self._autocast)
+        with sync():
+            with self._autocast():
+                loss = self.module(**inputs)
+            backward(loss)
+        return loss.detach()
+
+    def train_step(self, inputs: dict[str, Any], boundary: bool) -> tuple[float, float | None]:
+        """Forward + backward of one micro-batch; at an accumulation boundary also step."""
+        loss = self.forward_backward(inputs, boundary)
         if not boundary:
             return loss.item(), None
         if self.scaler:
@@ -288,10 +305,25 @@ class DeepSpeedEngine:
 
         return ctx()
 
-    def train_step(self, inputs: dict[str, Any], boundary: bool) -> tuple[float, float | None]:
+    def forward_backward(self, inputs: dict[str, Any], boundary: bool) -> torch.Tensor:
+        """Forward + ``engine.backward`` of one micro-batch; DeepSpeed reduces at the ``boundary``
+        (ZeRO-2/3 also reduce-scatter every backward).  With ``grad_cache_chunk``: one forward +
+        ``engine.backward`` per chunk, the boundary flag set only for the last chunk."""
+        if self.cfg.grad_cache_chunk:
+            def chunk_context(last: bool) -> contextlib.AbstractContextManager:
+                self.engine.set_gradient_accumulation_boundary(boundary and last)
+                return contextlib.nullcontext()
+
+            # engine.backward divides each chunk's surrogate by gradient_accumulation_steps, as the loss below
+            return cached_forward_backward(self.engine, self.inner.loss_from_embeddings, inputs,
+                                           self.cfg.grad_cache_chunk, self.engine.backward, chunk_context)
         self.engine.set_gradient_accumulation_boundary(boundary)
         loss = self.engine(**inputs)
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        return loss.detach()
+
+    def train_step(self, inputs: dict[str, Any], boundary: bool) -> tuple[float, float | None]:
+        loss = self.forward_backward(inputs, boundary)
         measured = None
         if boundary and self._measure_norm:  # the all-reduced gradients, before clipping and the step
             measured = torch.nn.utils.get_total_norm([p.grad for p in self.inner.parameters() if p.grad is not None])
