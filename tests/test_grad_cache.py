@@ -9,7 +9,7 @@ candidates.
   used: every forward with a graph holds at most 3 rows, the whole batch is encoded without one.
 - dropout on: cached == the same chunks encoded with one graph (part 3 replays part 1's dropout
   masks); with the RNG replay disabled the gradients differ; the training RNG stream is unmoved.
-- DeepSpeed ZeRO-2 (world size 1, gradient accumulation 2): cached == uncached.
+- DeepSpeed ZeRO-1/2/3 (world size 1, gradient accumulation 2): cached == uncached.
 - 2 Ray Train workers with cross-worker negatives: DDP and DeepSpeed ZeRO-2 cached gradients ==
   1 worker's uncached gradients on the union batch, and DDP all-reduces once per step.
 """
@@ -104,6 +104,33 @@ def test_cached_equals_uncached_on_one_worker(tiny_bert):
     torch.testing.assert_close(single, grads, atol=1e-5, rtol=1e-5)
 
 
+def test_training_loop_reproduces_the_pinned_trajectory(tiny_bert, tmp_path):
+    """``grad_cache_chunk`` through the config and the loop: the pinned first losses and gradient
+    norms of the uncached embedder (batch 4 in chunks of 3: queries 3+1, documents 3+3+2)."""
+    from distributed_ir.data.records import write_records
+    from distributed_ir.train.loop import train_loop
+    from tests.test_pinned_losses import PINNED
+    from tests.test_train_loop import _cfg as loop_cfg
+    from tests.test_train_loop import _triplets
+
+    write_records(tmp_path / "train.jsonl", _triplets(16))
+    result = train_loop(loop_cfg(tiny_bert, tmp_path, max_steps=3, num_negatives=1, grad_cache_chunk=CHUNK))
+    got = {k: [m[k] for m in result["history"]] for k in ("loss", "grad_norm")}
+    assert got["loss"] == pytest.approx(PINNED["embedder"]["loss"], abs=1e-4)
+    assert got["grad_norm"] == pytest.approx(PINNED["embedder"]["grad_norm"], rel=1e-4)
+
+
+def test_config_refuses_what_it_cannot_cache(tiny_bert):
+    from distributed_ir.config import ConfigError
+
+    with pytest.raises(ConfigError, match="grad_cache_chunk must be >= 0") as e:
+        _cfg(tiny_bert, -1)
+    assert e.value.key == "grad_cache_chunk"
+    with pytest.raises(ConfigError, match="task=cross_encoder") as e:
+        from_dict(TrainConfig, {"task": "cross_encoder", "grad_cache_chunk": 4})
+    assert e.value.key == "grad_cache_chunk"
+
+
 def _chunked_reference(cfg: TrainConfig, batch, seed: int):
     """The same chunks encoded in the same order with one graph, one backward (dropout on)."""
     task = get_task(cfg)
@@ -157,11 +184,13 @@ def _deepspeed_grads(cfg: TrainConfig, batches: list) -> tuple[list[float], torc
 
 
 @pytest.mark.slow
-def test_cached_equals_uncached_on_deepspeed_zero2_with_accumulation(tiny_bert):
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_cached_equals_uncached_on_deepspeed_with_accumulation(tiny_bert, stage):
     """Two micro-batches of 4 queries, accumulated: every chunk's ``engine.backward`` but the
-    last micro-batch's last one is off the accumulation boundary; ZeRO-2 reduces each backward."""
+    last micro-batch's last one is off the accumulation boundary (ZeRO-1 reduces there; ZeRO-2/3
+    reduce-scatter every backward; ZeRO-3 also gathers parameters for every chunk's forward)."""
     batches = [_rank_batch(0, 2), _rank_batch(1, 2)]
-    engine = {"name": "deepspeed", "zero_stage": 2}
+    engine = {"name": "deepspeed", "zero_stage": stage}
     ref_losses, ref = _deepspeed_grads(_cfg(tiny_bert, batch_size=4, grad_accum_steps=2, engine=engine), batches)
     losses, grads = _deepspeed_grads(_cfg(tiny_bert, CHUNK, batch_size=4, grad_accum_steps=2, engine=engine), batches)
     assert ref.abs().max() > 1e-3
