@@ -53,15 +53,23 @@ def _grads(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
 
 
-def _ddp_step(cfg: TrainConfig, batch, world: int = 1, seed: int = 7):
-    """Loss and gradients of one boundary micro-step on the DDP engine."""
+def _to(inputs: dict, device: str) -> dict:
+    return {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else
+                v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+def _ddp_step(cfg: TrainConfig, batch, world: int = 1, seed: int = 7, device: str = "cpu"):
+    """Loss and gradients (on the CPU) of one boundary micro-step on the DDP engine."""
     task = get_task(cfg)
     module = task.build()
     module.train()
-    engine = DDPEngine(cfg, module, task.param_groups(module), torch.device("cpu"), world, 10)
+    engine = DDPEngine(cfg, module, task.param_groups(module), torch.device(device), world, 10)
     torch.manual_seed(seed)
-    loss = engine.forward_backward(task.inputs(module, batch), boundary=True)
-    return float(loss), _grads(module), engine
+    loss = engine.forward_backward(_to(task.inputs(module, batch), device), boundary=True)
+    return float(loss), _grads(module).cpu(), engine
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
 @pytest.fixture(scope="module")
@@ -84,23 +92,24 @@ def _count_forwards(module: torch.nn.Module) -> list[tuple[bool, int]]:
     return calls
 
 
-def test_cached_equals_uncached_on_one_worker(tiny_bert):
-    loss, grads, _ = _ddp_step(_cfg(tiny_bert), _union_batch())
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_equals_uncached_on_one_worker(tiny_bert, device):
+    loss, grads, _ = _ddp_step(_cfg(tiny_bert), _union_batch(), device=device)
     assert grads.abs().max() > 1e-3  # not trivially zero
     cfg = _cfg(tiny_bert, CHUNK)
     task = get_task(cfg)
     module = task.build()
     calls = _count_forwards(module)
-    engine = DDPEngine(cfg, module, task.param_groups(module), torch.device("cpu"), 1, 10)
-    cached = float(engine.forward_backward(task.inputs(module, _union_batch()), boundary=True))
+    engine = DDPEngine(cfg, module, task.param_groups(module), torch.device(device), 1, 10)
+    cached = float(engine.forward_backward(_to(task.inputs(module, _union_batch()), device), boundary=True))
     assert abs(cached - loss) < 1e-5
-    torch.testing.assert_close(_grads(module), grads, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_grads(module).cpu(), grads, atol=1e-5, rtol=1e-5)
     # the cache is used: 8 queries + 24 documents in chunks of 3 = 3 + 8 chunks, each encoded once
     # without a graph, then once with one; no forward with a graph sees more than a chunk
     chunks = [3, 3, 2] + [3] * 8
     assert calls == [(False, n) for n in chunks] + [(True, n) for n in chunks]
     # one chunk as large as the batch is the plain step
-    _, single, _ = _ddp_step(_cfg(tiny_bert, 64), _union_batch())
+    _, single, _ = _ddp_step(_cfg(tiny_bert, 64), _union_batch(), device=device)
     torch.testing.assert_close(single, grads, atol=1e-5, rtol=1e-5)
 
 
@@ -131,35 +140,41 @@ def test_config_refuses_what_it_cannot_cache(tiny_bert):
     assert e.value.key == "grad_cache_chunk"
 
 
-def _chunked_reference(cfg: TrainConfig, batch, seed: int):
+def _rng_state(device: str) -> torch.Tensor:
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+def _chunked_reference(cfg: TrainConfig, batch, seed: int, device: str):
     """The same chunks encoded in the same order with one graph, one backward (dropout on)."""
     task = get_task(cfg)
-    module = task.build()
+    module = task.build().to(device)
     module.train()
-    inputs = task.inputs(module, batch)
+    inputs = _to(task.inputs(module, batch), device)
     torch.manual_seed(seed)
     q = torch.cat([module(encode=c) for c in split_features(inputs.pop("query"), CHUNK)])
     d = torch.cat([module(encode=c) for c in split_features(inputs.pop("document"), CHUNK)])
     loss = module.loss_from_embeddings(q, d, **inputs)
     loss.backward()
-    return float(loss.detach()), _grads(module), torch.get_rng_state()
+    return float(loss.detach()), _grads(module).cpu(), _rng_state(device)
 
 
-def test_dropout_masks_are_replayed(dropout_bert, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_masks_are_replayed(dropout_bert, monkeypatch, device):
+    """On a GPU the dropout masks come from the device's generator: its state is replayed too."""
     cfg = _cfg(dropout_bert, CHUNK)
-    ref_loss, ref_grads, ref_rng = _chunked_reference(cfg, _union_batch(), seed=7)
-    loss, grads, _ = _ddp_step(cfg, _union_batch(), seed=7)
+    ref_loss, ref_grads, ref_rng = _chunked_reference(cfg, _union_batch(), 7, device)
+    loss, grads, _ = _ddp_step(cfg, _union_batch(), seed=7, device=device)
     assert abs(loss - ref_loss) < 1e-5
     torch.testing.assert_close(grads, ref_grads, atol=1e-5, rtol=1e-5)
     # the replay is forked: training's RNG stream moves as if each chunk had been encoded once
-    assert torch.equal(torch.get_rng_state(), ref_rng)
+    assert torch.equal(_rng_state(device), ref_rng)
     # dropout is really on: another seed gives other gradients ...
-    _, other, _ = _ddp_step(cfg, _union_batch(), seed=8)
+    _, other, _ = _ddp_step(cfg, _union_batch(), seed=8, device=device)
     assert (other - ref_grads).abs().max() > 1e-4
     # ... and re-encoding without the saved RNG state (fresh masks) gives wrong ones
     monkeypatch.setattr(grad_cache.RandContext, "__enter__", lambda self: None)
     monkeypatch.setattr(grad_cache.RandContext, "__exit__", lambda self, *exc: None)
-    _, unreplayed, _ = _ddp_step(cfg, _union_batch(), seed=7)
+    _, unreplayed, _ = _ddp_step(cfg, _union_batch(), seed=7, device=device)
     assert (unreplayed - ref_grads).abs().max() > 1e-4
 
 
