@@ -8,6 +8,12 @@ global batch) the schedule meets.
 
     python benchmarks/train_ablation.py --config jobs/configs/scifact_minilm.yaml \\
         --variant masked:loss.mask_shared_positives=true --variant unmasked:loss.mask_shared_positives=false
+
+A larger batch via cached in-batch negatives (GradCache: same gradients as the big batch,
+activations of ``grad_cache_chunk`` texts at a time; ``benchmarks/grad_cache.py`` measures memory):
+
+    python benchmarks/train_ablation.py --config jobs/configs/scifact_minilm.yaml \\
+        --variant b16:batch_size=16 --variant b64_cached:batch_size=64,grad_cache_chunk=16
 """
 
 from __future__ import annotations
