@@ -6,7 +6,8 @@ Chunks of 3 rows split queries 3+3+2 and documents 3x7+3, so no chunk lines up w
 candidates.
 
 - 1 worker, DDP engine, dropout off: cached == uncached (loss and gradients, 1e-5); the cache is
-  used: every forward with a graph holds at most 3 rows, the whole batch is encoded without one.
+  used: every forward with a graph holds at most 3 rows, the whole batch is encoded without one;
+  triplet, distillation alone and plain InfoNCE cache alike; the loop reproduces the pinned run.
 - dropout on: cached == the same chunks encoded with one graph (part 3 replays part 1's dropout
   masks); with the RNG replay disabled the gradients differ; the training RNG stream is unmoved.
 - DeepSpeed ZeRO-1/2/3 (world size 1, gradient accumulation 2): cached == uncached.
@@ -111,6 +112,18 @@ def test_cached_equals_uncached_on_one_worker(tiny_bert, device):
     # one chunk as large as the batch is the plain step
     _, single, _ = _ddp_step(_cfg(tiny_bert, 64), _union_batch(), device=device)
     torch.testing.assert_close(single, grads, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", [{"name": "triplet"}, {"name": "distill"},
+                                  {"gather_across_workers": False, "mask_shared_positives": False}],
+                         ids=["triplet", "distill", "plain_infonce"])
+def test_other_losses_cache_alike(tiny_bert, loss):
+    """Any loss of the embeddings caches: triplet margin, distillation alone, plain InfoNCE."""
+    loss = {"temperature": 0.05, **loss}
+    ref_loss, ref, _ = _ddp_step(_cfg(tiny_bert, loss=loss), _union_batch())
+    cached_loss, cached, _ = _ddp_step(_cfg(tiny_bert, CHUNK, loss=loss), _union_batch())
+    assert ref.abs().max() > 1e-4 and abs(cached_loss - ref_loss) < 1e-5
+    torch.testing.assert_close(cached, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_training_loop_reproduces_the_pinned_trajectory(tiny_bert, tmp_path):
