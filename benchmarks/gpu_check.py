@@ -1,0 +1,404 @@
+"""GPU readiness: the project's encode, rerank and training code on one CUDA GPU, plain torch (no Ray).
+
+A machine with a GPU may lack Ray, FAISS and DeepSpeed (the lent H200 has none of them and no
+network), so this runs the same classes the Ray actors run, in one process:
+
+    encode   : ``index.encode.EncodeStage`` (what `distributed-ir index` puts on each GPU actor),
+               all-MiniLM-L6-v2 (the default model) and a BERT-base-shaped body (random weights,
+               same tokenizer), fp32 / fp16 / bf16 autocast at several batch sizes: docs/s,
+               tokens/s (non-padding tokens), smallest cosine to fp32 over every text;
+               then ``precision: auto`` (what it measures and picks on this GPU).
+    rerank   : ``eval.rerank.RerankStage`` (the `rerank` actor) with a MiniLM cross-encoder (random
+               head: throughput only), pairs/s per precision and batch size, and auto's decision.
+    train    : ``train.loop.train_loop`` (the Ray Train worker's loop, run without Ray: world size
+               1, DDP engine) on SciFact train pairs, fp32 and bf16: samples/s; then a resume
+               check: a run checkpointed at step 2 and resumed must end with the weights of the
+               uninterrupted run (dropout on, so the CUDA RNG state must be restored), next to
+               a resume that skips the CUDA RNG (must differ) and a second uninterrupted run (the
+               GPU's own noise floor).
+
+Two steps, because the GPU machine has no copy of the model package or of SciFact:
+
+    # here: model (fp16 safetensors, ~45 MB) + 4096 SciFact docs, queries and train pairs
+    python benchmarks/gpu_check.py pack --out .gpu_pack --data $IR_DATA_DIR/scifact
+    # on the GPU machine (repo root; .gpu_pack carried):
+    PYTHONPATH=. python3 benchmarks/gpu_check.py run --pack .gpu_pack --out $OUT
+
+``run`` prints a markdown table and writes ``gpu_check.json`` / ``gpu_check.md`` under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+SKIP_FILES = {"model.safetensors", ".gitattributes", "README.md", "data_config.json"}
+
+
+# ---------------------------------------------------------------------------------------- pack
+def pack(out: Path, data: Path, docs: int) -> None:
+    """Model folder (weights as fp16) + SciFact texts, small enough to travel (< 50 MB)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from distributed_ir.models.embedder import resolve_model_path
+
+    src = Path(resolve_model_path("default"))
+    model = out / "model"
+    if out.exists():
+        shutil.rmtree(out)
+    model.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name in SKIP_FILES:
+            continue
+        (shutil.copytree if f.is_dir() else shutil.copy)(f, model / f.name)
+    weights = load_file(str(src / "model.safetensors"))
+    save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
+              str(model / "weights_fp16.safetensors"))
+    corpus = {}
+    with open(data / "corpus.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            corpus[row["_id"]] = f"{row.get('title', '')} {row['text']}".strip()
+    queries = {}
+    with open(data / "queries.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            queries[row["_id"]] = row["text"]
+    pairs = []
+    with open(data / "qrels" / "train.tsv") as f:
+        next(f)
+        for line in f:
+            qid, did, rel = line.rstrip("\n").split("\t")[:3]
+            if int(rel) > 0 and qid in queries and did in corpus:
+                pairs.append({"query": queries[qid], "positive": [corpus[did]]})
+    texts = {"documents": list(corpus.values())[:docs],
+             "queries": [queries[q] for q in list(queries)[:512]]}
+    (out / "texts.json").write_text(json.dumps(texts))
+    with open(out / "train.jsonl", "w") as f:
+        for p in pairs:
+            f.write(json.dumps(p) + "\n")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"packed {out}: {len(texts['documents'])} docs, {len(texts['queries'])} queries, "
+          f"{len(pairs)} train pairs, {size / 2**20:.1f} MiB")
+
+
+# ---------------------------------------------------------------------------------------- run
+def fp32_model(pack_dir: Path, work: Path) -> Path:
+    """The packed fp16 weights back in fp32, so 'fp32' really is fp32 whatever the default dtype."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dst = work / "minilm"
+    shutil.copytree(pack_dir / "model", dst, ignore=shutil.ignore_patterns("weights_fp16.safetensors"))
+    weights = load_file(str(pack_dir / "model" / "weights_fp16.safetensors"))
+    save_file({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in weights.items()},
+              str(dst / "model.safetensors"))
+    return dst
+
+
+def base_sized_model(minilm: Path, work: Path) -> Path:
+    """A BERT-base-shaped body (12 x 768, ~110M parameters, random weights) with MiniLM's tokenizer
+    and pooling: the size of bge-base / e5-base, for throughput only."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    dst = work / "bert_base"
+    shutil.copytree(minilm, dst, ignore=lambda d, names: {"model.safetensors", "config.json"} if d == str(minilm) else set())
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         intermediate_size=3072, vocab_size=30522)).save_pretrained(dst)
+    return dst
+
+
+DEVICE = "cuda"  # `run --device cpu`: a dry run of this script's code paths on a machine without a GPU
+
+
+def _sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def precisions() -> tuple[str, ...]:
+    return ("fp32", "fp16", "bf16") if DEVICE == "cuda" else ("fp32", "bf16")  # fp16 is GPU-only here
+
+
+def timed(fn, runs: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(runs):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def encode_section(name: str, model: Path, texts: list[str], batch_sizes: list[int], runs: int) -> list[dict]:
+    import torch
+
+    from distributed_ir.index.encode import EncodeStage
+    from distributed_ir.models.precision import PrecisionPolicy, min_row_cosine
+
+    rows = []
+    stage0 = EncodeStage(str(model), kind="document", precision="fp32", device=DEVICE)
+    lens = stage0.embedder.tokenize(texts, "document")["attention_mask"].sum(1)
+    tokens = int(lens.sum())
+    ref = None
+    for bs in batch_sizes:
+        for prec in precisions():
+            stage = EncodeStage(str(model), kind="document", batch_size=bs, precision=prec, device=DEVICE)
+            stage.encode(texts[: bs * 2])  # warm-up (kernels, allocator)
+            out = {}
+
+            def go():
+                out["v"] = stage.encode(texts)
+
+            med, times = timed(go, runs)
+            if prec == "fp32" and ref is None:
+                ref = out["v"]
+            cos = min_row_cosine(ref, out["v"]) if ref is not None else float("nan")
+            rows.append({"section": "encode", "model": name, "batch": bs, "precision": prec,
+                         "docs_per_s": len(texts) / med, "tokens_per_s": tokens / med,
+                         "seconds": times, "min_cosine_vs_fp32": cos,
+                         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else 0.0})
+            print(f"encode {name} bs={bs} {prec}: {len(texts) / med:.0f} docs/s, {tokens / med:.0f} tok/s, "
+                  f"cos {cos:.5f}", flush=True)
+            del stage
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+    cache = tempfile.mkdtemp(prefix="prec-")
+    stage = EncodeStage(str(model), kind="document", batch_size=128, device=DEVICE,
+                        precision=PrecisionPolicy(precision="auto", cache_dir=cache, calibration_texts=256))
+    stage.encode(texts[:512])
+    rows.append({"section": "auto", "model": name, "role": "embedder", "decision": stage.decision.to_dict()})
+    print(f"auto {name}: {stage.decision.summary()}", flush=True)
+    return rows
+
+
+def rerank_section(minilm: Path, work: Path, queries: list[str], docs: list[str], batch_sizes: list[int],
+                   runs: int) -> list[dict]:
+    import torch
+
+    from distributed_ir.eval.rerank import RerankStage
+    from distributed_ir.models.cross_encoder import CrossEncoderReranker
+    from distributed_ir.models.precision import PrecisionPolicy
+
+    ce = work / "cross_encoder"
+    torch.manual_seed(0)
+    CrossEncoderReranker.from_pretrained(str(minilm)).save(ce)
+    q = [queries[i % len(queries)] for i in range(len(docs))]
+    rows, ref = [], None
+    for bs in batch_sizes:
+        for prec in precisions():
+            stage = RerankStage(str(ce), batch_size=bs, precision=prec, device=DEVICE)
+            stage.score(q[: bs * 2], docs[: bs * 2])
+            out = {}
+
+            def go():
+                out["s"] = stage.score(q, docs)
+
+            med, times = timed(go, runs)
+            if prec == "fp32" and ref is None:
+                ref = out["s"]
+            r = float(np.corrcoef(ref, out["s"])[0, 1])
+            rows.append({"section": "rerank", "model": "minilm-cross-encoder", "batch": bs, "precision": prec,
+                         "pairs_per_s": len(docs) / med, "seconds": times, "pearson_vs_fp32": r})
+            print(f"rerank bs={bs} {prec}: {len(docs) / med:.0f} pairs/s, r {r:.5f}", flush=True)
+            del stage
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+    stage = RerankStage(str(ce), batch_size=128, device=DEVICE,
+                        precision=PrecisionPolicy(precision="auto", cache_dir=tempfile.mkdtemp(prefix="prec-"),
+                                                  calibration_texts=256))
+    stage.score(q[:512], docs[:512])
+    rows.append({"section": "auto", "model": "minilm-cross-encoder", "role": "reranker",
+                 "decision": stage.choice.decision.to_dict()})
+    print(f"auto cross-encoder: {stage.choice.decision.summary()}", flush=True)
+    return rows
+
+
+def _train(model: Path, records: Path, out: Path, **kw) -> dict:
+    from distributed_ir.train.loop import train_loop
+
+    cfg = {"train_path": str(records), "output_dir": str(out), "model": {"name_or_path": str(model)},
+           "scaling": {"use_gpu": DEVICE == "cuda"}, "seed": 7, **kw}
+    return train_loop(cfg)
+
+
+def _final_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoints" / "final" / "model" / "model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def train_section(minilm: Path, records: Path, work: Path, steps: int, batch: int) -> list[dict]:
+    import torch
+
+    import distributed_ir.train.checkpoint as ckpt
+
+    rows = []
+    for name, kw in (("fp32", {}), ("bf16", {"bf16": True})):
+        res = _train(minilm, records, work / f"speed_{name}", batch_size=batch, max_steps=steps,
+                     log_every=max(1, steps // 3), **kw)
+        windows = [h["samples_per_s"] for h in res["history"]][1:]  # first window holds warm-up
+        rows.append({"section": "train", "precision": name, "batch": batch, "steps": steps,
+                     "samples_per_s": statistics.median(windows), "windows": windows,
+                     "final_loss": res["history"][-1]["loss"], "peak_gpu_mb": res.get("peak_gpu_mb")})
+        print(f"train {name} bs={batch}: {statistics.median(windows):.0f} samples/s, "
+              f"loss {res['history'][-1]['loss']:.4f}", flush=True)
+    # resume exactness (dropout on: the CUDA RNG drives it)
+    kw = {"batch_size": min(32, batch), "max_steps": 4, "checkpoint_every": 2, "log_every": 1}
+    _train(minilm, records, work / "full_a", **kw)
+    _train(minilm, records, work / "full_b", **kw)
+    step2 = work / "full_a" / "checkpoints" / "step_0000002"
+    _train(minilm, records, work / "resumed", resume_from=str(step2), **kw)
+    original = ckpt.set_rng_state
+
+    def cpu_only(state):
+        torch.set_rng_state(state["torch_rng"])
+
+    ckpt.set_rng_state = cpu_only
+    try:
+        _train(minilm, records, work / "resumed_no_cuda_rng", resume_from=str(step2), **kw)
+    finally:
+        ckpt.set_rng_state = original
+    a = _final_weights(work / "full_a")
+    row = {"section": "resume", "steps": 4, "resumed_at": 2,
+           "uninterrupted_vs_uninterrupted": _max_diff(a, _final_weights(work / "full_b")),
+           "resumed_vs_uninterrupted": _max_diff(a, _final_weights(work / "resumed")),
+           "resumed_without_cuda_rng_vs_uninterrupted": _max_diff(a, _final_weights(work / "resumed_no_cuda_rng"))}
+    rows.append(row)
+    print("resume: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    return rows
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"GPU check on {env['gpu']} ({env['torch']}, transformers {env['transformers']}, "
+             f"CUDA {env['cuda']}), {env['date']}", ""]
+    enc = [r for r in rows if r["section"] == "encode"]
+    if enc:
+        base = {(r["model"], r["batch"]): r["docs_per_s"] for r in enc if r["precision"] == "fp32"}
+        lines += ["| encode model | batch | precision | docs/s | tokens/s | vs fp32 | min cosine vs fp32 | peak GPU MiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['batch']} | {r['precision']} | {r['docs_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
+                  f"{r['docs_per_s'] / base[(r['model'], r['batch'])]:.2f}x | {r['min_cosine_vs_fp32']:.5f} | "
+                  f"{r['peak_gpu_mb']:.0f} |" for r in enc]
+        lines.append("")
+    rr = [r for r in rows if r["section"] == "rerank"]
+    if rr:
+        base = {r["batch"]: r["pairs_per_s"] for r in rr if r["precision"] == "fp32"}
+        lines += ["| rerank (MiniLM cross-encoder) | batch | precision | pairs/s | vs fp32 | Pearson r vs fp32 |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| RerankStage | {r['batch']} | {r['precision']} | {r['pairs_per_s']:.0f} | "
+                  f"{r['pairs_per_s'] / base[r['batch']]:.2f}x | {r['pearson_vs_fp32']:.5f} |" for r in rr]
+        lines.append("")
+    for r in rows:
+        if r["section"] == "auto":
+            d = r["decision"]
+            lines.append(f"- auto ({r['model']}, {r['role']}): chose **{d['chosen']}**; speedups vs fp32 "
+                         f"{d['speedup_vs_fp32']}, quality {({k: round(v, 5) for k, v in d['quality'].items()})}")
+    tr = [r for r in rows if r["section"] == "train"]
+    if tr:
+        lines += ["", "| train_loop (MiniLM, InfoNCE, world size 1) | batch | samples/s | final loss | peak GPU MiB |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['precision']} | {r['batch']} | {r['samples_per_s']:.0f} | {r['final_loss']:.4f} | "
+                  f"{(r['peak_gpu_mb'] or 0):.0f} |" for r in tr]
+    for r in rows:
+        if r["section"] == "resume":
+            lines += ["", f"- resume at step 2 of 4 (dropout on), max |weight difference| to the uninterrupted run: "
+                          f"resumed {r['resumed_vs_uninterrupted']:.3g}, resumed without the CUDA RNG "
+                          f"{r['resumed_without_cuda_rng_vs_uninterrupted']:.3g}, a second uninterrupted run "
+                          f"{r['uninterrupted_vs_uninterrupted']:.3g}"]
+    for r in rows:
+        if r["section"] == "error":
+            lines.append(f"- {r['part']} FAILED: {r['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def run(pack_dir: Path, out: Path, runs: int, docs: int, sections: list[str], args_steps: int = 30,
+        train_batch: int = 128) -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device visible (--device cpu for a dry run)")
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    env = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
+           "transformers": transformers.__version__, "python": platform.python_version(),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(json.dumps(env), flush=True)
+    texts = json.loads((pack_dir / "texts.json").read_text())
+    documents = texts["documents"][:docs]
+    minilm = fp32_model(pack_dir, work)
+    rows: list[dict] = []
+    parts = {
+        "encode": lambda: encode_section("all-MiniLM-L6-v2", minilm, documents, [32, 128, 512], runs),
+        "encode_base": lambda: encode_section("bert-base-shaped", base_sized_model(minilm, work), documents,
+                                              [128, 512], runs),
+        "rerank": lambda: rerank_section(minilm, work, texts["queries"], documents, [32, 128, 512], runs),
+        "train": lambda: train_section(minilm, pack_dir / "train.jsonl", work, steps=args_steps, batch=train_batch),
+    }
+    for name in sections:
+        t0 = time.perf_counter()
+        try:
+            rows += parts[name]()
+        except Exception as e:  # one broken part must not hide the others' numbers
+            traceback.print_exc()
+            rows.append({"section": "error", "part": name, "error": f"{type(e).__name__}: {e}"})
+        print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)
+        (out / "gpu_check.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str))
+    md = markdown(env, rows)
+    (out / "gpu_check.md").write_text(md)
+    print(md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pack")
+    p.add_argument("--out", type=Path, default=Path(".gpu_pack"))
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("IR_DATA_DIR", "data")) / "scifact")
+    p.add_argument("--docs", type=int, default=4096)
+    r = sub.add_parser("run")
+    r.add_argument("--pack", type=Path, default=Path(".gpu_pack"))
+    r.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "outputs/gpu_check")))
+    r.add_argument("--runs", type=int, default=3)
+    r.add_argument("--docs", type=int, default=4096)
+    r.add_argument("--sections", default="encode,encode_base,rerank,train")
+    r.add_argument("--device", default="cuda", help="cpu: a dry run of the code paths (tiny --docs)")
+    r.add_argument("--train-steps", type=int, default=30)
+    r.add_argument("--train-batch", type=int, default=128)
+    args = ap.parse_args()
+    global DEVICE
+    DEVICE = getattr(args, "device", DEVICE)
+    if args.cmd == "pack":
+        pack(args.out, args.data, args.docs)
+    else:
+        run(args.pack, args.out, args.runs, args.docs, args.sections.split(","), args.train_steps,
+            args.train_batch)
+
+
+if __name__ == "__main__":
+    main()
