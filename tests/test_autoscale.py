@@ -88,10 +88,17 @@ def fake_autoscaling_cluster():
              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
     flags = [x for name, p in zip(names, others) for x in (f"--{name}", str(p))]
     # RAY_TMPDIR: the fake nodes the autoscaler starts (its monitor inherits this environment) put
-    # their files here too. Auth off: a throw-away cluster whose fake nodes run in-process.
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled",
+    # their files here too. Token auth as every local cluster here (train.launch.init_ray): a driver
+    # process that already ran a token-auth session keeps that mode cached, and against a cluster
+    # with auth off the GCS's calls to it as the actors' owner fail, so every new actor dies at
+    # once ("all references to the actor were removed"; seen after test_fault_tolerance).
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "token",
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    from ray._private.authentication import authentication_token_setup as auth
+
+    if not auth._get_default_token_path().is_file():  # `ray start` does not create it; `ray.init` would
+        auth.generate_and_save_token()
     ray_cli = str(Path(sys.executable).parent / "ray")
     start = subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--autoscaling-config", str(cfg),
                             "--temp-dir", tmp, "--num-cpus", "1", "--object-store-memory", str(100 * 2**20),
@@ -103,7 +110,7 @@ def fake_autoscaling_cluster():
     try:
         assert start.returncode == 0, start.stderr[-3000:]
         saved = os.environ.get("RAY_AUTH_MODE")
-        os.environ["RAY_AUTH_MODE"] = "disabled"
+        auth._enable_token_auth()  # RAY_AUTH_MODE=token and Ray's cached config refreshed, as ray.init does
         ray.init(address=f"{ip}:{port}")
         try:
             yield f"{ip}:{port}", ray.get_runtime_context().get_node_id()
@@ -113,6 +120,7 @@ def fake_autoscaling_cluster():
                 os.environ.pop("RAY_AUTH_MODE", None)
             else:
                 os.environ["RAY_AUTH_MODE"] = saved
+            auth.Config.initialize("")
     finally:
         if pgid:
             _stop_group(pgid)
