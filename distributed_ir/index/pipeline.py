@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from distributed_ir.data.intake import MAX_TEXT_BYTES, InputCheck
-from distributed_ir.index.actors import ActorPlan, actor_plan, release_failed_pool, starting_actors
+from distributed_ir.index.actors import ActorPlan, release_failed_pool, starting_actors
+from distributed_ir.index.actors import actor_plan as _actor_plan
 from distributed_ir.index.corpus import StagedShard, expand_corpus, stage_corpus
 from distributed_ir.index.parts import build_parts
 from distributed_ir.index.shards import read_shard, shard_is_valid, verified_ids_digest, write_shard
@@ -110,7 +111,19 @@ def _sha256(path: Path) -> str:
 def encode_plan(opts: IndexOptions, units: int = 0) -> ActorPlan:
     """The encode pool: :func:`distributed_ir.index.actors.actor_plan` for these options and
     ``units`` shards to encode (a fixed ``actors`` pool, else ``min_actors..max_actors``)."""
-    return actor_plan(opts.use_gpu, opts.actors, opts.min_actors, opts.max_actors, units, opts.actor_resources)
+    return _actor_plan(opts.use_gpu, opts.actors, opts.min_actors, opts.max_actors, units, opts.actor_resources)
+
+
+def actor_plan_dict(opts: IndexOptions, units: int = 0) -> dict[str, Any]:
+    """Backward-compatible view of :func:`encode_plan` (the dict the former ``actor_plan`` returned):
+    ``size`` is the pool's maximum. New code: ``encode_plan(...).map_kwargs()`` (min..max) inside
+    :func:`~distributed_ir.index.actors.starting_actors`."""
+    plan = encode_plan(opts, units)
+    return {"size": plan.max_size, "min_size": plan.min_size, "max_size": plan.max_size, "num_gpus": plan.num_gpus,
+            "num_cpus": plan.num_cpus, "threads": plan.threads, "device": plan.device, "plan": plan}
+
+
+actor_plan = actor_plan_dict  # the former name, kept for callers of the dict
 
 
 def map_encode(ds, out: Location, stage: Location, model: str, opts: IndexOptions, plan: ActorPlan):
