@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,6 +125,7 @@ def fake_autoscaling_cluster():
     finally:
         if pgid:
             _stop_group(pgid)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _group_of(tmp: str) -> int | None:
