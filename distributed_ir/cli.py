@@ -13,6 +13,7 @@ from pathlib import Path
 
 from distributed_ir.config import PRECISION_CHOICES, ConfigError, PipelineConfig, TrainConfig, load_config
 from distributed_ir.data.errors import DataError
+from distributed_ir.index.actors import ActorStartTimeout
 from distributed_ir.jobenv import output_path
 
 
@@ -91,7 +92,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from distributed_ir.index.pipeline import IndexOptions, build_faiss, encode_corpus
+    from distributed_ir.index.pipeline import IndexOptions, build_faiss, check_inputs, encode_corpus
     from distributed_ir.index.storage import Location
     from distributed_ir.train.launch import init_ray
 
@@ -99,8 +100,11 @@ def _cmd_index(args: argparse.Namespace) -> int:
                         num_shards=args.num_shards, index_shards=args.index_shards, batch_size=args.batch_size,
                         precision=args.precision, min_cosine=args.min_cosine, precision_cache=args.precision_cache,
                         calibration_texts=args.calibration_texts, use_gpu=args.use_gpu, actors=args.actors,
+                        min_actors=args.min_actors, max_actors=args.max_actors,
+                        actor_start_timeout_s=args.actor_start_timeout,
                         on_error=args.on_error or "raise", rejects_path=args.rejects or "",
                         max_text_bytes=args.max_text_bytes, actor_resources=_resources(args.actor_resource))
+    check_inputs(opts)  # before the cluster: a missing corpus file costs no cluster start
     init_ray()
     manifest = encode_corpus(opts)
     _print_input(manifest["input"])
@@ -217,10 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "at most --num-shards)")
     p.add_argument("--batch-size", type=int, default=64)
     _add_precision_flags(p)
-    p.add_argument("--use-gpu", action="store_true", help="one encode actor per GPU; FAISS on GPU")
-    p.add_argument("--actors", type=int, default=0, help="encode actors (0 = from cluster resources)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per encode actor; FAISS on GPU")
+    p.add_argument("--actors", type=int, default=0, help="a fixed pool of this many encode actors (0 = autoscale: "
+                                                          "--min-actors..--max-actors)")
+    p.add_argument("--min-actors", type=int, default=0, help="encode actors to start with (default 1)")
+    p.add_argument("--max-actors", type=int, default=0,
+                   help="encode actors the pool may grow to as the cluster has room (default: one per shard)")
     p.add_argument("--actor-resource", action="append", metavar="NAME=AMOUNT",
                    help="custom Ray resource each encode actor requests (repeatable), e.g. encoder=1")
+    p.add_argument("--actor-start-timeout", type=int, default=600, metavar="SECONDS",
+                   help="wait this long for the first encode actors when the cluster lacks what they ask for "
+                        "(GPU, --actor-resource) so an autoscaler can add nodes; then fail (default 600)")
     p.add_argument("--max-text-bytes", type=int, default=1 << 20,
                    help="reject documents longer than this many UTF-8 bytes (default 1 MiB)")
     _add_input_flags(p, "<out>/rejects.jsonl")
@@ -261,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: run.trec + metrics.json")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
     _add_precision_flags(p)
-    p.add_argument("--actors", type=int, default=0, help="reranker actors (0 = from cluster resources)")
-    p.add_argument("--use-gpu", action="store_true", help="one reranker actor per GPU")
+    p.add_argument("--actors", type=int, default=0,
+                   help="a fixed pool of this many reranker actors (0 = autoscale from 1 as the cluster has room)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per reranker actor")
     p.add_argument("--fuse", type=float, default=None, metavar="W",
                    help="also write run_fused.trec: W * z(reranker) + (1 - W) * z(first stage) per query")
     p.add_argument("--compile", action="store_true",
@@ -302,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, output_path(getattr(args, name)))
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ActorStartTimeout) as e:
         print(f"distributed-ir {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -98,49 +98,44 @@ def candidate_pairs(run: Run, queries: dict[str, str], corpus: dict[str, str], t
 
 
 def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, precision: str | PrecisionPolicy = "auto",
-                    actors: int = 0, use_gpu: bool = False, compile: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+                    actors: int = 0, use_gpu: bool = False, compile: bool = False,
+                    actor_start_timeout_s: float = 600) -> tuple[np.ndarray, dict[str, Any]]:
     """Scores in ``pairs`` order, computed by a Ray Data actor pool; plus timing facts.
+
+    The pool (:func:`distributed_ir.index.actors.actor_plan`) waits up to ``actor_start_timeout_s``
+    for its first actor (a GPU the cluster does not have yet: an autoscaler may add it).
 
     ``compile``: each actor ``torch.compile``s its reranker (:meth:`RerankerBase.compile_backbone`);
     pays off on large reranks, where the compile is a small share of the run."""
     import pyarrow as pa
     import ray
-    from ray.data import ActorPoolStrategy
+
+    from distributed_ir.index.actors import actor_plan, starting_actors
 
     n = len(pairs["query_id"])
-    res = ray.cluster_resources()
-    if use_gpu:
-        size, num_gpus, num_cpus, threads, device = actors or int(res.get("GPU", 0)), 1, 1, 0, "cuda"
-        if size < 1:
-            raise RuntimeError("use_gpu is set but the Ray cluster has no GPUs")
-    else:
-        cpus = int(res.get("CPU", 1))
-        # 0.5 CPU per actor leaves CPUs schedulable for Ray Data's own tasks (DESIGN.md pitfalls);
-        # each actor runs one torch thread per core it stands for.
-        size = actors or max(1, cpus)
-        num_gpus, num_cpus, threads, device = 0, 0.5, max(1, cpus // size), "cpu"
-    table = pa.table({"row": np.arange(n), **{k: pairs[k] for k in ("query", "document")}})
     ray_batch = batch_size * 4
-    # Contiguous blocks of the length-sorted pairs: similar lengths per block, several per actor.
-    blocks = max(1, min(n // ray_batch + 1, 8 * size))
-    ds = ray.data.from_arrow(table).repartition(blocks)
-    ds = ds.map_batches(RerankStage, fn_constructor_kwargs={"model": str(Path(model).resolve()),
-                                                            "batch_size": batch_size, "precision": precision,
-                                                            "device": device, "threads": threads,
-                                                            "compile": compile, "report_precision": True},
-                        batch_size=ray_batch, batch_format="numpy", compute=ActorPoolStrategy(size=size),
-                        num_cpus=num_cpus, num_gpus=num_gpus)
+    plan = actor_plan(use_gpu, actors, units=n // ray_batch + 1)
+    table = pa.table({"row": np.arange(n), **{k: pairs[k] for k in ("query", "document")}})
     scores = np.full(n, np.nan, dtype=np.float32)
     decisions = []
     t0 = time.perf_counter()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        scores[batch["row"]] = batch["score"]
-        decisions += collect_decisions(batch["precision_decision"])
+    with starting_actors(plan, actor_start_timeout_s, "rerank"):
+        # Contiguous blocks of the length-sorted pairs: similar lengths per block, several per actor.
+        blocks = max(1, min(n // ray_batch + 1, 8 * plan.max_size))
+        ds = ray.data.from_arrow(table).repartition(blocks)
+        ds = ds.map_batches(RerankStage, fn_constructor_kwargs={"model": str(Path(model).resolve()),
+                                                                "batch_size": batch_size, "precision": precision,
+                                                                "device": plan.device, "threads": plan.threads,
+                                                                "compile": compile, "report_precision": True},
+                            batch_size=ray_batch, batch_format="numpy", **plan.map_kwargs())
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            scores[batch["row"]] = batch["score"]
+            decisions += collect_decisions(batch["precision_decision"])
     seconds = time.perf_counter() - t0
     if np.isnan(scores).any():
         raise RuntimeError(f"{int(np.isnan(scores).sum())} of {n} pairs came back without a score")
     return scores, {"pairs": n, "seconds": round(seconds, 2), "pairs_per_s": round(n / seconds, 1),
-                    "actors": size, "precision": summarize_decisions(PrecisionPolicy.of(precision).precision, decisions),
+                    "actors": plan.max_size, "precision": summarize_decisions(PrecisionPolicy.of(precision).precision, decisions),
                     "compile": compile}
 
 

@@ -7,6 +7,7 @@ benchmarks call it directly. No Ray imports here.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -18,15 +19,21 @@ from distributed_ir.models.precision import PrecisionChoice, PrecisionPolicy, mi
 
 FAIL_AT_BATCH = "DIR_FAIL_ENCODE_AT_BATCH"  # fault injection (tests): an actor dies on its Nth batch
 FAULT_MARKER = "DIR_FAULT_MARKER"  # created first, so only one actor dies, once
+# fault injection (tests): every batch sleeps this many seconds, so shards are still in flight
+# when a test removes a node
+SLOW_BATCH_S = "DIR_SLOW_ENCODE_BATCH_S"
 
 
 def forwarded_env() -> dict[str, str]:
     """Fault-injection variables of this process, for the encode actors' runtime_env."""
-    return {k: os.environ[k] for k in (FAIL_AT_BATCH, FAULT_MARKER) if os.environ.get(k)}
+    return {k: os.environ[k] for k in (FAIL_AT_BATCH, FAULT_MARKER, SLOW_BATCH_S) if os.environ.get(k)}
 
 
 def _maybe_die(calls: int) -> None:
-    """Exit this process abruptly on call ``$DIR_FAIL_ENCODE_AT_BATCH``, once per marker file."""
+    """Exit this process abruptly on call ``$DIR_FAIL_ENCODE_AT_BATCH``, once per marker file;
+    sleep ``$DIR_SLOW_ENCODE_BATCH_S`` first when set."""
+    if os.environ.get(SLOW_BATCH_S):
+        time.sleep(float(os.environ[SLOW_BATCH_S]))
     at, marker = os.environ.get(FAIL_AT_BATCH), os.environ.get(FAULT_MARKER)
     if not at or calls != int(at):
         return

@@ -16,21 +16,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from distributed_ir.data.intake import MAX_TEXT_BYTES, InputCheck
+from distributed_ir.index.actors import ActorPlan, release_failed_pool, starting_actors
+from distributed_ir.index.actors import actor_plan as _actor_plan
 from distributed_ir.index.corpus import StagedShard, expand_corpus, stage_corpus
 from distributed_ir.index.parts import build_parts
 from distributed_ir.index.shards import read_shard, shard_is_valid, verified_ids_digest, write_shard
-from distributed_ir.index.storage import Location
+from distributed_ir.index.storage import Location, check_output
 from distributed_ir.models.embedder import resolve_model_path
 from distributed_ir.models.precision import PrecisionPolicy, collect_decisions, summarize_decisions
 
 MANIFEST = "manifest.json"
-__all__ = ["MANIFEST", "IndexOptions", "build_faiss", "encode_corpus", "read_shard", "shard_is_valid", "write_shard"]
+__all__ = ["MANIFEST", "IndexOptions", "build_faiss", "check_inputs", "encode_corpus", "read_shard", "shard_is_valid",
+           "write_shard"]
 
 
 @dataclass
@@ -47,21 +51,41 @@ class IndexOptions:
     precision_cache: str = ""  # '' = $DIR_PRECISION_CACHE, else ~/.cache/distributed-ir/precision
     calibration_texts: int = 32  # auto measures on this many of the first texts an actor sees
     use_gpu: bool = False
-    actors: int = 0  # 0 = size from cluster resources
+    # Encode pool size: ``actors`` > 0 is a fixed pool; else it autoscales from min_actors (0 = 1)
+    # to max_actors (0 = one per shard to encode) as the cluster has room (index.actors).
+    actors: int = 0
+    min_actors: int = 0
+    max_actors: int = 0
     on_error: str = "raise"  # raise | skip (bad documents go to rejects_path)
     rejects_path: str = ""  # '' = <out>/rejects.jsonl
     max_text_bytes: int = MAX_TEXT_BYTES
     # An encode actor that dies (OOM, node loss) is restarted and its batch retried; bounded so a
     # deterministic crash fails the job instead of looping forever.
     actor_restarts: int = 3
+    # Workers lost with their node (removed, preempted) end Ray Data's run: the unfinished shards then
+    # run again on a fresh pool, at most this many times.
+    node_failure_retries: int = 2
     # Custom Ray resources each encode actor asks for (e.g. {"encoder": 1} to pin encoding to
-    # the nodes that advertise it); the pool then holds at most as many actors as the cluster has.
+    # the nodes that advertise it); actors beyond what the nodes have wait, as demand for the autoscaler.
     actor_resources: dict[str, float] = field(default_factory=dict)
-    # Encoding starts once the whole actor pool is up (so shards spread over every node instead of
-    # the first ready actor taking them all); a pool that cannot be placed in this time fails with
-    # Ray Data's "Timed out while starting actors" instead of waiting forever.
+    # Encoding starts once min_actors are up; a resource the cluster lacks (GPU, a custom one) is
+    # waited for this long (an autoscaler may add nodes) before failing with ActorStartTimeout.
     actor_start_timeout_s: int = 600
     fail_after_shards: int = field(default_factory=lambda: int(os.environ.get("DIR_FAIL_AFTER_SHARDS", "0")))
+
+
+def check_inputs(opts: IndexOptions) -> list[Path]:
+    """Corpus files, model folder and output location, checked before a Ray cluster is started or
+    joined (a typo then costs no cluster start). Returns the corpus files."""
+    from distributed_ir.config import ConfigError
+
+    paths = expand_corpus(opts.corpus)  # DataError naming the missing path
+    resolve_model_path(opts.model)  # ConfigError: not a local folder
+    try:
+        check_output(opts.out)
+    except ValueError as e:
+        raise ConfigError(str(e), "out") from e
+    return paths
 
 
 def model_fingerprint(model_dir: str) -> str:
@@ -84,46 +108,30 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def actor_plan(opts: IndexOptions, units: int = 0) -> dict[str, Any]:
-    """Actor count and per-actor resources from the cluster, leaving room for read/write tasks.
-
-    At most ``units`` actors (shards to encode) and, with ``actor_resources``, at most as many as
-    the cluster's custom resources fit.
-
-    Two actors asking for 1 CPU each on a 2-CPU node hold every CPU and the read tasks (1 CPU
-    each) never run: a silent hang. CPU actors therefore reserve 0.5 CPU while running one
-    torch thread per core they stand for, so half the CPUs stay schedulable for Ray Data's
-    own tasks.
-    """
-    import ray
-
-    res = ray.cluster_resources()
-    fit = min([int(res.get(name, 0) // amount) for name, amount in opts.actor_resources.items() if amount > 0],
-              default=0)
-    if opts.actor_resources and fit < 1:
-        raise RuntimeError(f"actor_resources {opts.actor_resources}: the Ray cluster has none of them")
-
-    def cap(n: int) -> int:
-        return max(1, min([n] + [m for m in (fit, units) if m > 0]))
-
-    if opts.use_gpu:
-        gpus = int(res.get("GPU", 0))
-        if gpus < 1:
-            raise RuntimeError("use_gpu is set but the Ray cluster has no GPUs")
-        return {"size": cap(opts.actors or gpus), "num_gpus": 1, "num_cpus": 1, "threads": 0, "device": "cuda"}
-    cpus = int(res.get("CPU", 1))
-    size = cap(opts.actors or max(1, cpus))
-    return {"size": size, "num_gpus": 0, "num_cpus": 0.5, "threads": max(1, cpus // size), "device": "cpu"}
+def encode_plan(opts: IndexOptions, units: int = 0) -> ActorPlan:
+    """The encode pool: :func:`distributed_ir.index.actors.actor_plan` for these options and
+    ``units`` shards to encode (a fixed ``actors`` pool, else ``min_actors..max_actors``)."""
+    return _actor_plan(opts.use_gpu, opts.actors, opts.min_actors, opts.max_actors, units, opts.actor_resources)
 
 
-def map_encode(ds, out: Location, stage: Location, model: str, opts: IndexOptions, plan: dict[str, Any]):
-    """The one place that knows Ray Data's map_batches/actor-pool API (Ray 2.60: compute=).
+def actor_plan_dict(opts: IndexOptions, units: int = 0) -> dict[str, Any]:
+    """Backward-compatible view of :func:`encode_plan` (the dict the former ``actor_plan`` returned):
+    ``size`` is the pool's maximum. New code: ``encode_plan(...).map_kwargs()`` (min..max) inside
+    :func:`~distributed_ir.index.actors.starting_actors`."""
+    plan = encode_plan(opts, units)
+    return {"size": plan.max_size, "min_size": plan.min_size, "max_size": plan.max_size, "num_gpus": plan.num_gpus,
+            "num_cpus": plan.num_cpus, "threads": plan.threads, "device": plan.device, "plan": plan}
+
+
+actor_plan = actor_plan_dict  # the former name, kept for callers of the dict
+
+
+def map_encode(ds, out: Location, stage: Location, model: str, opts: IndexOptions, plan: ActorPlan):
+    """The encode actors over staged-shard rows (pool arguments: :meth:`ActorPlan.map_kwargs`).
 
     One input row is one staged shard; ``max_tasks_in_flight_per_actor=1`` so shards go to idle
     actors rather than queueing behind a busy one (a shard is a big unit of work).
     """
-    from ray.data import ActorPoolStrategy
-
     from distributed_ir.index.encode import forwarded_env
     from distributed_ir.index.shards import ShardWriter
 
@@ -131,14 +139,11 @@ def map_encode(ds, out: Location, stage: Location, model: str, opts: IndexOption
     return ds.map_batches(
         ShardWriter,
         fn_constructor_kwargs={"out": out.uri, "stage": stage.uri, "chunk_rows": opts.batch_size * 4, "model": model,
-                               "batch_size": opts.batch_size, "precision": precision_policy(opts), "device": plan["device"],
-                               "threads": plan["threads"]},
+                               "batch_size": opts.batch_size, "precision": precision_policy(opts), "device": plan.device,
+                               "threads": plan.threads},
         batch_size=1,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=plan["size"], max_tasks_in_flight_per_actor=1),
-        num_cpus=plan["num_cpus"],
-        num_gpus=plan["num_gpus"],
-        **({"resources": dict(opts.actor_resources)} if opts.actor_resources else {}),
+        **plan.map_kwargs(max_tasks_in_flight_per_actor=1),
         # Ray 2.60 passes these through ray_remote_args (deprecated for removal in 2.64, which
         # leaves Ray Data's own default: unbounded restarts/retries). A retried shard rewrites
         # its file from scratch: writes are atomic, so a half-written attempt is never seen.
@@ -222,21 +227,40 @@ def encode_corpus(opts: IndexOptions, progress: bool = True) -> dict[str, Any]:
 def _encode_shards(out: Location, stage: Location, model_dir: str, opts: IndexOptions, todo: list[StagedShard],
                    manifest: dict, progress: bool) -> tuple[int, list[dict[str, Any]]]:
     """Hand the unfinished shards to the encode actors; record each returned metadata row as it arrives.
-    Returns the documents encoded and the actors' precision decisions."""
+    Returns the documents encoded and the actors' precision decisions.
 
-    from ray.data import DataContext
+    Losing workers (a node removed or preempted: the actor unreachable, its objects lost) ends Ray
+    Data's run; the shards the manifest does not list yet then run again on a fresh pool, at most
+    ``node_failure_retries`` times. Exactly once holds because a shard counts only when its
+    metadata row arrives, and a re-encoded shard replaces its file atomically. A retry's pool
+    starts with one actor: the cluster may now have less room than ``min_actors`` asked for.
+    """
+    import ray.exceptions as rex
 
-    plan = actor_plan(opts, len(todo))
-    ctx = DataContext.get_current()
-    saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, opts.actor_start_timeout_s
-    try:
-        return _run_encode(out, stage, model_dir, opts, plan, todo, manifest, progress)
-    finally:
-        ctx.wait_for_min_actors_s = saved
+    lost = (rex.ActorUnavailableError, rex.RayActorError, rex.ObjectLostError, rex.NodeDiedError,
+            rex.WorkerCrashedError)
+    decisions: list[dict[str, Any]] = []
+    left = todo
+    for attempt in range(opts.node_failure_retries + 1):
+        plan = encode_plan(opts, len(left))
+        if attempt:
+            release_failed_pool()  # else the failed pool's actors keep their slots (see there)
+            plan = replace(plan, min_size=1)
+        try:
+            with starting_actors(plan, opts.actor_start_timeout_s, "encode"):
+                _run_encode(out, stage, model_dir, opts, plan, left, manifest, progress, decisions)
+            break
+        except lost as e:
+            if attempt == opts.node_failure_retries:
+                raise
+            left = [s for s in todo if str(s.index) not in manifest["shards"]]
+            print(f"[encode] lost encode workers ({type(e).__name__}); running the {len(left)} unfinished "
+                  f"shard(s) again (retry {attempt + 1} of {opts.node_failure_retries})", file=sys.stderr, flush=True)
+    return sum(s.count for s in todo), decisions
 
 
-def _run_encode(out: Location, stage: Location, model_dir: str, opts: IndexOptions, plan: dict[str, Any],
-                todo: list[StagedShard], manifest: dict, progress: bool) -> tuple[int, list[dict[str, Any]]]:
+def _run_encode(out: Location, stage: Location, model_dir: str, opts: IndexOptions, plan: ActorPlan,
+                todo: list[StagedShard], manifest: dict, progress: bool, decisions: list[dict[str, Any]]) -> None:
     import ray
 
     ds = ray.data.from_items([{"shard": s.index, "file": s.file} for s in todo], override_num_blocks=len(todo))
@@ -247,30 +271,29 @@ def _run_encode(out: Location, stage: Location, model_dir: str, opts: IndexOptio
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(s.count for s in todo), desc="encode corpus", unit="doc")
-    encoded = written = 0
-    decisions: list[dict[str, Any]] = []
-    for row in ds.iter_rows():
-        shard = expected.pop(int(row["shard"]))
-        decisions += collect_decisions([row["precision_decision"]])
-        entry = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
-                 if k not in ("shard", "dim", "precision_decision")}
-        if entry["count"] != shard.count or entry["ids_digest"] != shard.ids_digest:
-            raise RuntimeError(f"shard {shard.index}: the worker wrote {entry['count']} ids (digest "
-                               f"{entry['ids_digest']}), staging has {shard.count} ({shard.ids_digest})")
-        manifest["dim"] = int(row["dim"])
-        manifest["shards"][str(shard.index)] = entry
-        out.write_json(MANIFEST, manifest)
-        encoded += shard.count
-        written += 1
+    written = 0
+    try:
+        for row in ds.iter_rows():
+            shard = expected.pop(int(row["shard"]))
+            decisions += collect_decisions([row["precision_decision"]])
+            entry = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
+                     if k not in ("shard", "dim", "precision_decision")}
+            if entry["count"] != shard.count or entry["ids_digest"] != shard.ids_digest:
+                raise RuntimeError(f"shard {shard.index}: the worker wrote {entry['count']} ids (digest "
+                                   f"{entry['ids_digest']}), staging has {shard.count} ({shard.ids_digest})")
+            manifest["dim"] = int(row["dim"])
+            manifest["shards"][str(shard.index)] = entry
+            out.write_json(MANIFEST, manifest)
+            written += 1
+            if bar:
+                bar.update(shard.count)
+            if opts.fail_after_shards and written >= opts.fail_after_shards:
+                os._exit(17)  # fault injection for resume tests: die like a killed job
+    finally:
         if bar:
-            bar.update(shard.count)
-        if opts.fail_after_shards and written >= opts.fail_after_shards:
-            os._exit(17)  # fault injection for resume tests: die like a killed job
-    if bar:
-        bar.close()
+            bar.close()
     if expected:
         raise RuntimeError(f"shards {sorted(expected)} were not written by any encode actor")
-    return encoded, decisions
 
 
 def verify_exact(manifest: dict, staged: list[StagedShard]) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from distributed_ir.config import ConfigError
 from distributed_ir.data.beir import load_qrels, load_queries
+from distributed_ir.data.errors import DataError
 from distributed_ir.data.intake import InputCheck
 from distributed_ir.eval.metrics import Run, write_run
 from distributed_ir.index.encode import EncodeStage
@@ -15,13 +17,29 @@ from distributed_ir.index.storage import Location
 from distributed_ir.models.precision import PrecisionPolicy, flat_summary, summarize_decisions
 
 
+def check_search_inputs(index_dir: str | Path, queries_path: str | Path,
+                        qrels_path: str | Path | None = None) -> Location:
+    """The index (its manifest) and the query/qrels files, checked before any model loads."""
+    for path in (queries_path, qrels_path):
+        if path and not Path(path).is_file():
+            raise DataError(path, None, "file not found")
+    try:
+        root = Location(index_dir)
+        found = root.is_file(MANIFEST)
+    except OSError as e:
+        raise ConfigError(f"index {str(index_dir)!r}: {e}", "index") from e
+    if not found:
+        raise ConfigError(f"index {root.uri}: no {MANIFEST} (not an `distributed-ir index` --out folder)", "index")
+    return root
+
+
 def search_index(index_dir: str | Path, queries_path: str | Path, out: str | Path, top_k: int = 100,
                  qrels_path: str | Path | None = None, batch_size: int = 64,
                  precision: str | PrecisionPolicy = "auto",
                  use_gpu: bool = False, progress: bool = True, check: InputCheck | None = None) -> tuple[Run, dict]:
     """Encode queries (the model's saved query settings), search the index shards one at a time,
     merge their top-k by the ranking rule, write the run. ``index_dir`` may be a URI."""
-    root = Location(index_dir)
+    root = check_search_inputs(index_dir, queries_path, qrels_path)
     manifest = root.read_json(MANIFEST)
     index = root.child("index")
     meta = index.read_json(INDEX_JSON) if index.is_file(INDEX_JSON) else {}

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -31,6 +32,14 @@ def inside(root: Path, relative: str) -> Path:
     if rel.is_absolute() or not path.is_relative_to(root.resolve()):
         raise ValueError(f"path {relative!r} escapes {root}")
     return path
+
+
+def child_uri(uri: str, relative: str) -> str:
+    """``uri`` + ``/relative``, keeping a URI's query (``?endpoint_override=...&scheme=http``) last."""
+    if "?" not in uri:
+        return uri.rstrip("/") + "/" + relative.strip("/")
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + relative.strip("/")))
 
 
 class Location:
@@ -70,7 +79,7 @@ class Location:
         sub = object.__new__(Location)
         sub.fs, sub.local = self.fs, self.local
         sub.base = self.path(relative).rstrip("/")  # same escape check
-        sub.uri = self.uri.rstrip("/") + "/" + relative.strip("/")
+        sub.uri = child_uri(self.uri, relative)
         return sub
 
     def local_path(self, relative: str = "") -> Path:
@@ -143,3 +152,24 @@ class Location:
 
     def write_json(self, relative: str, obj: Any) -> None:
         self.write_bytes(relative, json.dumps(obj, indent=2).encode())
+
+
+def check_output(uri: str | Path) -> Location:
+    """The output location ``uri``, refused up front (before any cluster starts) when its filesystem
+    cannot be opened or reached, it names a file, or a local folder could not be created there."""
+    import os
+
+    try:
+        loc = Location(uri)
+        info = loc.fs.get_file_info(loc.base)
+    except (OSError, ValueError) as e:  # pyarrow: unknown scheme, bad URI, unreachable store
+        raise ValueError(f"output location {str(uri)!r}: {e}") from e
+    if info.type == pafs.FileType.File:
+        raise ValueError(f"output location {loc.uri}: is a file, not a folder")
+    if loc.local:
+        parent = Path(loc.base)
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"output location {loc.uri}: cannot create it inside {parent}")
+    return loc
