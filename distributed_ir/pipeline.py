@@ -67,7 +67,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         print(metrics_table(rows), flush=True)
 
     # ---- base model: one corpus index (Ray Data actors), evaluated and mined
-    base = None
+    base = base_index = None
     if not cfg.skip_base_eval or cfg.mining.enabled:
         model_dir = encoder_folder(cfg.train.model, out / BASE_MODEL)
         print(f"[pipeline] encoding {len(eval_ds.corpus)} documents with the base model on Ray Data actors", flush=True)
@@ -98,8 +98,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     print(f"[pipeline] training took {result.seconds:.0f}s; model at {result.model_path}", flush=True)
 
     # ---- fine-tuned model: encode, search, evaluate (the checkpoint carries its own settings)
-    tuned = eval_stage("finetuned", index_stage(str(result.model_path), corpus, out / FINETUNED_INDEX, ev, cfg.input),
-                       eval_ds, ev)
+    tuned_index = index_stage(str(result.model_path), corpus, out / FINETUNED_INDEX, ev, cfg.input, base_index)
+    tuned = eval_stage("finetuned", tuned_index, eval_ds, ev)
     rows["finetuned"] = tuned.row
     write_run(out / "run.trec", tuned.run)
     if base is not None:

@@ -27,6 +27,8 @@ from distributed_ir.mining import mine_from_index
 from distributed_ir.models.embedder import resolve_model_path
 from distributed_ir.train.launch import TrainResult, init_ray, run_training
 
+STAGE = "stage"  # the staged corpus inside an index folder (index.pipeline.encode_corpus)
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -82,11 +84,15 @@ def _save_embedder(model: ModelConfig, out: str) -> None:
     Embedder.from_config(model).save(out)
 
 
-def index_stage(model_dir: str, corpus: Path, out: Path, ev: EvalConfig, check: InputConfig) -> CorpusIndex:
+def index_stage(model_dir: str, corpus: Path, out: Path, ev: EvalConfig, check: InputConfig,
+                staged_by: CorpusIndex | None = None) -> CorpusIndex:
     """Encode the corpus with ``model_dir`` into the run-local index folder ``out`` (a fresh one:
-    another model's index there is replaced)."""
+    another model's index there is replaced). ``staged_by``: an index of this run over the same
+    corpus, whose validated, sharded corpus is taken over instead of reading and checking it again."""
     init_ray()
     shutil.rmtree(out, ignore_errors=True)
+    if staged_by is not None:  # staging reuses shards whose stage id (files, shard count, policy) matches
+        shutil.copytree(Path(staged_by.path) / STAGE, out / STAGE)
     return index_corpus(model_dir, str(corpus), str(out), ev.batch_size, precision(ev), ev.num_shards, ev.actors,
                         ev.use_gpu, on_error=check.on_error, rejects_path=check.rejects_path,
                         max_text_bytes=check.max_text_bytes)

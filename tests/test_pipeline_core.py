@@ -82,6 +82,10 @@ def test_pipeline_encodes_searches_and_mines_on_ray_actors_as_the_in_process_pat
         assert manifest["num_docs"] == 48 and len(manifest["shards"]) == 3, name
         assert sum(e["count"] for e in manifest["shards"].values()) == 48
     assert json.loads((out / "index_finetuned" / "manifest.json").read_text())["model"] == str(out / "train" / "model")
+    # the fine-tuned index took over the base index's staged corpus (not read and validated again)
+    staged = sorted((out / "index_base" / "stage").glob("shard-*.parquet"))
+    assert len(staged) == 3 and all((out / "index_finetuned" / "stage" / p.name).stat().st_mtime_ns
+                                    == p.stat().st_mtime_ns for p in staged)
 
     # the old in-process path, in this process, on the same models and settings
     train_ds, test_ds = load_beir(folder, "train"), load_beir(folder, "test")
