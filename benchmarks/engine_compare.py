@@ -17,11 +17,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from train_ablation import mine_once, setup
+from train_ablation import evaluate_checkpoint, mine_once, setup
 
 from distributed_ir.config import EngineConfig
-from distributed_ir.eval.retrieval import evaluate_model
-from distributed_ir.models.embedder import Embedder
 from distributed_ir.train.launch import run_training
 
 
@@ -36,7 +34,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     cfg, out, train_ds, eval_ds = setup(args.config, args.out)
-    ev = cfg.eval
 
     train_path = mine_once(cfg, train_ds, out / "train_records.jsonl")  # mine once, reuse for every engine
 
@@ -52,8 +49,7 @@ def main() -> None:
         result = run_training(tcfg)
         history = json.loads((Path(tcfg.output_dir) / "final_checkpoint" / "history.json").read_text())
         rates = [m["samples_per_s"] for m in history[1:]] or [history[-1]["samples_per_s"]]
-        tuned = Embedder.load(result.model_path)
-        metrics, _, _ = evaluate_model(tuned, eval_ds, ev.top_k, ev.batch_size, ev.bf16, ev.max_queries)
+        metrics = evaluate_checkpoint(cfg, result.model_path, eval_ds)
         rows.append({"engine": spec, "ndcg@10": metrics["ndcg@10"], "train_s": result.seconds,
                      "samples_per_s": statistics.median(rates), "state_mb": history[-1]["state_mb"],
                      "wall_s": time.perf_counter() - t0})

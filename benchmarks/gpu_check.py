@@ -164,7 +164,7 @@ def encode_section(name: str, model: Path, texts: list[str], batch_sizes: list[i
             stage.encode(texts[: bs * 2])  # warm-up (kernels, allocator)
             out = {}
 
-            def go():
+            def go(stage=stage, out=out):
                 out["v"] = stage.encode(texts)
 
             med, times = timed(go, runs)
@@ -209,7 +209,7 @@ def rerank_section(minilm: Path, work: Path, queries: list[str], docs: list[str]
             stage.score(q[: bs * 2], docs[: bs * 2])
             out = {}
 
-            def go():
+            def go(stage=stage, out=out):
                 out["s"] = stage.score(q, docs)
 
             med, times = timed(go, runs)

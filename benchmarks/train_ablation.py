@@ -26,9 +26,8 @@ from pathlib import Path
 
 from distributed_ir.config import PipelineConfig, load_config
 from distributed_ir.data.beir import load_beir, resolve_data_dir
-from distributed_ir.data.records import read_records, triplets_from_run, write_records
-from distributed_ir.eval.retrieval import build_flat_index, evaluate_model, ranked_ids, search
-from distributed_ir.models.embedder import Embedder
+from distributed_ir.data.records import read_records
+from distributed_ir.stages import encoder_folder, eval_stage, index_stage, mine_stage
 from distributed_ir.train.batching import epoch_batches
 from distributed_ir.train.launch import run_training
 
@@ -56,19 +55,27 @@ def setup(config: str, out_dir: str):
     return cfg, out, train_ds, load_beir(folder, cfg.eval_split, base=train_ds)
 
 
+def corpus_file(cfg: PipelineConfig) -> Path:
+    return Path(resolve_data_dir(cfg.data_dir)) / cfg.dataset / "corpus.jsonl"
+
+
 def mine_once(cfg: PipelineConfig, train_ds, train_path: Path) -> Path:
     """Hard negatives of the config's ``mining`` ranks from the base model, written once to
-    ``train_path`` and reused by every variant (and by ``engine_compare.py``)."""
+    ``train_path`` and reused by every variant (and by ``engine_compare.py``): the pipeline's own
+    index and mine stages (Ray Data actors)."""
     if not train_path.is_file():
-        ev = cfg.eval
-        base = Embedder.from_config(cfg.train.model)
-        index = build_flat_index(base, train_ds.corpus, ev.batch_size, ev.bf16)
-        mined = search(base, index, train_ds.split_queries(), cfg.mining.rank_end, ev.batch_size, ev.bf16)
-        records, counts = triplets_from_run(train_ds, ranked_ids(mined), cfg.mining.rank_start, cfg.mining.rank_end,
-                                            cfg.mining.per_query, seed=cfg.train.seed)
-        write_records(train_path, records)
-        print(f"mined: {counts}", flush=True)
+        ev, m, out = cfg.eval, cfg.mining, train_path.parent
+        index = index_stage(encoder_folder(cfg.train.model, out / "base_model"), corpus_file(cfg), out / "index_base",
+                            ev, cfg.input)
+        mined = mine_stage(index, train_ds, m.rank_start, m.rank_end, m.per_query, cfg.train.seed, ev, train_path)
+        print(f"mined: {mined.counts}", flush=True)
     return train_path
+
+
+def evaluate_checkpoint(cfg: PipelineConfig, model_path: Path, eval_ds) -> dict:
+    """The pipeline's fine-tuned eval of ``model_path`` (its corpus index goes beside the model)."""
+    index = index_stage(str(model_path), corpus_file(cfg), Path(model_path).parent / "index", cfg.eval, cfg.input)
+    return eval_stage("finetuned", index, eval_ds, cfg.eval).row
 
 
 def main() -> None:
@@ -79,7 +86,6 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/train_ablation")
     args = ap.parse_args()
     cfg, out, train_ds, eval_ds = setup(args.config, args.out)
-    ev = cfg.eval
 
     train_path = mine_once(cfg, train_ds, out / "train_records.jsonl")
     _, records = read_records(train_path)
@@ -93,8 +99,7 @@ def main() -> None:
         pairs, batches = false_negative_pairs(records, tcfg)
         t0 = time.perf_counter()
         result = run_training(tcfg)
-        tuned = Embedder.load(result.model_path)
-        metrics, _, _ = evaluate_model(tuned, eval_ds, ev.top_k, ev.batch_size, ev.bf16, ev.max_queries)
+        metrics = evaluate_checkpoint(cfg, result.model_path, eval_ds)
         rows.append({"variant": name, "overrides": overrides, "ndcg@10": metrics["ndcg@10"],
                      "recall@100": metrics["recall@100"], "train_s": result.seconds,
                      "false_negative_pairs": pairs, "global_batches": batches, "wall_s": time.perf_counter() - t0})

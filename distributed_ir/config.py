@@ -327,10 +327,16 @@ class EvalConfig:
     top_k: int = _help("documents retrieved per query", default=100)
     bf16: bool = _help("bf16 autocast while encoding", default=False)
     max_queries: int = _help("evaluate only the first N queries (0 = all)", default=0)
+    num_shards: int = _help("corpus shards the Ray Data encode actors write (the unit of work one actor takes)",
+                            default=4)
+    actors: int = _help("encode/search actors (0 = size from the cluster, as `distributed-ir index` does)", default=0)
+    use_gpu: bool = _help("encode and search on GPU actors (one GPU each)", default=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.top_k < 1 or self.max_queries < 0:
             raise ConfigError("eval: batch_size and top_k must be >= 1, max_queries >= 0")
+        if self.num_shards < 1 or self.actors < 0:
+            raise ConfigError("eval: num_shards must be >= 1, actors >= 0")
 
 
 @dataclass

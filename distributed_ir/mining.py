@@ -1,9 +1,9 @@
 """Hard-negative mining: search, take ranks ``[rank_start, rank_end)``, drop positives, write triplets.
 
-The pipeline mines with its in-process index (:func:`mine_negatives` on its own run); the
-``distributed-ir mine`` command searches an index built by ``distributed-ir index`` with Ray
-Data, query batches spread over an actor pool (:class:`SearchStage`, one index + query encoder
-per actor), then applies the same :func:`mine_negatives`.
+The pipeline and the ``distributed-ir mine`` command mine the same way (:func:`mine_from_index`):
+the split's queries are encoded and searched on an index folder by the retrieval core's Ray Data
+actors (:mod:`distributed_ir.index.retrieve`), the hits ordered by the ranking rule, then
+:func:`mine_negatives` cuts the window.
 
 A mined negative is never a judged document of its query (any qrels row, relevant or not:
 a judged non-relevant doc is often a near-duplicate of a positive) nor a document whose text
@@ -18,13 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-
 from distributed_ir.data.beir import BeirDataset
 from distributed_ir.data.records import TrainRecord
-from distributed_ir.eval.metrics import rank
-from distributed_ir.models.precision import PrecisionPolicy, collect_decisions, flat_summary, summarize_decisions
+from distributed_ir.index.storage import Location
+from distributed_ir.models.precision import PrecisionPolicy, flat_summary, summarize_decisions
 
 
 def mine_negatives(ds: BeirDataset, ranked: dict[str, list[str]], rank_start: int, rank_end: int, per_query: int,
@@ -71,87 +68,25 @@ def check_no_judged(ds: BeirDataset, chosen: dict[str, list[str]]) -> None:
         raise AssertionError(f"mined negatives include judged documents: {leaks[:5]}")
 
 
-def mine_in_process(embedder: Any, index: Any, ds: BeirDataset, rank_start: int, rank_end: int, per_query: int,
-                    seed: int = 0, batch_size: int = 64, bf16: bool = False) -> tuple[list[TrainRecord], dict[str, int]]:
-    """Search ``ds``'s split queries on an in-process index (:func:`distributed_ir.eval.retrieval.search`,
-    the pipeline's own) and mine; counts as :func:`mine_command` reports them."""
-    from distributed_ir.eval.retrieval import ranked_ids, search
+def mine_from_index(index_dir: str, ds: BeirDataset, rank_start: int, rank_end: int, per_query: int, seed: int = 0,
+                    batch_size: int = 64, precision: str | PrecisionPolicy = "auto", actors: int = 0,
+                    use_gpu: bool = False, decisions: list[dict[str, Any]] | None = None
+                    ) -> tuple[list[TrainRecord], dict[str, Any]]:
+    """Search ``ds``'s split queries on the index (:func:`distributed_ir.index.retrieve.search_queries`:
+    query encoding and search on Ray Data actors) and mine; counts as ``mine`` reports them
+    (``search_seconds`` included)."""
+    from distributed_ir.index.retrieve import ranked_ids, search_queries
 
-    run = search(embedder, index, ds.split_queries(), rank_end, batch_size, bf16)
+    if not 0 <= rank_start < rank_end:
+        raise ValueError(f"need 0 <= rank_start < rank_end, got {rank_start}, {rank_end}")
+    t0 = time.perf_counter()
+    run = search_queries(index_dir, ds.split_queries(), rank_end, batch_size, precision, actors, use_gpu, decisions)
+    search_s = time.perf_counter() - t0
     records, counts, chosen = mine_negatives(ds, ranked_ids(run), rank_start, rank_end, per_query, seed)
     leaked = count_qrels_positives(ds, chosen)
     check_no_judged(ds, chosen)
-    return records, {**counts, "records": len(records), "negatives_that_are_qrels_positives": leaked}
-
-
-class SearchStage:
-    """``__call__({"query_id", "text"}) -> Arrow table (query_id, doc_ids: list<string>)`` (no Ray imports).
-
-    Loads the index and the model that built it once per actor; each list holds the ids found
-    (fewer than top_k when the index is smaller), ranked by :func:`distributed_ir.eval.metrics.rank`.
-    """
-
-    def __init__(self, index_dir: str, top_k: int, batch_size: int = 64, precision: str | PrecisionPolicy = "auto",
-                 device: str = "cpu", threads: int = 0, report_precision: bool = False):
-        import json
-
-        import torch
-
-        from distributed_ir.index.encode import EncodeStage
-        from distributed_ir.index.faiss_index import ShardedIndex
-        from distributed_ir.index.pipeline import MANIFEST
-
-        if threads:
-            torch.set_num_threads(threads)
-        root = Path(index_dir)
-        manifest = json.loads((root / MANIFEST).read_text())
-        self.index = ShardedIndex.load(root / "index")
-        self.encoder = EncodeStage(manifest["model"], kind="query", batch_size=batch_size, precision=precision,
-                                   device=device, threads=threads)
-        self.top_k = top_k
-        self.use_gpu = device == "cuda"
-        self.report_precision = report_precision
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        vectors = self.encoder.encode([str(t) for t in batch["text"]])
-        scores, positions = self.index.search(vectors, self.top_k, use_gpu=self.use_gpu, progress=False)
-        # Ranked by evaluation's rule (ties by doc id, not FAISS's order): the window mined is the
-        # window `search`/`evaluate` rank there.
-        ids = [rank({self.index.doc_ids[p]: float(s) for s, p in zip(srow, prow) if p >= 0})
-               for srow, prow in zip(scores, positions)]
-        # An Arrow list<string> column: Ray stores it natively (a 2-D object array would be pickled).
-        columns = {"query_id": pa.array([str(q) for q in batch["query_id"]], pa.string()),
-                   "doc_ids": pa.array(ids, pa.list_(pa.string()))}
-        if self.report_precision:  # the query encoder's precision decision, on the first row returned
-            columns["precision_decision"] = pa.array(self.encoder.choice.report_column(len(ids)).tolist(), pa.string())
-        return pa.table(columns)
-
-
-def search_with_ray(index_dir: str | Path, queries: dict[str, str], top_k: int, batch_size: int = 64,
-                    precision: str | PrecisionPolicy = "auto", actors: int = 0,
-                    decisions: list[dict[str, Any]] | None = None) -> dict[str, list[str]]:
-    """Ranked doc ids per query, query batches spread over a Ray Data actor pool; the actors'
-    precision decisions are appended to ``decisions`` when given."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    size = actors or max(1, min(cpus, len(queries) // batch_size + 1))
-    qids = list(queries)
-    table = pa.table({"query_id": qids, "text": [queries[q] for q in qids]})
-    ds = ray.data.from_arrow(table).repartition(max(1, min(len(qids), 4 * size)))
-    # 0.5 CPU per actor leaves room for Ray Data's own tasks on a small node (DESIGN.md pitfalls).
-    ds = ds.map_batches(SearchStage, fn_constructor_kwargs={
-        "index_dir": str(Path(index_dir).resolve()), "top_k": top_k, "batch_size": batch_size,
-        "precision": precision, "threads": max(1, cpus // size), "report_precision": decisions is not None},
-        batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=size), num_cpus=0.5)
-    ranked: dict[str, list[str]] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for qid, ids in zip(batch["query_id"], batch["doc_ids"]):
-            ranked[str(qid)] = [str(d) for d in ids]
-        if decisions is not None:
-            decisions += collect_decisions(batch["precision_decision"])
-    return ranked
+    return records, {**counts, "records": len(records), "negatives_that_are_qrels_positives": leaked,
+                     "search_seconds": round(search_s, 2)}
 
 
 def mine_command(index_dir: str, dataset_dir: str, split: str, out: str, rank_start: int = 10, rank_end: int = 100,
@@ -163,24 +98,13 @@ def mine_command(index_dir: str, dataset_dir: str, split: str, out: str, rank_st
     from distributed_ir.data.beir import load_beir
     from distributed_ir.data.records import write_records
 
-    if not 0 <= rank_start < rank_end:
-        raise ValueError(f"need 0 <= rank_start < rank_end, got {rank_start}, {rank_end}")
     ds = load_beir(dataset_dir, split)
-    queries = ds.split_queries()
-    t0 = time.perf_counter()
     decisions: list[dict[str, Any]] = []
-    ranked = search_with_ray(index_dir, queries, rank_end, batch_size, precision, actors, decisions)
-    search_s = time.perf_counter() - t0
-    missing = sorted(set(queries) - set(ranked))
-    if missing:
-        raise RuntimeError(f"{len(missing)} queries came back without results, e.g. {missing[:3]}")
-    records, counts, chosen = mine_negatives(ds, ranked, rank_start, rank_end, per_query, seed)
-    leaked = count_qrels_positives(ds, chosen)
-    check_no_judged(ds, chosen)
+    records, counts = mine_from_index(str(Location(index_dir).uri), ds, rank_start, rank_end, per_query, seed,
+                                      batch_size, precision, actors, decisions=decisions)
     write_records(out, records)
-    summary = {**counts, "records": len(records), "negatives_that_are_qrels_positives": leaked,
-               "rank_start": rank_start, "rank_end": rank_end, "per_query": per_query, "split": split,
-               "search_seconds": round(search_s, 2), "out": str(Path(out).resolve()),
+    summary = {**counts, "rank_start": rank_start, "rank_end": rank_end, "per_query": per_query, "split": split,
+               "out": str(Path(out).resolve()),
                **flat_summary(summarize_decisions(PrecisionPolicy.of(precision).precision, decisions))}
     Path(str(out) + ".counts.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

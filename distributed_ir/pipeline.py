@@ -1,9 +1,12 @@
 """The whole retrieval pipeline on a BEIR dataset: (mine) -> train -> encode -> search -> evaluate
-(-> mine with the fine-tuned model -> train a reranker -> rerank -> fuse).
+(-> mine with the fine-tuned model -> train a reranker -> rerank -> fuse), a chain of the stages
+in :mod:`distributed_ir.stages`: every corpus and query pass runs on Ray actors (the retrieval
+core); this process orchestrates and holds no model and no vector.
 
 Writes ``OUT/metrics.json`` (rows ``base`` and ``finetuned`` plus training facts),
 ``OUT/run.trec`` (the fine-tuned model's run), ``OUT/train/model`` (the checkpoint) and
-``OUT/report.md`` with its plots (training curves, metrics bar chart).  With
+``OUT/report.md`` with its plots (training curves, metrics bar chart), and the corpus indexes
+``OUT/index_base`` and ``OUT/index_finetuned`` (``distributed-ir index``'s layout).  With
 ``reranker.enabled`` the stage in :mod:`distributed_ir.pipeline_rerank` adds rows ``reranked``
 (and ``fused``), ``OUT/reranker/model``, ``OUT/run_reranked.trec`` (``OUT/run_fused.trec``)
 and the reranker's training curves.
@@ -12,22 +15,21 @@ and the reranker's training curves.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from distributed_ir.config import ConfigError, ModelConfig, PipelineConfig, redact, to_dict
+from distributed_ir.config import ConfigError, PipelineConfig, redact, to_dict
 from distributed_ir.data.beir import ensure_beir, load_beir, resolve_data_dir
 from distributed_ir.data.records import pairs_from_qrels, write_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, write_run
-from distributed_ir.eval.retrieval import evaluate_model
-from distributed_ir.mining import mine_in_process
-from distributed_ir.models.embedder import Embedder
+from distributed_ir.stages import encoder_folder, eval_stage, index_stage, mine_stage, train_stage
 from distributed_ir.train.launch import run_training
+
+BASE_MODEL = "base_model"  # the base model with the config's settings saved beside it (when it sets any)
+BASE_INDEX = "index_base"  # corpus indexes (distributed-ir index layout: `distributed-ir search` reads them)
+FINETUNED_INDEX = "index_finetuned"
 
 
 def metrics_table(rows: dict[str, dict[str, Any]]) -> str:
@@ -41,7 +43,7 @@ def metrics_table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    torch.set_num_threads(os.cpu_count() or 1)
+    """Run the chain of stages (see :mod:`distributed_ir.stages`); return the report (``metrics.json``)."""
     if cfg.train.train_path and cfg.mining.enabled:
         raise ConfigError("train.train_path (prepared records) and mining.enabled are exclusive: pick one")
     out = Path(cfg.output_dir).resolve()
@@ -54,6 +56,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     ev = cfg.eval
     rows: dict[str, dict[str, Any]] = {}
     report: dict[str, Any] = {"config": redact(to_dict(cfg)), "input": check.summary()}
+    corpus = folder / "corpus.jsonl"
 
     # ---- BM25 alone (no model): the sparse first stage the hybrid row fuses with
     bm25_run = None
@@ -63,50 +66,50 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         rows["bm25"], bm25_run = bm25_row(cfg.hybrid, eval_ds, ev.top_k, ev.max_queries, out, report)
         print(metrics_table(rows), flush=True)
 
-    # ---- base model: evaluate, and mine hard negatives from the same index
-    base_index = None
+    # ---- base model: one corpus index (Ray Data actors), evaluated and mined
+    base = base_index = None
     if not cfg.skip_base_eval or cfg.mining.enabled:
-        base = Embedder.from_config(cfg.train.model)
-        print(f"[pipeline] encoding {len(eval_ds.corpus)} documents with the base model", flush=True)
-        rows["base"], base_run, base_index = evaluate_model(base, eval_ds, ev.top_k, ev.batch_size, ev.bf16,
-                                                            ev.max_queries)
-        print(metrics_table(rows), flush=True)
+        model_dir = encoder_folder(cfg.train.model, out / BASE_MODEL)
+        print(f"[pipeline] encoding {len(eval_ds.corpus)} documents with the base model on Ray Data actors", flush=True)
+        base_index = index_stage(model_dir, corpus, out / BASE_INDEX, ev, cfg.input)
+        if not cfg.skip_base_eval:
+            base = eval_stage("base", base_index, eval_ds, ev)
+            rows["base"] = base.row
+            print(metrics_table(rows), flush=True)
     train_path = out / "train_records.jsonl"
     if cfg.train.train_path:  # prepared records (e.g. DPR's own hard negatives), read and checked by run_training
         train_path = Path(cfg.train.train_path).resolve()
         print(f"[pipeline] training on prepared records {train_path}", flush=True)
+        result = run_training(replace(cfg.train, train_path=str(train_path), output_dir=str(out / "train")))
     else:
         if cfg.mining.enabled:
             m = cfg.mining
-            records, counts = mine_in_process(base, base_index, train_ds, m.rank_start, m.rank_end, m.per_query,
-                                              seed=cfg.train.seed, batch_size=ev.batch_size, bf16=ev.bf16)
-            report["mining"] = counts
-            print(f"[pipeline] mined hard negatives: {counts}", flush=True)
+            mined = mine_stage(base_index, train_ds, m.rank_start, m.rank_end, m.per_query, cfg.train.seed, ev,
+                               train_path)
+            records = mined.records
+            report["mining"] = mined.counts
+            print(f"[pipeline] mined hard negatives: {mined.counts}", flush=True)
         else:
             records = pairs_from_qrels(train_ds)
-        write_records(train_path, records)
-    del base_index
-
-    # ---- fine-tune on Ray Train
-    train_cfg = replace(cfg.train, train_path=str(train_path), output_dir=str(out / "train"))
-    result = run_training(train_cfg)
+            write_records(train_path, records)
+        result = train_stage(cfg.train, records, train_path, out / "train")
     report["train"] = {"seconds": round(result.seconds, 1), "records": result.input["accepted"], **{
         k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
     print(f"[pipeline] training took {result.seconds:.0f}s; model at {result.model_path}", flush=True)
 
-    # ---- fine-tuned model: encode, search, evaluate
-    tuned = Embedder.from_config(ModelConfig(name_or_path=str(result.model_path)))
-    rows["finetuned"], run, tuned_index = evaluate_model(tuned, eval_ds, ev.top_k, ev.batch_size, ev.bf16,
-                                                         ev.max_queries)
-    write_run(out / "run.trec", run)
-    if "base" in rows:
-        write_run(out / "run_base.trec", base_run)
-    first_stage = run
+    # ---- fine-tuned model: encode, search, evaluate (the checkpoint carries its own settings)
+    tuned_index = index_stage(str(result.model_path), corpus, out / FINETUNED_INDEX, ev, cfg.input, base_index)
+    tuned = eval_stage("finetuned", tuned_index, eval_ds, ev)
+    rows["finetuned"] = tuned.row
+    write_run(out / "run.trec", tuned.run)
+    if base is not None:
+        write_run(out / "run_base.trec", base.run)
+    first_stage = tuned.run
     if bm25_run is not None:
         from distributed_ir.pipeline_hybrid import hybrid_row
 
-        rows["hybrid"], hybrid = hybrid_row(cfg.hybrid, run, bm25_run, eval_ds, ev.top_k, out, report)
-        first_stage = hybrid if cfg.hybrid.rerank else run
+        rows["hybrid"], hybrid = hybrid_row(cfg.hybrid, tuned.run, bm25_run, eval_ds, ev.top_k, out, report)
+        first_stage = hybrid if cfg.hybrid.rerank else tuned.run
     report["metrics"] = rows
     report["model_path"] = str(result.model_path)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))  # the embedder's results survive a later failure
@@ -117,10 +120,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.reranker.enabled:
         from distributed_ir.pipeline_rerank import run_reranker_stage
 
-        reranker_history = run_reranker_stage(cfg, out, train_ds, eval_ds, tuned, tuned_index, first_stage,
+        reranker_history = run_reranker_stage(cfg, out, train_ds, eval_ds, tuned.index, first_stage,
                                               result.model_path, report, rows)
         print(metrics_table(rows), flush=True)
-    del tuned_index
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     print(f"[pipeline] wrote {out / 'metrics.json'} and {out / 'run.trec'}", flush=True)

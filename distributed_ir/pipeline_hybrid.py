@@ -13,12 +13,7 @@ from distributed_ir.data.beir import BeirDataset
 from distributed_ir.eval.fusion import hybrid_runs
 from distributed_ir.eval.metrics import DEFAULT_METRICS, Run, evaluate, rank, write_run
 from distributed_ir.index.bm25 import BM25Index, BM25Settings
-
-
-def eval_queries(ds: BeirDataset, max_queries: int) -> dict[str, str]:
-    """The split's queries the dense evaluation uses (the first ``max_queries``; 0 = all)."""
-    queries = ds.split_queries()
-    return dict(list(queries.items())[:max_queries]) if max_queries else queries
+from distributed_ir.stages import eval_queries
 
 
 def bm25_row(cfg: HybridConfig, ds: BeirDataset, top_k: int, max_queries: int, out: Path,

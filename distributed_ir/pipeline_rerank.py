@@ -15,20 +15,21 @@ from typing import Any
 
 from distributed_ir.config import PipelineConfig
 from distributed_ir.data.beir import BeirDataset
-from distributed_ir.data.records import write_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, Run, evaluate, write_run
-from distributed_ir.mining import mine_in_process
+from distributed_ir.index.retrieve import CorpusIndex
+from distributed_ir.stages import handed_on, mine_stage
 
 RECORDS = "reranker_records.jsonl"
 RERANKED_RUN = "run_reranked.trec"
 FUSED_RUN = "run_fused.trec"
 
 
-def run_reranker_stage(cfg: PipelineConfig, out: Path, train_ds: BeirDataset, eval_ds: BeirDataset, embedder: Any,
-                       index: Any, run: Run, embedder_path: Path, report: dict[str, Any],
+def run_reranker_stage(cfg: PipelineConfig, out: Path, train_ds: BeirDataset, eval_ds: BeirDataset,
+                       index: CorpusIndex, run: Run, embedder_path: Path, report: dict[str, Any],
                        rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run the stage; fills ``report`` (``reranker_mining``, ``reranker_train``, ``rerank``) and
-    ``rows`` (``reranked``, ``fused``); returns the reranker's training history."""
+    """Run the stage on the fine-tuned model's corpus ``index``; fills ``report`` (``reranker_mining``,
+    ``reranker_train``, ``rerank``) and ``rows`` (``reranked``, ``fused``); returns the reranker's
+    training history."""
     from distributed_ir.eval.rerank import rerank_run
     from distributed_ir.models.precision import PrecisionPolicy
     from distributed_ir.train.launch import init_ray, run_training
@@ -37,11 +38,10 @@ def run_reranker_stage(cfg: PipelineConfig, out: Path, train_ds: BeirDataset, ev
     rr, m, ev = cfg.reranker, cfg.reranker.mining, cfg.eval
     print(f"[pipeline] reranker: mining ranks {m.rank_start}..{m.rank_end} of the fine-tuned model for "
           f"{len(train_ds.split_queries())} {cfg.train_split} queries", flush=True)
-    records, counts = mine_in_process(embedder, index, train_ds, m.rank_start, m.rank_end, m.per_query,
-                                      seed=rr.train.seed, batch_size=ev.batch_size, bf16=ev.bf16)
-    records_path = write_records(out / RECORDS, records)
-    report["reranker_mining"] = counts
-    print(f"[pipeline] reranker: mined {counts}", flush=True)
+    mined = mine_stage(index, train_ds, m.rank_start, m.rank_end, m.per_query, rr.train.seed, ev, out / RECORDS)
+    records, records_path = mined.records, mined.path
+    report["reranker_mining"] = mined.counts
+    print(f"[pipeline] reranker: mined {mined.counts}", flush=True)
 
     model = rr.train.model
     if model.name_or_path == "finetuned":
@@ -49,7 +49,7 @@ def run_reranker_stage(cfg: PipelineConfig, out: Path, train_ds: BeirDataset, ev
     train_cfg = reranker_train_config(replace(rr.train, model=model, train_path=str(records_path),
                                               output_dir=str(out / "reranker")))
     print(f"[pipeline] reranker: training a {train_cfg.task} from {model.name_or_path}", flush=True)
-    result = run_training(train_cfg)
+    result = run_training(train_cfg, records=handed_on(records))  # this stage's own records: not read back
     report["reranker_train"] = {"seconds": round(result.seconds, 1), "records": len(records), "task": train_cfg.task,
                                 "init_from": model.name_or_path, "model_path": str(result.model_path), **{
                                     k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}

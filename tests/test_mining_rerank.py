@@ -38,17 +38,16 @@ def test_negatives_that_are_qrels_positives_are_counted():
 
 
 def test_mining_ranks_ties_as_evaluation_does(tiny_bert, tmp_path):
-    """Tied scores: both mining paths (in-process run, `mine`'s SearchStage) order the hits as
-    evaluation does (trec_eval: score descending, then doc id descending), so a mining window
+    """Tied scores: the retrieval core (a run ranked by `ranked_ids`, the search actors' QuerySearchStage)
+    orders the hits as evaluation does (trec_eval: score descending, then doc id descending), so a mining window
     ``[rank_start, rank_end)`` holds the documents evaluation ranks there."""
     from distributed_ir.eval.metrics import rank, read_run
-    from distributed_ir.eval.retrieval import ranked_ids
     from distributed_ir.index.faiss_index import ShardedIndex, build_index
     from distributed_ir.index.pipeline import MANIFEST
+    from distributed_ir.index.retrieve import QuerySearchStage, ranked_ids
     from distributed_ir.index.search import search_index
-    from distributed_ir.mining import SearchStage
 
-    # in-process mining: a run whose ties sit in retrieval order (ascending ids), as FAISS returns them
+    # a run whose ties sit in retrieval order (ascending ids), as FAISS returns them
     run = {"q": {"d1": 0.5, "d2": 0.5, "d3": 0.5, "d0": 0.9, "d4": 0.1}}
     assert ranked_ids(run)["q"] == rank(run["q"]) == ["d0", "d3", "d2", "d1", "d4"]
     # `distributed-ir mine`: every document has the same vector, so every score ties; FAISS returns
@@ -62,9 +61,10 @@ def test_mining_ranks_ties_as_evaluation_does(tiny_bert, tmp_path):
                  progress=False)
     evaluated = read_run(tmp_path / "run.trec")["q"]
     assert len(set(evaluated.values())) == 1  # all tied
-    stage = SearchStage(str(tmp_path / "ix"), top_k=6, precision="fp32")
-    mined = stage({"query_id": np.array(["q"]), "text": np.array(["cats purr"])}).to_pydict()["doc_ids"][0]
-    assert mined == rank(evaluated) == sorted(doc_ids, reverse=True)
+    stage = QuerySearchStage(str(tmp_path / "ix"), top_k=6, precision="fp32")
+    found = stage({"query_id": np.array(["q"]), "text": np.array(["cats purr"])}).to_pydict()
+    assert found["doc_ids"][0] == rank(evaluated) == sorted(doc_ids, reverse=True)
+    assert found["scores"][0] == [evaluated[d] for d in found["doc_ids"][0]]  # the scores `search` wrote
 
 
 def _beir(folder, n_docs=48):

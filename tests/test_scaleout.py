@@ -115,11 +115,10 @@ def test_actor_plan_requests_min_max_and_needs_no_resource_present():
     assert (strategy.min_size, strategy.max_size) == (2, 7)
     with pytest.raises(ValueError, match="min actors 5 > max actors 2"):
         actor_plan(min_actors=5, max_actors=2, cluster_cpus=2)
-    from distributed_ir.index.pipeline import IndexOptions  # the dict callers still use
-    from distributed_ir.index.pipeline import actor_plan as former
+    from distributed_ir.index.pipeline import IndexOptions, encode_plan  # the index command's options
 
-    old = former(IndexOptions(use_gpu=True, max_actors=3, actor_resources={"encoder": 1}), 6)
-    assert (old["size"], old["min_size"], old["num_gpus"], old["device"]) == (3, 1, 1, "cuda")
+    plan = encode_plan(IndexOptions(use_gpu=True, max_actors=3, actor_resources={"encoder": 1}), 6)
+    assert (plan.max_size, plan.min_size, plan.num_gpus, plan.device) == (3, 1, 1, "cuda")
 
 
 def test_index_inputs_checked_before_any_cluster(tiny_bert, tmp_path, monkeypatch, capsys):

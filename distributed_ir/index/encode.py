@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -109,16 +108,8 @@ class EncodeStage:
         return self.embedder.dim
 
     def _run(self, embedder: Embedder, dtype: torch.dtype | None, texts: list[str]) -> np.ndarray:
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.empty((len(texts), embedder.dim), dtype=np.float32)
-        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
-        with torch.inference_mode(), autocast:
-            for start in range(0, len(texts), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                enc = embedder.tokenize([texts[i] for i in idx], self.kind)
-                enc = {k: v.to(self.device, non_blocking=True) for k, v in enc.items()}
-                out[idx] = embedder(**enc).float().cpu().numpy()
-        return out
+        # the embedder's own loop (length-sorted batches, autocast, inference mode): one encode loop
+        return embedder.encode(texts, self.kind, self.batch_size, dtype=dtype)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """float32 ``[len(texts), dim]`` in input order."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,10 +178,17 @@ def merge_ranked(scores: np.ndarray, docs: np.ndarray, k: int) -> tuple[np.ndarr
 
 def search_parts(folder: Path | str | Location, queries: np.ndarray, k: int) -> list[dict[str, float]]:
     """``{doc_id: score}`` of the top ``k`` per query over every part (one part in memory at a time)."""
+    return search_loaded(iter_parts(folder), queries, k)
+
+
+def search_loaded(parts: Iterable[tuple[Any, list[str], int]], queries: np.ndarray, k: int) -> list[dict[str, float]]:
+    """The project's one searcher: ``{doc_id: score}`` of the top ``k`` per query over ``parts``
+    (``(faiss index, doc ids, offset)`` as :func:`iter_parts` yields them: streamed by the ``search``
+    command, held by a search actor), merged by the ranking rule (:func:`merge_ranked`)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = np.zeros((len(queries), 0), np.float32)
     best_d = np.zeros((len(queries), 0), object)
-    for index, ids, offset in iter_parts(folder):
+    for index, ids, offset in parts:
         kk = min(k, index.ntotal)
         if kk == 0:
             continue

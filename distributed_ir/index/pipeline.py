@@ -114,18 +114,6 @@ def encode_plan(opts: IndexOptions, units: int = 0) -> ActorPlan:
     return _actor_plan(opts.use_gpu, opts.actors, opts.min_actors, opts.max_actors, units, opts.actor_resources)
 
 
-def actor_plan_dict(opts: IndexOptions, units: int = 0) -> dict[str, Any]:
-    """Backward-compatible view of :func:`encode_plan` (the dict the former ``actor_plan`` returned):
-    ``size`` is the pool's maximum. New code: ``encode_plan(...).map_kwargs()`` (min..max) inside
-    :func:`~distributed_ir.index.actors.starting_actors`."""
-    plan = encode_plan(opts, units)
-    return {"size": plan.max_size, "min_size": plan.min_size, "max_size": plan.max_size, "num_gpus": plan.num_gpus,
-            "num_cpus": plan.num_cpus, "threads": plan.threads, "device": plan.device, "plan": plan}
-
-
-actor_plan = actor_plan_dict  # the former name, kept for callers of the dict
-
-
 def map_encode(ds, out: Location, stage: Location, model: str, opts: IndexOptions, plan: ActorPlan):
     """The encode actors over staged-shard rows (pool arguments: :meth:`ActorPlan.map_kwargs`).
 

@@ -197,7 +197,9 @@ class Embedder(nn.Module):
     # ------------------------------------------------------------------ forward / encode
     @property
     def device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
+        # an ONNX Runtime body (int8) has no torch parameters: it runs on the CPU
+        param = next(self.backbone.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
 
     @property
     def dim(self) -> int:
@@ -240,25 +242,31 @@ class Embedder(nn.Module):
         batch_size: int = 64,
         bf16: bool = False,
         progress: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> np.ndarray:
-        """Encode texts into a float32 ``[n, dim]`` array, batching by length to cut padding."""
+        """Encode texts into a float32 ``[n, dim]`` array in input order, batching by length to cut padding.
+
+        The project's one encode loop: :class:`~distributed_ir.index.encode.EncodeStage` (every Ray
+        Data encode actor) runs it too. ``dtype`` is the autocast dtype (None = none; ``bf16=True``
+        is shorthand for ``torch.bfloat16``).
+        """
+        dtype = dtype or (torch.bfloat16 if bf16 else None)
         was_training = self.training
         self.eval()
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         device = self.device
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
         starts = range(0, len(texts), batch_size)
         if progress:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc=f"encode {kind}s", unit="batch")
-        for start in starts:
-            idx = order[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in self.tokenize([texts[i] for i in idx], kind).items()}
-            with autocast:
-                emb = self(**batch)
-            out[idx] = emb.float().cpu().numpy()
+        with torch.inference_mode(), autocast:
+            for start in starts:
+                idx = order[start : start + batch_size]
+                batch = {k: v.to(device, non_blocking=True) for k, v in self.tokenize([texts[i] for i in idx], kind).items()}
+                out[idx] = self(**batch).float().cpu().numpy()
         self.train(was_training)
         return out
 

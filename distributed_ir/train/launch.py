@@ -59,8 +59,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         token.chmod(0o600)  # Ray writes it 0644; the token is a password
 
 
-def run_training(cfg: TrainConfig) -> TrainResult:
-    """Fine-tune on ``cfg.scaling.num_workers`` Ray Train workers; copy the model to output_dir/model."""
+def run_training(cfg: TrainConfig, records: tuple[str, list] | None = None) -> TrainResult:
+    """Fine-tune on ``cfg.scaling.num_workers`` Ray Train workers; copy the model to output_dir/model.
+
+    ``records``: ``(format, records)`` the caller built itself and wrote to ``cfg.train_path`` (the
+    pipeline's mined or qrels records): handed on as they are, not read back and validated again.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -80,13 +84,18 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     loop_config["train_path"] = str(Path(cfg.train_path).resolve())
     # Validate the records once, here: bad input fails before any worker starts (a clean
     # FILE:LINE: field error), and with on_error=skip the workers read only accepted records.
-    check = cfg.input.check(out)
-    fmt, records = read_records(cfg.train_path, check=check)
-    print(check.summary_line(), flush=True)
+    if records is None:
+        check = cfg.input.check(out)
+        fmt, records = read_records(cfg.train_path, check=check)
+        print(check.summary_line(), flush=True)
+        input_summary = check.summary()
+    else:
+        fmt, records = records
+        input_summary = {"input": len(records), "accepted": len(records), "rejected": 0, "handed_on": True}
     task = get_task(cfg)  # format and loss needs (e.g. distillation's teacher scores): refused before workers start
     task.check_format(fmt, cfg.train_path)
     task.check_records(records, cfg.train_path)
-    if check.summary()["rejected"]:
+    if input_summary["rejected"]:
         loop_config["train_path"] = str(write_records(out / "train_records.accepted.jsonl", records))
     del records
     loop_config["output_dir"] = str(out)
@@ -133,4 +142,4 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     shutil.copytree(final / "model", model)
     returned = result.return_value if isinstance(result.return_value, dict) else {}
     return TrainResult(model_path=model, metrics=dict(result.metrics or {}), checkpoint_path=result.checkpoint.path,
-                       seconds=seconds, input=check.summary(), history=list(returned.get("history", [])))
+                       seconds=seconds, input=input_summary, history=list(returned.get("history", [])))
