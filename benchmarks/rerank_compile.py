@@ -38,7 +38,7 @@ def main() -> None:
     from distributed_ir.data.beir import load_beir
     from distributed_ir.eval.metrics import read_run
     from distributed_ir.eval.rerank import candidate_pairs
-    from distributed_ir.models.reranking import load_reranker
+    from distributed_ir.models.rerankers import load_reranker
 
     ds = load_beir(args.dataset, "test")
     run = read_run(args.run)

@@ -150,7 +150,7 @@ def test_index_makes_the_autoscaler_launch_encoder_nodes(fake_autoscaling_cluste
 
     from distributed_ir.index import pipeline
     from distributed_ir.index.encode import SLOW_BATCH_S
-    from distributed_ir.index.faiss_index import ShardedIndex
+    from distributed_ir.index.parts import load_sharded
 
     monkeypatch.setenv(SLOW_BATCH_S, "1.5")  # ~12 s of work for one actor: time for the pool to grow
 
@@ -175,5 +175,5 @@ def test_index_makes_the_autoscaler_launch_encoder_nodes(fake_autoscaling_cluste
            for d in pq.read_table(Location(out).path(e["file"]), columns=["doc_id"]).column("doc_id").to_pylist()]
     assert sorted(ids) == sorted(f"doc{i}" for i in range(n))
     index = pipeline.build_faiss(out, manifest, "Flat")
-    assert index["ntotal"] == n and sorted(ShardedIndex.load(out / "index").doc_ids) == sorted(ids)
+    assert index["ntotal"] == n and sorted(load_sharded(out / "index").doc_ids) == sorted(ids)
     print(f"autoscaled encode: {len(launched)} node(s) launched, writers {len(writers)}, {seconds:.1f} s")

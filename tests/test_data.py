@@ -9,7 +9,7 @@ import pytest
 
 from distributed_ir.data import DataError, load_beir, load_corpus, load_qrels, load_queries, read_records
 from distributed_ir.data.beir import BeirDataset
-from distributed_ir.data.records import TrainRecord, pairs_from_qrels, triplets_from_run, write_records
+from distributed_ir.data.records import TrainRecord, pairs_from_qrels, write_records
 
 
 def _write(path, lines):
@@ -157,7 +157,9 @@ def test_mined_negatives_never_include_judged_docs():
     ds = BeirDataset(corpus={f"d{i}": f"text {i}" for i in range(20)}, queries={"q0": "a", "q1": "b"},
                      qrels={"q0": {"d3": 1, "d5": 0}, "q1": {"d0": 1}})
     run = {"q0": [f"d{i}" for i in range(20)], "q1": [f"d{i}" for i in range(19, -1, -1)]}
-    records, counts = triplets_from_run(ds, run, rank_start=2, rank_end=10, per_query=4)
+    from distributed_ir.mining import mine_negatives
+
+    records, counts, _ = mine_negatives(ds, run, rank_start=2, rank_end=10, per_query=4)
     assert counts == {"queries": 2, "negatives": 8, "dropped_positives": 2, "dropped_duplicate_text": 0,
                       "without_negatives": 0}
     for rec in records:

@@ -223,7 +223,7 @@ def test_zero3_llm_reranker_exports_its_tied_head(tiny_tied_lm, tmp_path):
     fp32 weights DeepSpeed's own consolidation (zero_to_fp32) recovers from the partitioned checkpoint."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from distributed_ir.models.reranking import load_reranker
+    from distributed_ir.models.rerankers import load_reranker
     from tests.test_reranker_train import _cfg as reranker_cfg
 
     lm = tiny_tied_lm

@@ -15,6 +15,7 @@ from distributed_ir.data.errors import DataError
 from distributed_ir.index.corpus import expand_corpus, stage_corpus
 from distributed_ir.index.encode import EncodeStage
 from distributed_ir.index.faiss_index import ShardedIndex, build_index, merge_topk
+from distributed_ir.index.parts import load_sharded
 from distributed_ir.models.embedder import Embedder
 
 
@@ -83,7 +84,7 @@ def test_sharded_search_merges_to_single_index_topk(tmp_path):
     parts = np.array_split(pos, 3)
     sharded = ShardedIndex([build_index(docs[p], p, "Flat") for p in parts], single.doc_ids)
     sharded.save(tmp_path / "ix")
-    loaded = ShardedIndex.load(tmp_path / "ix")
+    loaded = load_sharded(tmp_path / "ix")
     assert loaded.ntotal == 900 and len(loaded.indexes) == 3
     s1, i1 = single.search(queries, 10, batch_size=7)
     s2, i2 = loaded.search(queries, 10, batch_size=7)

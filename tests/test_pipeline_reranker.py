@@ -14,7 +14,7 @@ from distributed_ir.config import PipelineConfig, load_config
 from distributed_ir.data.beir import load_beir
 from distributed_ir.data.records import read_records
 from distributed_ir.eval.metrics import read_run
-from distributed_ir.models.reranking import load_reranker
+from distributed_ir.models.rerankers import load_reranker
 from distributed_ir.pipeline import run_pipeline
 from distributed_ir.pipeline_rerank import FUSED_RUN, RECORDS, RERANKED_RUN
 from distributed_ir.report import LOSS_PNG, METRICS_PNG, RERANKER_LOSS_PNG

@@ -10,7 +10,7 @@ import torch
 
 from distributed_ir.config import TrainConfig, from_dict, to_dict
 from distributed_ir.data.records import write_records
-from distributed_ir.models.reranking import load_reranker
+from distributed_ir.models.rerankers import load_reranker
 from distributed_ir.train.batching import TextBatch
 from distributed_ir.train.loop import train_loop
 from distributed_ir.train.reranker_task import group_pairs

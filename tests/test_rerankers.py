@@ -9,7 +9,8 @@ import torch
 from distributed_ir.models.colbert import ColBERTReranker, maxsim
 from distributed_ir.models.cross_encoder import CrossEncoderReranker
 from distributed_ir.models.llm_reranker import LLMReranker
-from distributed_ir.models.reranking import Reranker, load_reranker, window_starts
+from distributed_ir.models.rerankers import load_reranker
+from distributed_ir.models.reranking import Reranker, window_starts
 from tests.conftest import build_tiny_model
 
 QUERIES = ["what do cats do", "how do rockets fly", "why is the sky blue"]

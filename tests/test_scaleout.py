@@ -21,8 +21,7 @@ import pytest
 
 from distributed_ir.eval.metrics import rank, read_run
 from distributed_ir.index.actors import ActorStartTimeout, actor_plan
-from distributed_ir.index.faiss_index import ShardedIndex
-from distributed_ir.index.parts import build_parts, search_parts
+from distributed_ir.index.parts import build_parts, load_sharded, search_parts
 from distributed_ir.index.shards import write_shard
 from distributed_ir.index.storage import Location
 
@@ -64,7 +63,7 @@ def test_index_parts_search_equals_brute_force(tmp_path, factory, parts):
     else:
         assert got == expected
     # the in-memory loader (mining, LangChain) reads the same layout
-    loaded = ShardedIndex.load(tmp_path / "idx" / "index")
+    loaded = load_sharded(tmp_path / "idx" / "index")
     assert loaded.ntotal == 700 and sorted(loaded.doc_ids) == sorted(ids)
 
 
@@ -209,7 +208,7 @@ def test_index_on_two_worker_nodes_exact_and_driver_carries_no_data(two_node_clu
     shard_ids = [d for e in manifest["shards"].values()
                  for d in pq.read_table(root / e["file"], columns=["doc_id"]).column("doc_id").to_pylist()]
     assert sorted(shard_ids) == sorted(f"doc{i}" for i in range(n))
-    assert index["ntotal"] == n and sorted(ShardedIndex.load(root / "index").doc_ids) == sorted(shard_ids)
+    assert index["ntotal"] == n and sorted(load_sharded(root / "index").doc_ids) == sorted(shard_ids)
     # search over the parts == numpy over the shard vectors
     ids, vecs = [], []
     for e in manifest["shards"].values():
@@ -295,7 +294,7 @@ def test_worker_node_removed_mid_run_still_exactly_once(two_node_cluster, tiny_b
     finished = {f"embeddings/{f}" for f in loc.list("embeddings") if ".tmp-" not in f}
     assert finished == {e["file"] for e in manifest["shards"].values()}  # no file the manifest does not name
     index = pipeline.build_faiss(out, manifest, "Flat")
-    assert index["ntotal"] == n and sorted(ShardedIndex.load(out / "index").doc_ids) == sorted(f"doc{i}" for i in range(n))
+    assert index["ntotal"] == n and sorted(load_sharded(out / "index").doc_ids) == sorted(f"doc{i}" for i in range(n))
 
 
 def _free_port() -> int:

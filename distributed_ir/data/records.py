@@ -176,18 +176,3 @@ def pairs_from_qrels(ds: BeirDataset) -> list[TrainRecord]:
         if positives:
             records.append(TrainRecord(query=text, positive=positives))
     return records
-
-
-def triplets_from_run(
-    ds: BeirDataset,
-    run: dict[str, list[str]],
-    rank_start: int,
-    rank_end: int,
-    per_query: int,
-    seed: int = 0,
-) -> tuple[list[TrainRecord], dict[str, int]]:
-    """Hard negatives from a ranked run (see :func:`distributed_ir.mining.mine_negatives`)."""
-    from distributed_ir.mining import mine_negatives
-
-    records, counts, _ = mine_negatives(ds, run, rank_start, rank_end, per_query, seed)
-    return records, counts

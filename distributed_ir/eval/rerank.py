@@ -41,10 +41,11 @@ class RerankStage:
                  device: str = "auto", threads: int = 0, compile: bool = False, report_precision: bool = False):
 
         from distributed_ir.index.encode import actor_device
-        from distributed_ir.models.reranking import load_reranker, resolve_reranker_path
+        from distributed_ir.models.embedder import resolve_model_path
+        from distributed_ir.models.rerankers import load_reranker
 
         self.device = actor_device(device, threads)
-        model_dir = resolve_reranker_path(model)
+        model_dir = resolve_model_path(model)
         reranker = load_reranker(model_dir).to(self.device)
         reranker.eval()
         if compile:

@@ -142,23 +142,6 @@ class ShardedIndex:
             shutil.rmtree(folder)
         os.replace(tmp, folder)
 
-    @classmethod
-    def load(cls, folder: Path | str) -> ShardedIndex:
-        """Every index shard in memory at once (mining actors, the LangChain retriever); the
-        ``search`` command streams them with :func:`distributed_ir.index.parts.search_parts`."""
-        from distributed_ir.index.parts import iter_parts
-
-        indexes, doc_ids = [], []
-        for index, ids, offset in iter_parts(folder):
-            if offset != len(doc_ids) and offset >= 0:
-                raise ValueError(f"{folder}: index parts are not contiguous ({offset} != {len(doc_ids)})")
-            indexes.append(index)
-            if offset >= 0:
-                doc_ids += ids
-            else:
-                doc_ids = ids  # legacy layout: one global id list for every index file
-        return cls(indexes, doc_ids)
-
     @property
     def ntotal(self) -> int:
         return sum(ix.ntotal for ix in self.indexes)

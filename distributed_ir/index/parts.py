@@ -25,7 +25,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distributed_ir.index.faiss_index import IDS_FILE, _gpu_ok, check_trainable, new_index, set_search_params
+from distributed_ir.index.faiss_index import (
+    IDS_FILE,
+    ShardedIndex,
+    _gpu_ok,
+    check_trainable,
+    new_index,
+    set_search_params,
+)
 from distributed_ir.index.shards import iter_shard, node_identity
 from distributed_ir.index.storage import Location
 
@@ -157,6 +164,21 @@ def iter_parts(folder: Path | str | Location) -> Iterator[tuple[Any, list[str], 
     doc_ids = loc.read_json(IDS_FILE)
     for name in files:
         yield _read_index(loc, name), doc_ids, -1
+
+
+def load_sharded(folder: Path | str | Location) -> ShardedIndex:
+    """Every index part in memory at once (the LangChain retriever, tests); ``search`` and the
+    pipeline stream them with :func:`search_parts` / :func:`search_loaded`."""
+    indexes, doc_ids = [], []
+    for index, ids, offset in iter_parts(folder):
+        if offset != len(doc_ids) and offset >= 0:
+            raise ValueError(f"{folder}: index parts are not contiguous ({offset} != {len(doc_ids)})")
+        indexes.append(index)
+        if offset >= 0:
+            doc_ids += ids
+        else:
+            doc_ids = ids  # legacy layout: one global id list for every index file
+    return ShardedIndex(indexes, doc_ids)
 
 
 def merge_ranked(scores: np.ndarray, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

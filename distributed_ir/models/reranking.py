@@ -197,12 +197,6 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[
     return ids, mask
 
 
-def resolve_reranker_path(name_or_path: str) -> str:
-    from distributed_ir.models.embedder import resolve_model_path
-
-    return resolve_model_path(name_or_path)
-
-
 def load_hf(auto_cls: Any, name_or_path: str, kind: str, settings: RerankerSettings | None,
             dtype: torch.dtype | None, trust_remote_code: bool, overrides: dict[str, Any],
             **model_kwargs: Any) -> tuple[str, RerankerSettings, Any, torch.nn.Module]:
@@ -215,7 +209,9 @@ def load_hf(auto_cls: Any, name_or_path: str, kind: str, settings: RerankerSetti
     from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = resolve_reranker_path(name_or_path)
+    from distributed_ir.models.embedder import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
     settings = replace(settings or read_settings(path) or RerankerSettings(kind=kind), kind=kind, **overrides)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {**model_kwargs, "trust_remote_code": trust_remote_code}
@@ -223,16 +219,3 @@ def load_hf(auto_cls: Any, name_or_path: str, kind: str, settings: RerankerSetti
         kwargs["dtype"] = dtype
     model = auto_cls.from_pretrained(path, **kwargs)
     return path, settings, tokenizer, model
-
-
-def load_reranker(path: str | Path, **kwargs: Any) -> RerankerBase:
-    """Load whichever reranker ``path`` holds (its ``distributed_ir.json`` names the kind)."""
-    settings = read_settings(path)
-    if settings is None:
-        raise ConfigError(f"{path}: no {SETTINGS_FILE} with a 'reranker' section; load a plain Hugging Face "
-                          "model with CrossEncoderReranker/ColBERTReranker/LLMReranker.from_pretrained")
-    from distributed_ir.models import colbert, cross_encoder, llm_reranker
-
-    cls = {"cross_encoder": cross_encoder.CrossEncoderReranker, "colbert": colbert.ColBERTReranker,
-           "llm_reranker": llm_reranker.LLMReranker}[settings.kind]
-    return cls.load(path, **kwargs)

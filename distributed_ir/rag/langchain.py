@@ -98,7 +98,7 @@ class IndexRetriever(BaseRetriever):
         held in memory, so pass a smaller lookup set for very large corpora.
         """
         from distributed_ir.index.encode import EncodeStage
-        from distributed_ir.index.faiss_index import ShardedIndex
+        from distributed_ir.index.parts import load_sharded
         from distributed_ir.index.pipeline import MANIFEST
 
         root = Path(index_dir)
@@ -107,7 +107,7 @@ class IndexRetriever(BaseRetriever):
             raise DataError(root, None, f"no {MANIFEST}: not an index folder built by `distributed-ir index`")
         manifest = json.loads(manifest_path.read_text())
         retriever = cls(k=k, index_dir=str(root))
-        retriever._index = ShardedIndex.load(root / "index")
+        retriever._index = load_sharded(root / "index")
         retriever._stage = EncodeStage(manifest["model"], kind="query", batch_size=batch_size, precision=precision,
                                        device="cuda" if use_gpu else "cpu")
         retriever._docs = load_corpus_fields(corpus or manifest["corpus"])

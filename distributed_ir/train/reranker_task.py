@@ -27,11 +27,10 @@ from distributed_ir.losses.false_negatives import shared_positive_mask
 from distributed_ir.models.colbert import ColBERTReranker
 from distributed_ir.models.cross_encoder import CrossEncoderReranker
 from distributed_ir.models.llm_reranker import LLMReranker
+from distributed_ir.models.rerankers import RERANKER_CLASSES
 from distributed_ir.models.reranking import DEFAULT_LLM_PROMPT, RerankerSettings
 from distributed_ir.train.batching import TextBatch
 from distributed_ir.train.tasks import TrainTask, register_task
-
-MODEL_CLASSES = {"cross_encoder": CrossEncoderReranker, "colbert": ColBERTReranker, "llm_reranker": LLMReranker}
 
 
 def reranker_settings(cfg: TrainConfig, kind: str) -> RerankerSettings:
@@ -104,7 +103,7 @@ class RerankerTask(TrainTask):
             raise ConfigError("llm_reranker exports merged weights: set lora.export=merged")
 
     def _model(self, weights_from: str | None) -> Any:
-        cls = MODEL_CLASSES[self.name]
+        cls = RERANKER_CLASSES[self.name]
         settings = reranker_settings(self.cfg, self.name)
         model = cls.from_pretrained(weights_from or self.cfg.model.name_or_path, settings=settings,
                                     trust_remote_code=self.cfg.model.trust_remote_code)
@@ -154,12 +153,12 @@ class RerankerTask(TrainTask):
         return module.reranker.save(path)
 
 
-for _kind in MODEL_CLASSES:
+for _kind in RERANKER_CLASSES:
     register_task(_kind, lambda cfg, kind=_kind: RerankerTask(cfg, kind))
 
 
 def reranker_train_config(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` if it trains a reranker (its loss defaults were set by the task, see ``LOSS_DEFAULTS``)."""
-    if cfg.task not in MODEL_CLASSES:
-        raise ConfigError(f"train reranker: task={cfg.task!r}; expected one of {', '.join(MODEL_CLASSES)}")
+    if cfg.task not in RERANKER_CLASSES:
+        raise ConfigError(f"train reranker: task={cfg.task!r}; expected one of {', '.join(RERANKER_CLASSES)}")
     return cfg
