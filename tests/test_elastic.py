@@ -264,3 +264,83 @@ def test_elastic_run_that_loses_and_regains_a_node_equals_the_fixed_run(elastic_
         for a, b in zip(fixed.history, elastic.history)))
     for name, value in w_fixed.items():
         torch.testing.assert_close(w_elastic[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_preemption_notice_takes_a_just_in_time_checkpoint_and_the_restart_loses_nothing(
+        elastic_cluster, tiny_bert, tmp_path, monkeypatch):
+    """A worker node is drained for preemption (Ray Core's drain with a deadline, as a spot reclaim
+    does) after step 2; periodic checkpoints come every 6 steps only, so the run restarts (with the
+    one node left) from the just-in-time checkpoint of step 3, not from scratch."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    from distributed_ir.train.launch import run_training
+
+    cluster, _, common = elastic_cluster
+    while len(cluster.worker_nodes) < 2:  # the module's other test may have left one node
+        cluster.add_node(num_cpus=1, **common)
+    records = _triplets(48)
+    write_records(tmp_path / "train.jsonl", records)
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    trace = tmp_path / "trace"
+    for key, value in {faults.TRACE: str(trace), faults.HOLD: "2,5", faults.HOLD_DIR: str(holds),
+                       "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
+                       "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = _config(tmp_path, tiny_bert, "preempted", [1, 2])
+    cfg.checkpoint_every, cfg.log_every, cfg.max_steps = 6, 1, 8
+    result: dict[str, object] = {}
+
+    def train() -> None:
+        try:
+            result["run"] = run_training(cfg)
+        except BaseException as e:  # re-raised below
+            result["error"] = e
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+
+    def until(cond, what: str) -> None:
+        _wait(lambda: cond() or not thread.is_alive(), what)
+        if not cond():
+            raise AssertionError(f"training ended before {what}: {result.get('error')!r}")
+
+    def entries() -> list[dict]:
+        try:
+            return faults.read_trace(trace)
+        except ValueError:  # a line being appended
+            return []
+
+    try:
+        until(lambda: all((holds / f"held-2-rank{r}").exists() for r in (0, 1)), "2 workers parked at step 2")
+        doomed = next(iter(cluster.worker_nodes))  # either node hosts one of the 2 workers
+        deadline = time.time() + 20
+        accepted, why = GcsClient(address=cluster.address).drain_node(
+            doomed.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+            "test: spot reclaim", int(deadline * 1000))
+        assert accepted, why
+        time.sleep(3)  # Ray Train's preemption watcher polls every 0.5 s here
+        (holds / "release-2").write_text("")
+        until(lambda: (holds / "held-5-rank0").exists(), "parked at step 5 after the notice")
+        time.sleep(max(0.0, deadline - time.time()))
+        cluster.remove_node(doomed)  # the reclaim: the node goes at its deadline
+        until(lambda: any(e["world_size"] == 1 for e in entries()), "training again on the node left")
+    finally:
+        for step in (2, 5):
+            (holds / f"release-{step}").write_text("")
+    thread.join(timeout=300)
+    if "error" in result:
+        raise result["error"]
+    run = result["run"]
+    got = faults.read_trace(trace)
+    restarted = [e for e in got if e["world_size"] == 1]
+    assert min(e["step"] for e in restarted) == 4, "resumed right after the just-in-time checkpoint of step 3"
+    assert max(e["step"] for e in got if e["world_size"] == 2) >= 5  # steps 4-5 ran on 2 workers, were redone
+    assert run.metrics["step"] == 8 and [h["world_size"] for h in run.history] == [2, 2, 2, 1, 1, 1, 1, 1]
+    kept = faults.surviving(got)
+    index_of = {r.query: i for i, r in enumerate(records)}
+    seen = Counter(index_of[q] for e in kept if e["epoch"] == 0 for q in e["queries"])
+    assert set(seen) == set(range(48)) and max(seen.values()) == 1  # epoch 0: every record once

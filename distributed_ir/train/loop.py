@@ -119,6 +119,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     window = {"loss": 0.0, "micro": 0, "samples": 0, "t0": time.perf_counter(), "grad_norm": 0.0}
     last: dict[str, Any] = {}
     attempt = faults.attempt_id(rank, world_size)  # opt-in (env), tests only
+    jit_saved = False  # one just-in-time checkpoint per attempt when a node is being preempted
     step = state["step"]
     epoch = state["epoch"]
     while step < total_steps:
@@ -147,6 +148,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if micro >= micro_used:
                 position = {"step": step, "epoch": epoch + 1, "micro_in_epoch": 0, "world_size": world_size}
             save = done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            if in_ray and not save and not jit_saved and step % cfg.log_every == 0:
+                save = jit_saved = _preemption_notice(rank, step)
             if step % cfg.log_every == 0 or save:
                 last = _metrics(window, step, total_steps, epoch, engine, device) | {"world_size": world_size,
                                                                              "worker_batch_size": batch_size}
@@ -203,6 +206,21 @@ def _resume_dir(cfg: TrainConfig, in_ray: bool) -> Path | None:
             raise FileNotFoundError(f"resume_from={path}: not a distributed-ir training checkpoint")
         return path
     return None
+
+
+def _preemption_notice(rank: int, step: int) -> bool:
+    """True when Ray Train reports that a node of this run is being preempted (a drain with a
+    deadline, e.g. a spot reclaim): the caller then checkpoints at once, so the restart loses
+    nothing.  A collective: every rank calls it at the same steps and gets the same answer."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return False
+    if rank == 0:
+        print(f"[train] preemption notice for node(s) {sorted(info.preempted_node_to_ranks)}: "
+              f"just-in-time checkpoint at step {step}", flush=True)
+    return True
 
 
 def _resume_line(state: dict[str, int], world_size: int, batch_size: int) -> str:
