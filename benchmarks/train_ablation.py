@@ -35,7 +35,7 @@ from distributed_ir.train.launch import run_training
 def false_negative_pairs(records: list, cfg) -> tuple[int, int]:
     """(pairs, global batches): (row i, column j != i's label) with column j's document among query
     i's positives, over every global batch of the schedule (world-size independent)."""
-    global_batch = cfg.batch_size * cfg.scaling.num_workers
+    global_batch = cfg.batch_size * cfg.scaling.max_workers  # = the global micro-batch, fixed or elastic
     pairs = batches = 0
     for epoch in range(cfg.epochs):
         for b in epoch_batches(records, epoch, 0, 1, global_batch, cfg.num_negatives, cfg.seed):

@@ -147,16 +147,50 @@ class OptimConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = _help("Ray Train workers", default=1)
+    num_workers: int | list[int] = _help(
+        "Ray Train workers: N (fixed), or [min, max] (elastic: starts with as many as fit, at least min; grows "
+        "towards max when nodes arrive and shrinks when one is lost, each time resuming from the latest "
+        "checkpoint; the global batch stays batch_size x max)", default=1)
     use_gpu: bool = _help("one GPU per worker", default=False)
     cpus_per_worker: float = _help("CPUs reserved per worker", default=1.0)
     torch_threads: int = _help("torch intra-op threads per worker; 0 = cpus_per_worker", default=0)
+    resize_interval_s: float = _help(
+        "elastic: seconds between checks, while training, for room for more workers (Ray Train's "
+        "elastic_resize_monitor_interval_s); a grow restarts the workers from the latest checkpoint", default=60.0)
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ConfigError("scaling.num_workers must be >= 1")
+        if isinstance(self.num_workers, list):
+            bounds = self.num_workers
+            if len(bounds) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in bounds):
+                raise ConfigError(f"scaling.num_workers={bounds!r}: expected an int or [min, max] (two ints)",
+                                  key="scaling.num_workers")
+            if not 1 <= bounds[0] <= bounds[1]:
+                raise ConfigError(f"scaling.num_workers={bounds!r}: need 1 <= min <= max", key="scaling.num_workers")
+            if bounds[0] == bounds[1]:
+                self.num_workers = bounds[0]  # [n, n] is the fixed run
+        elif self.num_workers < 1:
+            raise ConfigError("scaling.num_workers must be >= 1", key="scaling.num_workers")
         if self.cpus_per_worker <= 0 or self.torch_threads < 0:
             raise ConfigError("scaling.cpus_per_worker must be > 0 and torch_threads >= 0")
+        if self.resize_interval_s < 0:
+            raise ConfigError("scaling.resize_interval_s must be >= 0", key="scaling.resize_interval_s")
+
+    @property
+    def elastic(self) -> bool:
+        """True for ``num_workers: [min, max]`` with min < max."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    def ray_num_workers(self) -> int | tuple[int, int]:
+        """What Ray Train's ``ScalingConfig(num_workers=...)`` takes: an int, or (min, max) when elastic."""
+        return (self.min_workers, self.max_workers) if self.elastic else self.max_workers
 
 
 @dataclass
@@ -280,7 +314,9 @@ class TrainConfig:
     input: InputConfig = field(default_factory=InputConfig)
     epochs: int = _help("passes over the training records", default=1)
     max_steps: int = _help("stop after this many optimizer steps; -1 = epochs decide", default=-1)
-    batch_size: int = _help("records per worker per micro-step", default=32)
+    batch_size: int = _help("records per worker per micro-step; elastic scaling.num_workers [min, max]: at max "
+                            "workers (with w workers each takes batch_size x max / w, so the global batch, data "
+                            "order and in-batch negatives stay the max-size run's)", default=32)
     grad_accum_steps: int = _help("micro-steps per optimizer step", default=1)
     num_negatives: int = _help("hard negatives per query taken from triplet records", default=1)
     bf16: bool = _help("bf16 autocast (CPU with AMX/avx512_bf16, or GPU)", default=False)
@@ -291,7 +327,8 @@ class TrainConfig:
     resume_from: str = _help("checkpoint dir to resume from ('' = none); must be trusted: the DeepSpeed engine "
                              "unpickles it, which can run code", default="")
     storage_path: str = _help("Ray Train storage path ('' = <output_dir>/ray)", default="")
-    max_failures: int = _help("Ray Train worker-failure retries", default=0)
+    max_failures: int = _help("Ray Train worker-failure retries (a lost node counts as one); -1 = unlimited",
+                              default=0)
     ray_train_metrics: bool = _help(
         "export Ray Train's own Prometheus metrics (extra controller/worker callbacks; off saves CPU on small nodes)", default=False
     )
@@ -319,6 +356,47 @@ class TrainConfig:
             raise ConfigError("bf16 and fp16 are exclusive: pick one")
         if self.fp16 and self.engine.name == "ddp" and not self.scaling.use_gpu:
             raise ConfigError("fp16 needs a GPU (scaling.use_gpu=true); on CPU use bf16")
+        if self.scaling.elastic:
+            self._check_elastic()
+
+    def _check_elastic(self) -> None:
+        """An elastic run must split its global micro-batch evenly at every world size it may get,
+        resume its engine state at another world size, and survive losing a worker."""
+        lo, hi = self.scaling.min_workers, self.scaling.max_workers
+        total = self.batch_size * hi
+        bad = [w for w in range(lo, hi + 1) if total % w]
+        if bad:
+            need = math.lcm(*range(lo, hi + 1))
+            fits = next(b for b in range(self.batch_size, self.batch_size + need + 1) if (b * hi) % need == 0)
+            raise ConfigError(
+                f"batch_size={self.batch_size} x scaling.num_workers max {hi} = {total} records per micro-step cannot "
+                f"be split evenly over {', '.join(map(str, bad))} worker(s) (scaling.num_workers=[{lo}, {hi}]): pick "
+                f"batch_size so that batch_size x {hi} is divisible by every worker count in [{lo}, {hi}] "
+                f"(e.g. batch_size={fits})", key="batch_size")
+        if self.engine.name == "deepspeed" and self.engine.zero_stage > 0:
+            raise ConfigError(
+                f"engine.zero_stage={self.engine.zero_stage} with elastic scaling.num_workers=[{lo}, {hi}]: a ZeRO "
+                "checkpoint holds one optimizer partition per worker and is not resumed at another world size; "
+                "use engine.name=ddp (or zero_stage 0) for elastic runs", key="engine.zero_stage")
+        if self.max_failures == 0:
+            raise ConfigError(
+                f"max_failures=0 with elastic scaling.num_workers=[{lo}, {hi}]: a lost worker would end the run "
+                "instead of shrinking it; set max_failures >= 1 (or -1 = unlimited)", key="max_failures")
+
+    def worker_batch_size(self, world_size: int) -> int:
+        """Records one worker takes per micro-step at ``world_size`` workers.
+
+        Fixed ``num_workers``: ``batch_size``.  Elastic ``[min, max]``: the global micro-batch
+        ``batch_size x max`` split evenly (``__post_init__`` checked every world size in range), so
+        every world size trains on the same global micro-batches in the same order.
+        """
+        if not self.scaling.elastic:
+            return self.batch_size
+        total = self.batch_size * self.scaling.max_workers
+        if world_size < 1 or total % world_size:
+            raise ConfigError(f"batch_size: {total} records per micro-step do not split over {world_size} workers",
+                              key="batch_size")
+        return total // world_size
 
 
 @dataclass

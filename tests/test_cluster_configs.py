@@ -51,10 +51,20 @@ def test_launcher_config_passes_rays_validator(name):
     config = _load(name)
     prepared = _validate(config)
     nodes = prepared["available_node_types"]
-    assert prepared["head_node_type"] == "head" and set(nodes) == {"head", "cpu_worker", "gpu_worker"}
+    assert prepared["head_node_type"] == "head" and set(nodes) == {"head", "cpu_worker", "gpu_worker", "gpu8_worker"}
     assert nodes["gpu_worker"]["min_workers"] == 0 and nodes["gpu_worker"]["max_workers"] == 8
+    assert nodes["gpu8_worker"]["min_workers"] == 0 and nodes["gpu8_worker"]["max_workers"] >= 1
     assert nodes["cpu_worker"]["min_workers"] == 0 and nodes["cpu_worker"]["max_workers"] >= 1
-    assert prepared["max_workers"] >= nodes["gpu_worker"]["max_workers"] + nodes["cpu_worker"]["max_workers"]
+    assert prepared["max_workers"] >= sum(nodes[n]["max_workers"] for n in ("cpu_worker", "gpu_worker", "gpu8_worker"))
+    # 1 and 8 GPUs per node: declared (GCP reports none to the autoscaler) or by instance type (AWS)
+    gpus = {n: nodes[n]["resources"].get("GPU") or {"g5.2xlarge": 1, "p4d.24xlarge": 8}.get(
+        nodes[n]["node_config"].get("InstanceType")) for n in ("gpu_worker", "gpu8_worker")}
+    assert gpus == {"gpu_worker": 1, "gpu8_worker": 8}
+    # shared storage: every node's host mounts /mnt/shared before its container starts, and the
+    # container sees it (a multi-node run reads data and writes checkpoints there)
+    init = " ".join(config["initialization_commands"])
+    assert re.search(r"mount -t nfs4? .* /mnt/shared", init), init
+    assert "-v /mnt/shared:/mnt/shared" in config["docker"]["run_options"]
     # images pinned to the Ray version this project pins; GPU image for GPU workers
     docker = config["docker"]
     images = [docker["image"], docker["head_image"], docker["worker_image"],

@@ -249,6 +249,7 @@ def test_head_requires_the_token(ray_head):
 
 
 def test_relative_outputs_go_under_ir_output_root(tmp_path, monkeypatch):
+    from distributed_ir.config import ConfigError
     from distributed_ir.jobenv import output_path
 
     monkeypatch.delenv("IR_OUTPUT_ROOT", raising=False)
@@ -256,6 +257,19 @@ def test_relative_outputs_go_under_ir_output_root(tmp_path, monkeypatch):
     monkeypatch.setenv("IR_OUTPUT_ROOT", str(tmp_path))
     assert output_path("outputs/x") == str(tmp_path / "outputs" / "x")
     assert output_path("/abs/x") == "/abs/x" and output_path("s3://b/x") == "s3://b/x" and output_path("") == ""
+    # unset inside Ray's temporary working-dir copy: refused with what to set, not silently lost
+    copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab12"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert output_path("outputs/x") == str(tmp_path / "outputs" / "x")  # IR_OUTPUT_ROOT set: fine there
+    monkeypatch.delenv("IR_OUTPUT_ROOT")
+    with pytest.raises(ConfigError, match="IR_OUTPUT_ROOT") as err:
+        output_path("outputs/x")
+    assert "would vanish" in str(err.value) and "cluster/runtime_env.yaml" in str(err.value)
+    assert output_path("/abs/x") == "/abs/x" and output_path("s3://b/x") == "s3://b/x"
+    monkeypatch.chdir(tmp_path)
+    assert output_path("outputs/x") == "outputs/x"  # an ordinary folder: relative to it, as before
+    monkeypatch.setenv("IR_OUTPUT_ROOT", str(tmp_path))
     # the CLI applies it to --out (here: evaluate's metrics file), run from another directory
     (tmp_path / "run.trec").write_text("q1 Q0 d1 1 2.0 t\nq1 Q0 d2 2 1.0 t\n")
     (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")

@@ -117,8 +117,10 @@ def test_resume_from_checkpoint_is_exact(tiny_bert, tmp_path):
     resumed_out = tmp_path / "resumed"
     resumed = train_loop(_cfg(tiny_bert, tmp_path, max_steps=6, checkpoint_every=3, num_negatives=1,
                               output_dir=str(resumed_out), resume_from=str(ckpts / "step_0000003")))
-    assert [m["step"] for m in resumed["history"]] == [4, 5, 6]
-    assert [m["loss"] for m in resumed["history"]] == pytest.approx([m["loss"] for m in straight["history"][3:]],
+    # the history continues the checkpoint's (steps 1-3 read back from it), then steps 4-6 trained again
+    assert [m["step"] for m in resumed["history"]] == [1, 2, 3, 4, 5, 6]
+    assert resumed["history"][:3] == json.loads((ckpts / "step_0000003" / "history.json").read_text())
+    assert [m["loss"] for m in resumed["history"]] == pytest.approx([m["loss"] for m in straight["history"]],
                                                                     abs=1e-6)
     w_resumed = load_file(resumed_out / "checkpoints" / "final" / "model" / "model.safetensors")
     for name, value in w_straight.items():

@@ -210,9 +210,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         # Export gathers parameters itself; the 16-bit consolidation would only cost memory.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.worker_batch_size(world_size),
         "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "train_batch_size": cfg.batch_size * cfg.grad_accum_steps * world_size,
+        "train_batch_size": cfg.worker_batch_size(world_size) * cfg.grad_accum_steps * world_size,
         "gradient_clipping": cfg.optim.max_grad_norm,
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay,
                                                   "torch_adam": e.torch_adam}},

@@ -8,9 +8,15 @@ processes do not inherit the driver's environment).
   SIGKILL right after optimizer step ``STEP`` (before that step's checkpoint), like a node
   dying.  The marker file is created first, so the restored run does not die again.
 - ``DIR_TRACE_BATCHES=PATH``: each rank appends one JSON line per consumed micro-batch to
-  ``PATH.rank<R>``: ``{"pid", "rank", "epoch", "micro", "step", "queries"}`` where ``step`` is
-  the optimizer step the micro-batch feeds.  A test can then check that, counting only steps
-  that survived a restore, no record is skipped or seen twice within an epoch.
+  ``PATH.rank<R>``: ``{"pid", "attempt", "world_size", "rank", "epoch", "micro", "step", "t",
+  "queries"}`` where ``step`` is the optimizer step the micro-batch feeds and ``attempt`` names
+  one start of the worker group (rank 0 draws it, every rank shares it; attempts sort by start
+  time).  A test can then check that, counting only steps that survived a restore or resize, no
+  record is skipped or seen twice within an epoch.
+- ``DIR_FAULT_HOLD=STEP[,STEP...]`` with ``DIR_FAULT_HOLD_DIR=DIR``: after optimizer step STEP
+  (and its checkpoint or report) each rank writes ``DIR/held-STEP-rank<R>`` and waits until
+  ``DIR/release-STEP`` exists.  A drill parks the run there to remove or add a node at a known
+  point (Ray Train's resize then ends the waiting workers).
 """
 
 from __future__ import annotations
@@ -18,24 +24,45 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
+import uuid
 from pathlib import Path
 
 KILL = "DIR_FAULT_KILL"
 MARKER = "DIR_FAULT_MARKER"
 TRACE = "DIR_TRACE_BATCHES"
+HOLD = "DIR_FAULT_HOLD"
+HOLD_DIR = "DIR_FAULT_HOLD_DIR"
 
 
 def forwarded_env() -> dict[str, str]:
     """The fault/trace variables set in this (driver) process, for ``worker_runtime_env``."""
-    return {k: os.environ[k] for k in (KILL, MARKER, TRACE) if os.environ.get(k)}
+    return {k: os.environ[k] for k in (KILL, MARKER, TRACE, HOLD, HOLD_DIR) if os.environ.get(k)}
 
 
-def trace_batch(rank: int, epoch: int, micro: int, step: int, queries: list[str]) -> None:
+def attempt_id(rank: int, world_size: int) -> str | None:
+    """One id per start of the worker group, shared by its ranks (None unless tracing).
+
+    ``<start time>-<random>``: sorting ids sorts attempts by start.  Rank 0 draws it and
+    broadcasts it (a collective: every rank calls this at the same point of setup)."""
+    if not os.environ.get(TRACE):
+        return None
+    ident = [f"{time.time():.6f}-{uuid.uuid4().hex[:8]}" if rank == 0 else None]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(ident, src=0)
+    return ident[0]
+
+
+def trace_batch(rank: int, epoch: int, micro: int, step: int, queries: list[str], attempt: str | None = None,
+                world_size: int = 1) -> None:
     """Record one consumed micro-batch (no-op unless ``DIR_TRACE_BATCHES`` is set)."""
     path = os.environ.get(TRACE)
     if not path:
         return
-    entry = {"pid": os.getpid(), "rank": rank, "epoch": epoch, "micro": micro, "step": step, "queries": queries}
+    entry = {"pid": os.getpid(), "attempt": attempt or str(os.getpid()), "world_size": world_size, "rank": rank,
+             "epoch": epoch, "micro": micro, "step": step, "t": time.time(), "queries": queries}
     with open(f"{path}.rank{rank}", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry) + "\n")
 
@@ -60,6 +87,17 @@ def maybe_kill(rank: int, step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def maybe_hold(rank: int, step: int) -> None:
+    """Park this worker after ``step`` until the drill releases it (no-op unless ``DIR_FAULT_HOLD``)."""
+    spec = os.environ.get(HOLD)
+    if not spec or step not in {int(x) for x in spec.split(",") if x}:
+        return
+    folder = Path(os.environ[HOLD_DIR])
+    (folder / f"held-{step}-rank{rank}").write_text(str(os.getpid()))
+    while not (folder / f"release-{step}").exists():
+        time.sleep(0.2)
+
+
 def read_trace(path: str | Path) -> list[dict]:
     """Every traced micro-batch from all ranks' files (``PATH.rank*``), in file order per rank."""
     path = Path(path)
@@ -70,20 +108,19 @@ def read_trace(path: str | Path) -> list[dict]:
 
 
 def surviving(entries: list[dict]) -> list[dict]:
-    """Drop micro-batches whose optimizer step was undone by a restore.
+    """Drop micro-batches whose optimizer step was undone by a restore or a resize.
 
-    Per rank, each worker process (pid) is one attempt, in file order; an attempt whose first
-    traced step is s undoes the earlier attempts' entries for steps >= s (they are replayed).
+    Every start of the worker group is one attempt (its ranks share the ``attempt`` id, ids sort
+    by start time); an attempt whose first traced step is s undoes the earlier attempts' entries
+    for steps >= s (they are replayed), whatever world size either ran at.
     """
+    first_step: dict[str, int] = {}
+    for e in entries:
+        first_step[e["attempt"]] = min(first_step.get(e["attempt"], e["step"]), e["step"])
+    order = sorted(first_step)
     keep = []
-    for rank in sorted({e["rank"] for e in entries}):
-        mine = [e for e in entries if e["rank"] == rank]
-        first_step: dict[int, int] = {}
-        for e in mine:
-            first_step.setdefault(e["pid"], e["step"])
-        order = list(first_step)
-        for e in mine:
-            later = order[order.index(e["pid"]) + 1:]
-            if all(e["step"] < first_step[pid] for pid in later):
-                keep.append(e)
+    for e in entries:
+        later = order[order.index(e["attempt"]) + 1:]
+        if all(e["step"] < first_step[a] for a in later):
+            keep.append(e)
     return keep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -12,6 +13,7 @@ from typing import Any
 
 from distributed_ir.config import TrainConfig, to_dict
 from distributed_ir.data.records import read_records, write_records
+from distributed_ir.train import checkpoint as ckpt
 from distributed_ir.train import faults
 from distributed_ir.train.engines import deepspeed_config
 from distributed_ir.train.loop import train_loop
@@ -25,8 +27,10 @@ class TrainResult:
     checkpoint_path: str
     seconds: float
     input: dict[str, Any] = field(default_factory=dict)  # accepted/rejected training records
-    # rank 0's logged steps ({"step", "loss", "lr", ...}), from train_loop's return value
+    # rank 0's logged steps ({"step", "loss", "lr", "world_size", ...}), from train_loop's return value
     history: list[dict[str, Any]] = field(default_factory=list)
+    # storage_path a URI (s3://, gs://): where the exported model and history.json were uploaded
+    model_uri: str = ""
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -64,9 +68,16 @@ def run_training(cfg: TrainConfig, records: tuple[str, list] | None = None) -> T
 
     ``records``: ``(format, records)`` the caller built itself and wrote to ``cfg.train_path`` (the
     pipeline's mined or qrels records): handed on as they are, not read back and validated again.
+
+    ``num_workers: [min, max]`` runs elastic (Ray Train V2): the run starts with as many workers as
+    fit (at least min), and every resize (a lost node, or room for more) restarts the workers from
+    the latest checkpoint; each worker's micro-batch follows the world size
+    (:meth:`TrainConfig.worker_batch_size`) so the result does not depend on it.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from distributed_ir.train.resize_log import WorldSizeLog
 
     # Ray Train's controller/worker metrics callbacks take CPU that a small node's training step
     # needs; Ray reads this switch from the driver's environment when the trainer is built.
@@ -99,19 +110,22 @@ def run_training(cfg: TrainConfig, records: tuple[str, list] | None = None) -> T
         loop_config["train_path"] = str(write_records(out / "train_records.accepted.jsonl", records))
     del records
     loop_config["output_dir"] = str(out)
-    if cfg.resume_from:
+    if cfg.resume_from and ckpt.is_uri(cfg.resume_from):
+        ckpt.require_checkpoint(cfg.resume_from)  # every worker downloads it; fail here if it is not one
+    elif cfg.resume_from:
         loop_config["resume_from"] = str(Path(cfg.resume_from).resolve())
     if cfg.model.name_or_path != "default" and Path(cfg.model.name_or_path).exists():
         loop_config["model"]["name_or_path"] = str(Path(cfg.model.name_or_path).resolve())
     if cfg.engine.name == "deepspeed" and cfg.engine.config_file:
         loop_config["engine"]["config_file"] = str(Path(cfg.engine.config_file).resolve())
-        deepspeed_config(cfg, cfg.scaling.num_workers)  # a file that clashes with the loop fails here, not in workers
+        deepspeed_config(cfg, cfg.scaling.max_workers)  # a file that clashes with the loop fails here, not in workers
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            num_workers=cfg.scaling.ray_num_workers(),  # (min, max): Ray Train V2's elastic policy
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
         ),
@@ -120,6 +134,7 @@ def run_training(cfg: TrainConfig, records: tuple[str, list] | None = None) -> T
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[WorldSizeLog()],  # logs when and why the world size changed
             # Worker processes do not inherit the driver's environment: forward the opt-in
             # fault-injection/trace switches (empty unless a test or drill sets them).
             worker_runtime_env={"env_vars": faults.forwarded_env()},
@@ -141,5 +156,13 @@ def run_training(cfg: TrainConfig, records: tuple[str, list] | None = None) -> T
         shutil.rmtree(model)
     shutil.copytree(final / "model", model)
     returned = result.return_value if isinstance(result.return_value, dict) else {}
+    history = list(returned.get("history", []))
+    model_uri = ""
+    if ckpt.is_uri(storage):
+        # the run's folder on shared storage gets the exported model and the whole history beside
+        # Ray's checkpoints: nothing of the result lives only on this (driver) machine
+        model_uri = ckpt.upload(model, ckpt.join_uri(storage, name, "model"))
+        ckpt.write_file(ckpt.join_uri(storage, name, "history.json"), json.dumps(history, indent=1).encode())
+        print(f"[train] model and history uploaded to {ckpt.join_uri(storage, name)}", flush=True)
     return TrainResult(model_path=model, metrics=dict(result.metrics or {}), checkpoint_path=result.checkpoint.path,
-                       seconds=seconds, input=input_summary, history=list(returned.get("history", [])))
+                       seconds=seconds, input=input_summary, history=history, model_uri=model_uri)

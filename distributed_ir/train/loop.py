@@ -74,12 +74,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     task.check_format(fmt, cfg.train_path)
     task.check_records(records, cfg.train_path)
     k = cfg.num_negatives if fmt == "triplet" else 0
-    micro_per_epoch = steps_per_epoch(len(records), world_size, cfg.batch_size)
+    # Elastic runs: each worker's share of the global micro-batch follows the world size, so the
+    # global batch, data order, step count (and so the LR schedule) and negatives do not.
+    batch_size = cfg.worker_batch_size(world_size)
+    micro_per_epoch = steps_per_epoch(len(records), world_size, batch_size)
     opt_per_epoch = micro_per_epoch // cfg.grad_accum_steps
     if opt_per_epoch == 0:
         raise ValueError(
             f"{cfg.train_path}: {len(records)} records give no full optimizer step at "
-            f"{world_size} workers x batch {cfg.batch_size} x accumulation {cfg.grad_accum_steps}"
+            f"{world_size} workers x batch {batch_size} x accumulation {cfg.grad_accum_steps}"
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * opt_per_epoch
     ds_config = None
@@ -96,34 +99,39 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + rank)
     engine = build_engine(cfg, module, task.param_groups(module), device, world_size, total_steps, ds_config)
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
+    history: list[dict[str, Any]] = []
     resume_dir = _resume_dir(cfg, in_ray)
     if resume_dir:
         engine.load(resume_dir)
         state = ckpt.load_training_state(resume_dir)
         ckpt.load_rank_rng(resume_dir, rank)
+        history = ckpt.load_history(resume_dir, state["step"])
+        if rank == 0:
+            print(_resume_line(state, world_size, batch_size), flush=True)
     if rank == 0:
         print(f"[train] task {task.name}, engine {engine.name}"
               f"{f' ZeRO-{cfg.engine.zero_stage}' if engine.name == 'deepspeed' else ''}, "
-              f"{len(records)} {fmt} records, {world_size} worker(s) x batch {cfg.batch_size} "
+              f"{len(records)} {fmt} records, {world_size} worker(s) x batch {batch_size} "
               f"x accum {cfg.grad_accum_steps}, {total_steps} optimizer steps, device {device}, "
               f"threads {threads}, start step {state['step']}", flush=True)
 
     # ---- loop
     window = {"loss": 0.0, "micro": 0, "samples": 0, "t0": time.perf_counter(), "grad_norm": 0.0}
     last: dict[str, Any] = {}
-    history: list[dict[str, Any]] = []
+    attempt = faults.attempt_id(rank, world_size)  # opt-in (env), tests only
+    jit_saved = False  # one just-in-time checkpoint per attempt when a node is being preempted
     step = state["step"]
     epoch = state["epoch"]
     while step < total_steps:
         micro_used = opt_per_epoch * cfg.grad_accum_steps
-        batches = epoch_batches(records, epoch, rank, world_size, cfg.batch_size, k, cfg.seed,
+        batches = epoch_batches(records, epoch, rank, world_size, batch_size, k, cfg.seed,
                                 start_step=state["micro_in_epoch"])
         micro = state["micro_in_epoch"]
         for batch in batches:
             if micro >= micro_used or step >= total_steps:
                 break
             micro += 1
-            faults.trace_batch(rank, epoch, micro, step + 1, batch.queries)  # opt-in (env), tests only
+            faults.trace_batch(rank, epoch, micro, step + 1, batch.queries, attempt, world_size)  # opt-in (env)
             boundary = micro % cfg.grad_accum_steps == 0
             inputs = _to_device(task.inputs(engine.inner, batch), device)
             loss, grad_norm = engine.train_step(inputs, boundary)
@@ -136,12 +144,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             step += 1
             faults.maybe_kill(rank, step)  # opt-in (env) fault injection, tests only
             done = step >= total_steps
-            position = {"step": step, "epoch": epoch, "micro_in_epoch": micro}
+            position = {"step": step, "epoch": epoch, "micro_in_epoch": micro, "world_size": world_size}
             if micro >= micro_used:
-                position = {"step": step, "epoch": epoch + 1, "micro_in_epoch": 0}
+                position = {"step": step, "epoch": epoch + 1, "micro_in_epoch": 0, "world_size": world_size}
             save = done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            if in_ray and not save and not jit_saved and step % cfg.log_every == 0:
+                save = jit_saved = _preemption_notice(rank, step)
             if step % cfg.log_every == 0 or save:
-                last = _metrics(window, step, total_steps, epoch, engine)
+                last = _metrics(window, step, total_steps, epoch, engine, device) | {"world_size": world_size,
+                                                                             "worker_batch_size": batch_size}
                 history.append(last)
                 if rank == 0:
                     print(_progress_line(last), flush=True)
@@ -151,13 +162,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 import ray.train
 
                 ray.train.report(last)
+            faults.maybe_hold(rank, step)  # opt-in (env): a drill parks every rank here
         if step < total_steps:
             epoch += 1
             state["micro_in_epoch"] = 0
     if world_size > 1:
         dist.barrier()
-    if resume_dir and in_ray:
-        shutil.rmtree(resume_dir, ignore_errors=True)  # our local copy of Ray's checkpoint
+    if resume_dir and (in_ray or ckpt.is_uri(cfg.resume_from)) and resume_dir != Path(cfg.resume_from):
+        shutil.rmtree(resume_dir, ignore_errors=True)  # our local copy of Ray's (or a URI's) checkpoint
     return {**last, "history": history}
 
 
@@ -182,6 +194,12 @@ def _resume_dir(cfg: TrainConfig, in_ray: bool) -> Path | None:
             local = Path(tempfile.mkdtemp(prefix="dir-resume-"))
             checkpoint.to_directory(str(local))
             return local
+    if cfg.resume_from and ckpt.is_uri(cfg.resume_from):
+        # every worker fetches its own copy: a multi-node run has no common local disk
+        local = ckpt.download(cfg.resume_from, Path(tempfile.mkdtemp(prefix="dir-resume-")))
+        if not (local / ckpt.STATE_FILE).is_file():
+            raise FileNotFoundError(f"resume_from={cfg.resume_from}: not a distributed-ir training checkpoint")
+        return local
     if cfg.resume_from:
         path = Path(cfg.resume_from)
         if not (path / ckpt.STATE_FILE).is_file():
@@ -190,14 +208,50 @@ def _resume_dir(cfg: TrainConfig, in_ray: bool) -> Path | None:
     return None
 
 
-def _metrics(window: dict[str, Any], step: int, total: int, epoch: int, engine: Any) -> dict[str, Any]:
+def _preemption_notice(rank: int, step: int) -> bool:
+    """True when Ray Train reports that a node of this run is being preempted (a drain with a
+    deadline, e.g. a spot reclaim): the caller then checkpoints at once, so the restart loses
+    nothing.  A collective: every rank calls it at the same steps and gets the same answer."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return False
+    if rank == 0:
+        print(f"[train] preemption notice for node(s) {sorted(info.preempted_node_to_ranks)}: "
+              f"just-in-time checkpoint at step {step}", flush=True)
+    return True
+
+
+def _resume_line(state: dict[str, int], world_size: int, batch_size: int) -> str:
+    """Say where a resumed run continues, and when the world size changed since the checkpoint."""
+    before = state.get("world_size")
+    line = (f"[train] resumed at step {state['step']} (epoch {state['epoch']}, micro-step {state['micro_in_epoch']}) "
+            f"with {world_size} worker(s)")
+    if before and before != world_size:
+        why = ("a worker or its node was lost: continuing with the workers that fit" if world_size < before
+               else "room for more workers appeared: the elastic group grew")
+        line += (f"; world size changed {before} -> {world_size} ({why}); each worker now takes {batch_size} "
+                 "records per micro-step, the global batch is unchanged")
+    return line
+
+
+def _metrics(window: dict[str, Any], step: int, total: int, epoch: int, engine: Any,
+             device: torch.device) -> dict[str, Any]:
     elapsed = time.perf_counter() - window["t0"]
     memory = engine.memory()
+    loss = window["loss"] / max(1, window["micro"])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # the global batch's loss (every rank logs at the same steps): each rank's loss is the mean
+        # over its equal share of queries, so the mean of the ranks' is the same at any world size
+        summed = torch.tensor([loss], dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors only
+        dist.all_reduce(summed)
+        loss = float(summed[0]) / dist.get_world_size()
     out = {
         "step": step,
         "total_steps": total,
         "epoch": epoch,
-        "loss": window["loss"] / max(1, window["micro"]),
+        "loss": loss,
         "lr": engine.lr(),
         "grad_norm": window["grad_norm"],
         "samples_per_s": window["samples"] / elapsed if elapsed > 0 else 0.0,
