@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -101,3 +102,134 @@ def ray_cluster():
     ray.init(num_cpus=2, _temp_dir=tmp, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
     yield
     ray.shutdown()
+
+
+# ---------------------------------------------------------------- fake multi-node autoscaling cluster
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _group_of(tmp: str) -> int | None:
+    """The process group of the processes whose command line names ``tmp`` (the head's daemons)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if tmp.encode() in (proc / "cmdline").read_bytes():
+                return os.getpgid(int(proc.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return None
+
+
+def _stop_group(pgid: int) -> None:
+    """SIGTERM, then SIGKILL, the cluster's process group (never this test's own group)."""
+    import signal
+    import time
+
+    if pgid == os.getpgrp():
+        raise RuntimeError("refusing to signal the test's own process group")
+    for sig, wait in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 3.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+def fake_cluster_config(name: str, gcs_address: str, head_cpus: int, node_type: str, node_resources: dict,
+                        max_nodes: int, idle_timeout_min: float) -> dict:
+    """A ``fake_multinode`` cluster: no worker nodes at start, up to ``max_nodes`` of ``node_type``."""
+    empty = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+             "head_start_ray_commands", "worker_start_ray_commands", "rsync_exclude", "rsync_filter",
+             "cluster_synced_files")
+    return {
+        "cluster_name": name, "max_workers": max_nodes, "upscaling_speed": 1.0, "idle_timeout_minutes": idle_timeout_min,
+        "provider": {"type": "fake_multinode", "gcs_address": gcs_address, "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+            node_type: {"resources": {**node_resources, "object_store_memory": 100 * 2**20}, "node_config": {},
+                        "min_workers": 0, "max_workers": max_nodes}},
+        "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {},
+        "file_mounts_sync_continuously": False, **{k: [] for k in empty}}
+
+
+@contextlib.contextmanager
+def fake_autoscaling_cluster(name: str, head_cpus: int, node_type: str, node_resources: dict, max_nodes: int = 2,
+                             idle_timeout_min: float = 5.0):
+    """Start Ray's fake multi-node autoscaler (``RAY_FAKE_CLUSTER=1 ray start --head
+    --autoscaling-config``) with its own temp dir and ports, in a session of its own, and connect;
+    yields ``(address, head node id)``. Stops only that cluster: the process group of its session
+    (the head's daemons and the fake nodes the autoscaler started). Never ``ray stop``: it kills
+    every cluster on the machine.
+
+    Token auth, as every local cluster here (``train.launch.init_ray``): a driver process that
+    already ran a token-auth session keeps that mode cached, and against a cluster with auth off
+    every new actor dies at once. ``RAY_ADDRESS`` points at this cluster while it runs: Ray Train's
+    placement-group cleaner asks "the latest" cluster's State API otherwise."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import ray
+    from ray._private.authentication import authentication_token_setup as auth
+    from ray._private.services import get_node_ip_address
+
+    tmp = tempfile.mkdtemp(prefix="ray-as-", dir="/tmp")
+    ip = get_node_ip_address()
+    port, *others = _free_ports(9)
+    address = f"{ip}:{port}"
+    cfg = Path(tmp) / "cluster.yaml"
+    cfg.write_text(json.dumps(fake_cluster_config(name, address, head_cpus, node_type, node_resources,
+                                                  max_nodes, idle_timeout_min)))  # JSON is YAML
+    names = ("node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+    flags = [x for n, p in zip(names, others) for x in (f"--{n}", str(p))]
+    # RAY_TMPDIR: the fake nodes the autoscaler starts (its monitor inherits this environment) put
+    # their files here too.
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "token",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": address}
+    if not auth._get_default_token_path().is_file():  # `ray start` does not create it; `ray.init` would
+        auth.generate_and_save_token()
+    start = subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", "--port", str(port),
+                            "--autoscaling-config", str(cfg), "--temp-dir", tmp, "--num-cpus", str(head_cpus),
+                            "--object-store-memory", str(100 * 2**20), "--include-dashboard", "false",
+                            "--min-worker-port", "0", "--max-worker-port", "0", *flags],
+                           env=env, capture_output=True, text=True, timeout=180, start_new_session=True)
+    pgid = _group_of(tmp)  # `ray start` led a new session: its daemons are that process group, nothing else
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    try:
+        assert start.returncode == 0, start.stderr[-3000:]
+        os.environ["RAY_ADDRESS"] = address
+        auth._enable_token_auth()  # RAY_AUTH_MODE=token and Ray's cached config refreshed, as ray.init does
+        ray.init(address=address)
+        try:
+            yield address, ray.get_runtime_context().get_node_id()
+        finally:
+            ray.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        auth.Config.initialize("")
+        if pgid:
+            _stop_group(pgid)
+        shutil.rmtree(tmp, ignore_errors=True)

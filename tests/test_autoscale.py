@@ -10,135 +10,24 @@ the fake nodes' the autoscaler started). Never ``ray stop``: it kills every clus
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from distributed_ir.index.storage import Location
+from tests.conftest import fake_autoscaling_cluster as fake_autoscaling_cluster_cm
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 RESOURCE = "encoder"
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def cluster_config(gcs_address: str) -> dict:
-    """A fake_multinode cluster: no worker nodes at start, up to 2 ``encoder`` nodes on demand."""
-    empty = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-             "head_start_ray_commands", "worker_start_ray_commands", "rsync_exclude", "rsync_filter",
-             "cluster_synced_files")
-    return {
-        "cluster_name": "dir-autoscale-test", "max_workers": 2, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
-        "provider": {"type": "fake_multinode", "gcs_address": gcs_address, "use_node_id_as_ip": True,
-                     "disable_node_updaters": True, "disable_launch_config_check": True},
-        "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
-            "encoder_node": {"resources": {"CPU": 1, RESOURCE: 1, "object_store_memory": 100 * 2**20},
-                             "node_config": {}, "min_workers": 0, "max_workers": 2}},
-        "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {},
-        "file_mounts_sync_continuously": False, **{k: [] for k in empty}}
-
-
-def _stop_group(pgid: int) -> None:
-    """SIGTERM, then SIGKILL, the cluster's process group (never this test's own group)."""
-    if pgid == os.getpgrp():
-        raise RuntimeError("refusing to signal the test's own process group")
-    for sig, wait in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 3.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + wait
-        while time.time() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def fake_autoscaling_cluster():
-    """The head of a fake multi-node autoscaling cluster; yields (address, head node id)."""
-    import ray
-    from ray._private.services import get_node_ip_address
-
-    tmp = tempfile.mkdtemp(prefix="ray-as-", dir="/tmp")
-    ip = get_node_ip_address()
-    port, *others = _free_ports(10)
-    cfg = Path(tmp) / "cluster.yaml"
-    cfg.write_text(json.dumps(cluster_config(f"{ip}:{port}")))  # JSON is YAML
-    names = ("node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-port",
-             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
-    flags = [x for name, p in zip(names, others) for x in (f"--{name}", str(p))]
-    # RAY_TMPDIR: the fake nodes the autoscaler starts (its monitor inherits this environment) put
-    # their files here too. Token auth as every local cluster here (train.launch.init_ray): a driver
-    # process that already ran a token-auth session keeps that mode cached, and against a cluster
-    # with auth off the GCS's calls to it as the actors' owner fail, so every new actor dies at
-    # once ("all references to the actor were removed"; seen after test_fault_tolerance).
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "token",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    from ray._private.authentication import authentication_token_setup as auth
-
-    if not auth._get_default_token_path().is_file():  # `ray start` does not create it; `ray.init` would
-        auth.generate_and_save_token()
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    start = subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--autoscaling-config", str(cfg),
-                            "--temp-dir", tmp, "--num-cpus", "1", "--object-store-memory", str(100 * 2**20),
-                            "--include-dashboard", "false", "--min-worker-port", "0", "--max-worker-port", "0", *flags],
-                           env=env, capture_output=True, text=True, timeout=180, start_new_session=True)
-    # `ray start` ran as the leader of a new session: the head's daemons (and the fake nodes its
-    # autoscaler starts) are in that process group, and nothing else is.
-    pgid = _group_of(tmp)
-    try:
-        assert start.returncode == 0, start.stderr[-3000:]
-        saved = os.environ.get("RAY_AUTH_MODE")
-        auth._enable_token_auth()  # RAY_AUTH_MODE=token and Ray's cached config refreshed, as ray.init does
-        ray.init(address=f"{ip}:{port}")
-        try:
-            yield f"{ip}:{port}", ray.get_runtime_context().get_node_id()
-        finally:
-            ray.shutdown()
-            if saved is None:
-                os.environ.pop("RAY_AUTH_MODE", None)
-            else:
-                os.environ["RAY_AUTH_MODE"] = saved
-            auth.Config.initialize("")
-    finally:
-        if pgid:
-            _stop_group(pgid)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _group_of(tmp: str) -> int | None:
-    """The process group of the processes whose command line names ``tmp`` (the head's daemons)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if tmp.encode() in (proc / "cmdline").read_bytes():
-                return os.getpgid(int(proc.name))
-        except (OSError, ProcessLookupError):
-            continue
-    return None
+    """No worker nodes at start; up to 2 nodes carrying the ``encoder`` resource, on demand."""
+    with fake_autoscaling_cluster_cm("dir-autoscale-test", head_cpus=1, node_type="encoder_node",
+                                     node_resources={"CPU": 1, RESOURCE: 1}) as cluster:
+        yield cluster
 
 
 def test_index_makes_the_autoscaler_launch_encoder_nodes(fake_autoscaling_cluster, tiny_bert, tmp_path, monkeypatch):
