@@ -29,6 +29,20 @@ from tests.test_train_loop import _triplets
 # ----------------------------------------------------------------------------- unit (no Ray)
 
 
+def _release(holds: Path, steps: tuple[int, ...]) -> None:
+    """Let the workers parked at ``steps`` (the DIR_FAULT_HOLD drill) go on."""
+    for step in steps:
+        (holds / f"release-{step}").write_text("")
+
+
+def _joined(thread, result: dict) -> dict:
+    """The background run's result, or its error raised here."""
+    thread.join(timeout=300)
+    if "error" in result:
+        raise result["error"]
+    return result["run"]
+
+
 def test_num_workers_is_an_int_or_min_max(tmp_path):
     assert from_dict(TrainConfig, {"scaling": {"num_workers": 3}}).scaling.ray_num_workers() == 3
     cfg = load_config(TrainConfig, None, ["scaling.num_workers=[2, 4]", "batch_size=6", "max_failures=2"])
@@ -219,13 +233,9 @@ def test_elastic_run_that_loses_and_regains_a_node_equals_the_fixed_run(elastic_
         events["node_added"] = time.time()
         cluster.add_node(num_cpus=1, **common)
         until(regrown, "2 workers training again")
-    finally:
-        for step in (4, 8):  # let the run finish (a regrown group that resumed before step 8 passes it)
-            (holds / f"release-{step}").write_text("")
-    thread.join(timeout=300)
-    if "error" in result:
-        raise result["error"]
-    elastic = result["run"]
+    finally:  # let the run finish (a regrown group that resumed before step 8 passes it)
+        _release(holds, (4, 8))
+    elastic = _joined(thread, result)
     entries = faults.read_trace(trace)
 
     # the world size really changed 2 -> 1 -> 2, each resize resuming from a checkpoint
@@ -329,12 +339,8 @@ def test_preemption_notice_takes_a_just_in_time_checkpoint_and_the_restart_loses
         cluster.remove_node(doomed)  # the reclaim: the node goes at its deadline
         until(lambda: any(e["world_size"] == 1 for e in entries()), "training again on the node left")
     finally:
-        for step in (2, 5):
-            (holds / f"release-{step}").write_text("")
-    thread.join(timeout=300)
-    if "error" in result:
-        raise result["error"]
-    run = result["run"]
+        _release(holds, (2, 5))
+    run = _joined(thread, result)
     got = faults.read_trace(trace)
     restarted = [e for e in got if e["world_size"] == 1]
     assert min(e["step"] for e in restarted) == 4, "resumed right after the just-in-time checkpoint of step 3"
