@@ -145,8 +145,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             faults.maybe_kill(rank, step)  # opt-in (env) fault injection, tests only
             done = step >= total_steps
             position = {"step": step, "epoch": epoch, "micro_in_epoch": micro, "world_size": world_size}
-            if micro >= micro_used:
-                position = {"step": step, "epoch": epoch + 1, "micro_in_epoch": 0, "world_size": world_size}
+            if micro >= micro_used:  # the epoch's last step: resume at the next epoch's start
+                position.update(epoch=epoch + 1, micro_in_epoch=0)
             save = done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
             if in_ray and not save and not jit_saved and step % cfg.log_every == 0:
                 save = jit_saved = _preemption_notice(rank, step)
