@@ -145,6 +145,7 @@ def test_ray_rerank_equals_in_process_scores(beir_index, tiny_bert, tmp_path):
     report = rerank_command(str(model), str(tmp_path / "first.trec"), str(folder), str(tmp_path / "rr"), top_k=10,
                             batch_size=8, precision="fp32", actors=2, fuse=0.5)
     assert report["speed"]["pairs"] == 4 * 10 and report["reranked"]["num_queries"] == 4
+    assert 1 <= report["speed"]["actors"] <= report["speed"]["max_actors"] == 2  # actors that ran vs the pool's max
     saved = json.loads((tmp_path / "rr" / "metrics.json").read_text())
     assert set(saved) >= {"first_stage", "reranked", "speed"} and "ndcg@10" in saved["reranked"]
     reranked = read_run(tmp_path / "rr" / "run.trec")

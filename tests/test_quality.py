@@ -58,4 +58,6 @@ def test_short_finetune_beats_base(scifact_dir, tmp_path, ray_cluster):
     assert 0.5 < base["ndcg@10"] < 0.95
     assert tuned["ndcg@10"] > base["ndcg@10"]
     assert report["mining"]["negatives"] > 0
+    # the shipped config's sparse rows: BM25 alone and fused with the fine-tuned dense run
+    assert report["metrics"]["bm25"]["num_queries"] == report["metrics"]["hybrid"]["num_queries"] == 100
     assert (tmp_path / "out" / "run.trec").is_file()

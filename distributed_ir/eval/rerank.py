@@ -132,11 +132,11 @@ def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, pr
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             scores[batch["row"]] = batch["score"]
             decisions += collect_decisions(batch["precision_decision"])
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0  # each actor reports its precision decision once: len = actors that ran
     if np.isnan(scores).any():
         raise RuntimeError(f"{int(np.isnan(scores).sum())} of {n} pairs came back without a score")
     return scores, {"pairs": n, "seconds": round(seconds, 2), "pairs_per_s": round(n / seconds, 1),
-                    "actors": plan.max_size, "precision": summarize_decisions(PrecisionPolicy.of(precision).precision, decisions),
+                    "actors": len(decisions), "max_actors": plan.max_size, "precision": summarize_decisions(PrecisionPolicy.of(precision).precision, decisions),
                     "compile": compile}
 
 
