@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from distributed_ir.config import PRECISION_CHOICES, ConfigError, PipelineConfig, TrainConfig, load_config
+from distributed_ir.config import PRECISION_CHOICES, PipelineConfig, TrainConfig
+from distributed_ir.config_loader import ConfigError, load_config
 from distributed_ir.data.errors import DataError
 from distributed_ir.index.actors import ActorStartTimeout
 from distributed_ir.jobenv import output_path

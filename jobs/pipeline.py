@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from distributed_ir.config import PipelineConfig, load_config
+from distributed_ir.config import PipelineConfig
+from distributed_ir.config_loader import load_config
 from distributed_ir.jobenv import announce, output_path
 from distributed_ir.pipeline import run_pipeline
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from distributed_ir.config import TrainConfig, load_config
+from distributed_ir.config import TrainConfig
+from distributed_ir.config_loader import load_config
 from distributed_ir.jobenv import announce, output_path
 from distributed_ir.train.launch import run_training
 
