@@ -41,11 +41,11 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}", key=name)
 
 
-class _Raw(str):
-    """An override value as typed on the command line; parsed once its field's type is known."""
+class RawValue(str):
+    """A value as typed on the command line; parsed once its field's type is known."""
 
 
-def _parse_raw(value: _Raw, tp: Any, where: str) -> Any:
+def _parse_raw(value: RawValue, tp: Any, where: str) -> Any:
     arms = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     if str in arms:
         return str(value)  # a string field takes the text as typed: "query: {}", "2019"
@@ -60,7 +60,7 @@ def _is_dataclass_type(tp: Any) -> bool:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    if isinstance(value, _Raw):
+    if isinstance(value, RawValue):
         value = _parse_raw(value, tp, where)
     origin = typing.get_origin(tp)
     if _is_dataclass_type(tp):
@@ -83,6 +83,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         want = dict if origin is dict else list
         if not isinstance(value, want):
             raise ConfigError(f"{where}: expected {want.__name__}, got {type(value).__name__}", key=where)
+        if origin is dict and typing.get_args(tp):
+            item = typing.get_args(tp)[1]
+            return {k: _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
         return value
     if tp is float and not isinstance(value, bool):
         # YAML 1.1 reads "1e-4" as a string; users mean a float.
@@ -151,7 +154,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
-        value = _Raw(raw)
+        value = RawValue(raw)
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -162,8 +165,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Load ``cls`` from a YAML file (optional) plus dotted overrides.
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> T:
+    """Load ``cls`` from a YAML file (optional), then dotted overrides, then ``values`` (typed
+    values such as command-line flags, merged last so they win).
 
     Errors read ``FILE:LINE: field 'a.b': message`` when the bad key is in the file.
     """
@@ -183,15 +188,23 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         data = loaded or {}
-    data = apply_overrides(data, overrides or [])
+    data = _merge(apply_overrides(data, overrides or []), values or {})
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        if not path:
+        if not path or _set_after_the_file(e.key, overrides or [], values or {}):
             raise
         line = yaml_key_line(text, e.key) if e.key else None
         where = f"{path}:{line}: field '{e.key}'" if line else str(path)
         raise ConfigError(f"{where}: {e}", key=e.key) from None
+
+
+def _set_after_the_file(key: str | None, overrides: list[str], values: dict[str, Any]) -> bool:
+    """Whether dotted ``key`` (or a section holding it) was set by an override or a value, not the file."""
+    if not key:
+        return False
+    given = {item.split("=", 1)[0].strip() for item in overrides} | set(values)
+    return any(key == g or key.startswith(g + ".") for g in given)
 
 
 def yaml_key_line(text: str, key: str) -> int | None:
