@@ -78,6 +78,7 @@ def flag_values(args: argparse.Namespace, cls: type) -> tuple[dict[str, Any], li
         if origin is dict:
             value = dict(_key_value(f, spec) for spec in value)
         elif origin is list:
+            value = list(value)
             while value and value[-1].partition("=")[0].split(".")[0] in names and "=" in value[-1]:
                 overrides.insert(0, value.pop())
             if not value:
