@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from distributed_ir.config import TrainConfig, from_dict
+from distributed_ir.config import TrainConfig
+from distributed_ir.config_loader import from_dict
 from distributed_ir.train.batching import TextBatch, text_key
 from distributed_ir.train.engines import DDPEngine
 from distributed_ir.train.tasks import get_task

@@ -24,7 +24,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from distributed_ir.config import PipelineConfig, load_config
+from distributed_ir.config import PipelineConfig
+from distributed_ir.config_loader import load_config
 from distributed_ir.data.beir import load_beir, resolve_data_dir
 from distributed_ir.data.records import read_records
 from distributed_ir.stages import encoder_folder, eval_stage, index_stage, mine_stage

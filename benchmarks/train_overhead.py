@@ -72,7 +72,8 @@ def bare(args: argparse.Namespace, train_path: Path) -> float:
 
 
 def _loop_config(args: argparse.Namespace, train_path: Path, out: str):
-    from distributed_ir.config import TrainConfig, from_dict
+    from distributed_ir.config import TrainConfig
+    from distributed_ir.config_loader import from_dict
 
     # Window 1 = warmup steps, window 2 = the measured steps (log_every = steps).
     return from_dict(TrainConfig, {
@@ -86,7 +87,7 @@ def _loop_config(args: argparse.Namespace, train_path: Path, out: str):
 
 def loop(args: argparse.Namespace, train_path: Path) -> float:
     """The project's own per-worker loop, called without Ray (world size 1)."""
-    from distributed_ir.config import to_dict
+    from distributed_ir.config_loader import to_dict
     from distributed_ir.train.loop import train_loop
 
     with tempfile.TemporaryDirectory() as out:

@@ -15,7 +15,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from distributed_ir.config import TrainConfig, from_dict
+from distributed_ir.config import TrainConfig
+from distributed_ir.config_loader import from_dict
 from distributed_ir.data.records import TrainRecord, write_records
 from distributed_ir.train.launch import run_training
 

@@ -1,45 +1,20 @@
-"""Typed configuration: nested dataclasses loaded from YAML with dotted ``a.b=c`` overrides.
+"""The application's configs: nested dataclasses (training, encoding, evaluation, the pipeline).
 
 Every field carries help text in its metadata; ``__post_init__`` validates values so a bad
-config fails before any worker starts.  Unknown keys and wrong types are errors that name the
-key path (and the file, when loaded from one).  YAML is read with ``yaml.safe_load`` only.
+config fails before any worker starts.  Loading from YAML with dotted ``a.b=c`` overrides, and the
+errors that name the key path and ``FILE:LINE``, live in :mod:`distributed_ir.config_loader`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
-import yaml
-
+from distributed_ir.config_loader import ConfigError, check_choice, from_dict
+from distributed_ir.config_loader import config_field as _help
 from distributed_ir.data.beir import name_problem
-
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, mistyped or out of range; ``key`` is its dotted path."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
-
-
-def _help(text: str, defaults: dict[str, Any] | None = None, **kw: Any) -> Any:
-    """A field with help text.  ``defaults``: a section's own defaults, as the keys that differ from
-    its class's; a config's mapping for the section is merged over them (see ``from_dict``)."""
-    return field(metadata={"help": text} | ({"defaults": defaults} if defaults is not None else {}), **kw)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}", key=name)
 
 
 def check_template(name: str, template: str) -> None:
@@ -76,7 +51,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.pooling is not None:
-            _check_choice("model.pooling", self.pooling, ("cls", "mean", "last"))
+            check_choice("model.pooling", self.pooling, ("cls", "mean", "last"))
         for name in ("query_instruction", "document_instruction"):
             if getattr(self, name) is not None:
                 check_template(f"model.{name}", getattr(self, name))
@@ -118,7 +93,7 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if self.name is not None:
-            _check_choice("loss.name", self.name, ("infonce", "triplet", "cosent", "distill", "listwise", "bce"))
+            check_choice("loss.name", self.name, ("infonce", "triplet", "cosent", "distill", "listwise", "bce"))
         if self.distill_weight < 0 or self.teacher_temperature <= 0:
             raise ConfigError("loss.distill_weight must be >= 0 and loss.teacher_temperature > 0",
                               key="loss.distill_weight")
@@ -138,7 +113,7 @@ class OptimConfig:
     max_grad_norm: float = _help("clip gradients to this norm; 0 disables", default=1.0)
 
     def __post_init__(self) -> None:
-        _check_choice("optim.scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        check_choice("optim.scheduler", self.scheduler, ("linear", "cosine", "constant"))
         if self.lr <= 0:
             raise ConfigError("optim.lr must be > 0")
         if not 0 <= self.warmup_ratio < 1:
@@ -146,7 +121,7 @@ class OptimConfig:
 
 
 @dataclass
-class ScalingConfig:
+class WorkerScaling:
     num_workers: int | list[int] = _help(
         "Ray Train workers: N (fixed), or [min, max] (elastic: starts with as many as fit, at least min; grows "
         "towards max when nodes arrive and shrinks when one is lost, each time resuming from the latest "
@@ -215,7 +190,7 @@ class EngineConfig:
                              "scheduler, ZeRO stage)", default="")
 
     def __post_init__(self) -> None:
-        _check_choice("engine.name", self.name, ("ddp", "deepspeed"))
+        check_choice("engine.name", self.name, ("ddp", "deepspeed"))
         if not 0 <= self.zero_stage <= 3:
             raise ConfigError("engine.zero_stage must be 0, 1, 2 or 3")
         if self.offload_params and self.zero_stage != 3:
@@ -225,7 +200,7 @@ class EngineConfig:
 
 
 @dataclass
-class LoraConfig:
+class LoraSettings:
     """Low-rank adapters (peft) on the backbone; only adapter weights train."""
 
     enabled: bool = _help("train LoRA adapters instead of all weights", default=False)
@@ -238,7 +213,7 @@ class LoraConfig:
     export: str = _help("merged (plain model, LoRA folded in) | adapter (adapter files + base path)", default="merged")
 
     def __post_init__(self) -> None:
-        _check_choice("lora.export", self.export, ("merged", "adapter"))
+        check_choice("lora.export", self.export, ("merged", "adapter"))
         if self.r < 1 or self.alpha < 1 or not 0 <= self.dropout < 1:
             raise ConfigError("lora: need r >= 1, alpha >= 1 and 0 <= dropout < 1")
         if not self.target_modules:
@@ -255,7 +230,7 @@ class InputConfig:
     max_text_bytes: int = _help("longest accepted text field in UTF-8 bytes (default 1 MiB)", default=1 << 20)
 
     def __post_init__(self) -> None:
-        _check_choice("input.on_error", self.on_error, ("raise", "skip"))
+        check_choice("input.on_error", self.on_error, ("raise", "skip"))
         if self.max_text_bytes < 1:
             raise ConfigError("input.max_text_bytes must be >= 1", key="input.max_text_bytes")
 
@@ -301,11 +276,11 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    scaling: WorkerScaling = field(default_factory=WorkerScaling)
     task: str = _help("what is trained: embedder | cross_encoder | colbert | llm_reranker", default="embedder")
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     gradient_checkpointing: bool = _help("recompute activations in backward (less memory, ~30% slower)", default=False)
     grad_cache_chunk: int = _help(
         "GradCache (cached in-batch negatives, task embedder): 0 = off; N = encode each worker's batch in chunks of "
@@ -334,7 +309,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("task", self.task, tuple(LOSS_DEFAULTS))
+        check_choice("task", self.task, tuple(LOSS_DEFAULTS))
         name, temperature = LOSS_DEFAULTS[self.task]
         self.loss = dataclasses.replace(self.loss, name=self.loss.name or name,
                                         temperature=self.loss.temperature or temperature)
@@ -489,7 +464,7 @@ class PipelineRerankerConfig:
         if t.train_path:
             raise ConfigError("reranker.train.train_path: the pipeline mines the reranker's records itself "
                               "(reranker.mining); leave it empty", key="train.train_path")
-        _check_choice("reranker.precision", self.precision, PRECISION_CHOICES)
+        check_choice("reranker.precision", self.precision, PRECISION_CHOICES)
         if not 0.0 < self.min_cosine <= 1.0:
             raise ConfigError(f"reranker.min_cosine={self.min_cosine}: expected a value in (0, 1]", key="min_cosine")
         if self.top_k < 1 or self.batch_size < 1 or self.actors < 0:
@@ -514,7 +489,7 @@ class HybridConfig:
                          default=True)
 
     def __post_init__(self) -> None:
-        _check_choice("hybrid.method", self.method, ("convex", "rrf"))
+        check_choice("hybrid.method", self.method, ("convex", "rrf"))
         if not 0.0 <= self.weight <= 1.0:
             raise ConfigError(f"hybrid.weight={self.weight}: must be in [0, 1]", key="hybrid.weight")
         if self.rrf_k < 1 or self.shards < 1 or self.k1 < 0 or not 0.0 <= self.b <= 1.0:
@@ -547,200 +522,3 @@ class PipelineConfig:
         if self.reranker.enabled and self.reranker.top_k > self.eval.top_k:
             raise ConfigError(f"reranker.top_k={self.reranker.top_k} > eval.top_k={self.eval.top_k}: the reranker "
                               "can only rerank what the fine-tuned model retrieved", key="reranker.top_k")
-
-
-# ----------------------------------------------------------------------------- loading
-
-class _Raw(str):
-    """An override value as typed on the command line; parsed once its field's type is known."""
-
-
-def _parse_raw(value: _Raw, tp: Any, where: str) -> Any:
-    arms = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-    if str in arms:
-        return str(value)  # a string field takes the text as typed: "query: {}", "2019"
-    try:
-        return yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: cannot parse {str(value)!r}: {e}", key=where) from None
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    if isinstance(value, _Raw):
-        value = _parse_raw(value, tp, where)
-    origin = typing.get_origin(tp)
-    if _is_dataclass_type(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}", key=where)
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        errors: list[str] = []
-        for arm in typing.get_args(tp):
-            if arm is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _coerce(value, arm, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} matches none of {tp} ({'; '.join(errors)})", key=where)
-    if origin in (dict, list):
-        want = dict if origin is dict else list
-        if not isinstance(value, want):
-            raise ConfigError(f"{where}: expected {want.__name__}, got {type(value).__name__}", key=where)
-        return value
-    if tp is float and not isinstance(value, bool):
-        # YAML 1.1 reads "1e-4" as a string; users mean a float.
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}", key=where) from None
-        if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}", key=where)
-        return number
-    if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true/false, got {value!r}", key=where)
-    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}", key=where)
-    return value
-
-
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types are errors."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"known: {', '.join(sorted(names))}", key=prefix + unknown[0],
-        )
-    kwargs = {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        defaults = fields[key].metadata.get("defaults")
-        if defaults is not None and isinstance(value, dict):
-            value = _merge(defaults, value)
-        kwargs[key] = _coerce(value, hints[key], path)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        # __post_init__ names its field relative to its own section ("model.pooling") or, for a
-        # key inside one of its own sub-sections, relative to itself ("train.task"): make it absolute
-        if where and e.key:
-            head = e.key.split(".", 1)[0]
-            key = f"{where}.{e.key}" if "." in e.key and head in fields else f"{where}.{e.key.rsplit('.', 1)[-1]}"
-        else:
-            key = e.key
-        raise ConfigError(f"{where + ': ' if where else ''}{e}", key=key) from None
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``over``'s keys put in, recursively for nested mappings."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
-    return out
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict (safe to pass to Ray workers and to write as YAML/JSON)."""
-    return dataclasses.asdict(cfg)
-
-
-SECRET_WORDS = {"token", "secret", "password", "passwd", "apikey", "credential", "credentials", "key"}
-
-
-def is_secret_key(key: str) -> bool:
-    """``hf_token``, ``api_key``, ``db-password``...: a name part is a secret word (``max_tokens``,
-    ``tokenizer`` and ``key_path``-like names with a non-secret tail are not)."""
-    parts = [p for p in re.split(r"[_\-.]", key.lower()) if p]
-    return bool(parts) and (parts[-1] in SECRET_WORDS or any(p in SECRET_WORDS - {"key"} for p in parts))
-
-
-def redact(data: Any) -> Any:
-    """A copy of nested ``data`` with values of secret-looking keys replaced by ``"***"``
-    (for configs written to logs, metrics.json and checkpoints)."""
-    if isinstance(data, dict):
-        return {k: "***" if isinstance(k, str) and is_secret_key(k) and v not in (None, "") else redact(v)
-                for k, v in data.items()}
-    if isinstance(data, list):
-        return [redact(v) for v in data]
-    return data
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=c`` overrides; each value is parsed for its field's type (``1e-4``, ``true``)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key.path=value")
-        key, raw = item.split("=", 1)
-        value = _Raw(raw)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = value
-    return data
-
-
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Load ``cls`` from a YAML file (optional) plus dotted overrides.
-
-    Errors read ``FILE:LINE: field 'a.b': message`` when the bad key is in the file.
-    """
-    data: dict[str, Any] = {}
-    text = ""
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        text = p.read_text(encoding="utf-8")
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
-        data = loaded or {}
-    data = apply_overrides(data, overrides or [])
-    try:
-        return from_dict(cls, data)
-    except ConfigError as e:
-        if not path:
-            raise
-        line = yaml_key_line(text, e.key) if e.key else None
-        where = f"{path}:{line}: field '{e.key}'" if line else str(path)
-        raise ConfigError(f"{where}: {e}", key=e.key) from None
-
-
-def yaml_key_line(text: str, key: str) -> int | None:
-    """1-based line of dotted ``key`` in YAML ``text`` (the nearest enclosing key that exists).
-
-    Uses ``yaml.compose`` (a node tree with positions; constructs no Python objects).
-    """
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for part in key.split("."):
-        if not isinstance(node, yaml.MappingNode):
-            break
-        match = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
-        if match is None:
-            break
-        line = match[0].start_mark.line + 1
-        node = match[1]
-    return line

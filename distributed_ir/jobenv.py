@@ -33,7 +33,7 @@ def output_path(path: str) -> str:
         return path
     if not root:
         if in_ray_working_dir_copy():
-            from distributed_ir.config import ConfigError
+            from distributed_ir.config_loader import ConfigError
 
             raise ConfigError(
                 f"relative output path {path!r}: this job runs in Ray's temporary copy of --working-dir "

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the first N passages plus every passage a question names (0 = all)")
     parser.add_argument("--passages", default="psgs_w100.tsv", help="passage file name inside --input-dir")
     return run_job("prepare_nq", parser, argv, lambda args: prepare_nq(
-        args.input_dir, args.out_dir, args.num_shards, args.negatives_per_query, args.corpus_limit, args.passages))
+        input_dir=args.input_dir, out_dir=args.out_dir, num_shards=args.num_shards,
+        negatives_per_query=args.negatives_per_query, corpus_limit=args.corpus_limit, passages=args.passages))
 
 
 if __name__ == "__main__":

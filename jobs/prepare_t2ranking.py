@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="count and drop qrels rows naming unknown ids instead of stopping")
     parser.add_argument("--seed", type=int, default=0)
     return run_job("prepare_t2ranking", parser, argv, lambda args: prepare_t2ranking(
-        args.input_dir, args.out_dir, args.qrels, args.min_relevant, args.negatives_per_query, args.num_shards,
-        args.drop_unknown, args.seed))
+        input_dir=args.input_dir, out_dir=args.out_dir, qrels_source=args.qrels, min_relevant=args.min_relevant,
+        negatives_per_query=args.negatives_per_query, num_shards=args.num_shards, drop_unknown=args.drop_unknown,
+        seed=args.seed))
 
 
 if __name__ == "__main__":

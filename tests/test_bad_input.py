@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from distributed_ir.config import ConfigError, PipelineConfig, TrainConfig, load_config
+from distributed_ir.config import PipelineConfig, TrainConfig
+from distributed_ir.config_loader import ConfigError, load_config
 from distributed_ir.data import DataError, load_beir, load_corpus, load_queries, read_records
 from distributed_ir.data.intake import InputCheck
 from distributed_ir.index.corpus import stage_corpus

@@ -14,7 +14,8 @@ import pytest
 import ray
 import yaml
 
-from distributed_ir.config import PipelineConfig, TrainConfig, load_config
+from distributed_ir.config import PipelineConfig, TrainConfig
+from distributed_ir.config_loader import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

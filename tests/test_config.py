@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from distributed_ir.config import ConfigError, PipelineConfig, TrainConfig, load_config, to_dict
+from distributed_ir.config import PipelineConfig, TrainConfig
+from distributed_ir.config_loader import ConfigError, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

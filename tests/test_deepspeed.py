@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distributed_ir.config import TrainConfig, from_dict, to_dict
+from distributed_ir.config import TrainConfig
+from distributed_ir.config_loader import from_dict, to_dict
 from distributed_ir.data.records import write_records
 from distributed_ir.models.embedder import LLM_QUERY_INSTRUCTION, Embedder
 from distributed_ir.train.loop import train_loop
@@ -261,7 +262,7 @@ def test_zero3_llm_reranker_exports_its_tied_head(tiny_tied_lm, tmp_path):
     ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
 ])
 def test_deepspeed_config_file_cannot_override_what_the_loop_owns(tmp_path, extra, refused):
-    from distributed_ir.config import ConfigError
+    from distributed_ir.config_loader import ConfigError
     from distributed_ir.train.engines import deepspeed_config
 
     file = tmp_path / "ds.json"
@@ -274,7 +275,7 @@ def test_deepspeed_config_file_cannot_override_what_the_loop_owns(tmp_path, extr
 @pytest.mark.ray
 def test_a_clashing_config_file_fails_on_the_driver_with_its_relative_path(tmp_path, ray_cluster, monkeypatch):
     """run_training checks the file before any worker starts, and hands workers an absolute path."""
-    from distributed_ir.config import ConfigError
+    from distributed_ir.config_loader import ConfigError
     from distributed_ir.train.launch import run_training
 
     write_records(tmp_path / "train.jsonl", _triplets(8))

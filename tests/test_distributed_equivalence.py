@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed_ir.config import TrainConfig, from_dict
+from distributed_ir.config import TrainConfig
+from distributed_ir.config_loader import from_dict
 from distributed_ir.models.embedder import Embedder
 from distributed_ir.train.batching import TextBatch, text_key
 from distributed_ir.train.tasks import get_task

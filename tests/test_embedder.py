@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_ir.config import ConfigError, ModelConfig
+from distributed_ir.config import ModelConfig
+from distributed_ir.config_loader import ConfigError
 from distributed_ir.models.embedder import Embedder
 from distributed_ir.models.pooling import last_token_index, pool
 from tests.conftest import build_tiny_model, minilm_path

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed_ir.config import TrainConfig, from_dict
+from distributed_ir.config import TrainConfig
+from distributed_ir.config_loader import from_dict
 from distributed_ir.data.records import TrainRecord
 from distributed_ir.train.batching import epoch_batches
 from distributed_ir.train.tasks import get_task

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distributed_ir.config import ModelConfig, TrainConfig, from_dict
+from distributed_ir.config import ModelConfig, TrainConfig
+from distributed_ir.config_loader import from_dict
 from distributed_ir.data.records import write_records
 from distributed_ir.models.embedder import Embedder
 from distributed_ir.train import faults

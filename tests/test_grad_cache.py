@@ -23,7 +23,8 @@ import shutil
 import pytest
 import torch
 
-from distributed_ir.config import TrainConfig, from_dict, to_dict
+from distributed_ir.config import TrainConfig
+from distributed_ir.config_loader import from_dict, to_dict
 from distributed_ir.train import grad_cache
 from distributed_ir.train.engines import DDPEngine
 from distributed_ir.train.grad_cache import split_features
@@ -143,7 +144,7 @@ def test_training_loop_reproduces_the_pinned_trajectory(tiny_bert, tmp_path):
 
 
 def test_config_refuses_what_it_cannot_cache(tiny_bert):
-    from distributed_ir.config import ConfigError
+    from distributed_ir.config_loader import ConfigError
 
     with pytest.raises(ConfigError, match="grad_cache_chunk must be >= 0") as e:
         _cfg(tiny_bert, -1)

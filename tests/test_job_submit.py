@@ -249,7 +249,7 @@ def test_head_requires_the_token(ray_head):
 
 
 def test_relative_outputs_go_under_ir_output_root(tmp_path, monkeypatch):
-    from distributed_ir.config import ConfigError
+    from distributed_ir.config_loader import ConfigError
     from distributed_ir.jobenv import output_path
 
     monkeypatch.delenv("IR_OUTPUT_ROOT", raising=False)

@@ -97,22 +97,34 @@ def beir_index(ray_cluster, tiny_bert, tmp_path_factory):
     return folder, root / "index"
 
 
+def _last_json(stdout: str) -> dict:
+    """The summary a command prints last (`json.dumps(indent=2)`: its opening brace alone on a line)."""
+    lines = stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:]))
+
+
 @pytest.mark.ray
-def test_mine_command_distributed_over_queries(beir_index, tmp_path):
+def test_mine_command_distributed_over_queries(beir_index, tmp_path, capsys):
+    """`distributed-ir mine --config FILE` with a dotted override and a flag over the file."""
+    from distributed_ir import cli
     from distributed_ir.data.beir import load_beir
     from distributed_ir.data.records import read_records
-    from distributed_ir.mining import mine_command
 
     folder, index = beir_index
-    summary = mine_command(str(index), str(folder), "train", str(tmp_path / "mined.jsonl"), rank_start=2,
-                           rank_end=20, per_query=4, precision="auto", actors=2)
+    config = {"index": str(index), "dataset": str(folder), "out": str(tmp_path / "mined.jsonl"), "rank_start": 2,
+              "rank_end": 50, "per_query": 8, "precision": "auto", "actors": 2}
+    (tmp_path / "mine.yaml").write_text(json.dumps(config))
+    assert cli.main(["mine", "--config", str(tmp_path / "mine.yaml"), "rank_end=20", "--per-query", "4"]) == 0
+    summary = _last_json(capsys.readouterr().out)
+    assert (summary["rank_start"], summary["rank_end"], summary["per_query"], summary["split"]) == (2, 20, 4, "train")
     # auto measured (or found cached) in the actors; their decision reaches the summary
     assert summary["precision_requested"] == "auto" and summary["precision"] in ("fp32", "bf16", "int8")
     assert summary["precision_speedup_vs_fp32"] >= 1.05 or summary["precision"] == "fp32"
     assert summary["queries"] == summary["records"] == 8
     assert summary["negatives"] == 8 * 4
     assert summary["dropped_positives"] > 0  # the tiny encoder does rank some positives in 2..20
-    assert json.loads((tmp_path / "mined.jsonl.counts.json").read_text())["negatives"] == 32
+    assert json.loads((tmp_path / "mined.jsonl.counts.json").read_text()) == summary
     # the written records, checked against the qrels without the miner's own counts
     ds = load_beir(folder, "train")
     fmt, records = read_records(tmp_path / "mined.jsonl")
@@ -132,9 +144,10 @@ def test_mine_command_distributed_over_queries(beir_index, tmp_path):
 
 
 @pytest.mark.ray
-def test_ray_rerank_equals_in_process_scores(beir_index, tiny_bert, tmp_path):
+def test_ray_rerank_equals_in_process_scores(beir_index, tiny_bert, tmp_path, capsys):
+    from distributed_ir import cli
     from distributed_ir.eval.metrics import read_run
-    from distributed_ir.eval.rerank import RerankStage, candidate_pairs, rerank_command
+    from distributed_ir.eval.rerank import RerankStage, candidate_pairs
     from distributed_ir.index.search import search_index
     from distributed_ir.models.cross_encoder import CrossEncoderReranker
 
@@ -142,12 +155,16 @@ def test_ray_rerank_equals_in_process_scores(beir_index, tiny_bert, tmp_path):
     model = CrossEncoderReranker.from_pretrained(str(tiny_bert), max_length=48).save(tmp_path / "ce")
     search_index(index, folder / "queries.jsonl", tmp_path / "first.trec", top_k=20,
                  qrels_path=folder / "qrels" / "test.tsv", precision="fp32", progress=False)
-    report = rerank_command(str(model), str(tmp_path / "first.trec"), str(folder), str(tmp_path / "rr"), top_k=10,
-                            batch_size=8, precision="fp32", actors=2, fuse=0.5)
+    config = {"model": str(model), "run": str(tmp_path / "first.trec"), "dataset": str(folder),
+              "out": str(tmp_path / "rr"), "top_k": 10, "batch_size": 8, "precision": "fp32"}
+    (tmp_path / "rerank.yaml").write_text(json.dumps(config))
+    assert cli.main(["rerank", "--config", str(tmp_path / "rerank.yaml"), "actors=2", "--fuse", "0.5"]) == 0
+    report = _last_json(capsys.readouterr().out)
     assert report["speed"]["pairs"] == 4 * 10 and report["reranked"]["num_queries"] == 4
     assert 1 <= report["speed"]["actors"] <= report["speed"]["max_actors"] == 2  # actors that ran vs the pool's max
     saved = json.loads((tmp_path / "rr" / "metrics.json").read_text())
     assert set(saved) >= {"first_stage", "reranked", "speed"} and "ndcg@10" in saved["reranked"]
+    assert report == {k: saved[k] for k in ("first_stage", "reranked", "fused", "speed")}
     reranked = read_run(tmp_path / "rr" / "run.trec")
     # the same pairs scored in this process, in another order and batch size
     from distributed_ir.data.beir import load_beir

@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from distributed_ir.config import ModelConfig, PipelineConfig, load_config
+from distributed_ir.config import ModelConfig, PipelineConfig
+from distributed_ir.config_loader import load_config
 from distributed_ir.data.beir import BeirDataset, load_beir
 from distributed_ir.data.records import read_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, evaluate, rank, read_run

@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from distributed_ir.config import PipelineConfig, load_config
+from distributed_ir.config import PipelineConfig
+from distributed_ir.config_loader import load_config
 from distributed_ir.data.beir import load_beir
 from distributed_ir.data.records import read_records
 from distributed_ir.eval.metrics import read_run

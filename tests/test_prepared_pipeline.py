@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from distributed_ir.config import PipelineConfig, load_config
+from distributed_ir.config import PipelineConfig
+from distributed_ir.config_loader import load_config
 from distributed_ir.data.nq import prepare_nq
 from distributed_ir.data.t2ranking import prepare_t2ranking
 from distributed_ir.pipeline import run_pipeline

@@ -12,7 +12,8 @@ import random
 
 import pytest
 
-from distributed_ir.config import PipelineConfig, load_config
+from distributed_ir.config import PipelineConfig
+from distributed_ir.config_loader import load_config
 from distributed_ir.data.beir import load_beir
 from distributed_ir.pipeline import run_pipeline
 from tests.conftest import REPO

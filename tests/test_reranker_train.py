@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_ir.config import TrainConfig, from_dict, to_dict
+from distributed_ir.config import TrainConfig
+from distributed_ir.config_loader import from_dict, to_dict
 from distributed_ir.data.records import write_records
 from distributed_ir.models.rerankers import load_reranker
 from distributed_ir.train.batching import TextBatch
@@ -99,7 +100,7 @@ def test_cross_encoder_head_has_its_own_learning_rate(tiny_bert, tmp_path):
 
 
 def test_wrong_loss_or_format_is_refused(tiny_bert, tmp_path):
-    from distributed_ir.config import ConfigError
+    from distributed_ir.config_loader import ConfigError
 
     with pytest.raises(ConfigError, match="is not a loss for task=colbert"):
         get_task(from_dict(TrainConfig, _cfg(tiny_bert, tmp_path, "colbert", loss={"name": "bce"})))

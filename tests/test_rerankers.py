@@ -162,9 +162,9 @@ def test_llm_reranker_same_score_left_and_right_padding(tiny_qwen, tmp_path):
 
 def test_llm_reranker_lora_save_merges(tiny_qwen, tmp_path):
     model = LLMReranker.from_pretrained(str(tiny_qwen), max_length=320)
-    from distributed_ir.config import LoraConfig
+    from distributed_ir.config import LoraSettings
 
-    model.attach_lora(LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    model.attach_lora(LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     with torch.no_grad():  # make the adapter non-zero so the merge matters
@@ -212,10 +212,10 @@ def test_colbert_new_head_leaves_the_global_rng_alone(tiny_bert):
 
 
 def _lora_llm(path, **kw):
-    from distributed_ir.config import LoraConfig
+    from distributed_ir.config import LoraSettings
 
     model = LLMReranker.from_pretrained(str(path), max_length=320, **kw)
-    model.attach_lora(LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    model.attach_lora(LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0))
     with torch.no_grad():  # a non-zero adapter, so the merge matters
         gen = torch.Generator().manual_seed(0)
         for n, p in model.named_parameters():

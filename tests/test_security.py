@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_ir.config import ModelConfig, redact
+from distributed_ir.config import ModelConfig
 from distributed_ir.index.corpus import inside, stage_corpus
 from distributed_ir.index.pipeline import build_faiss, read_shard, shard_is_valid, write_shard
 from distributed_ir.models.embedder import Embedder
+from distributed_ir.redaction import redact
 from distributed_ir.train.checkpoint import STATE_FILE, load_training_state
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distributed_ir.config import TrainConfig, from_dict, to_dict
+from distributed_ir.config import TrainConfig
+from distributed_ir.config_loader import from_dict, to_dict
 from distributed_ir.data.records import ScoredRecord, TrainRecord, write_records
 from distributed_ir.train.batching import epoch_batches
 from distributed_ir.train.loop import train_loop

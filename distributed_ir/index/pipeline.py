@@ -77,7 +77,7 @@ class IndexOptions:
 def check_inputs(opts: IndexOptions) -> list[Path]:
     """Corpus files, model folder and output location, checked before a Ray cluster is started or
     joined (a typo then costs no cluster start). Returns the corpus files."""
-    from distributed_ir.config import ConfigError
+    from distributed_ir.config_loader import ConfigError
 
     paths = expand_corpus(opts.corpus)  # DataError naming the missing path
     resolve_model_path(opts.model)  # ConfigError: not a local folder

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from distributed_ir.config import ConfigError
+from distributed_ir.config_loader import ConfigError
 from distributed_ir.data.beir import load_qrels, load_queries
 from distributed_ir.data.errors import DataError
 from distributed_ir.data.intake import InputCheck

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from distributed_ir.config import ConfigError, ModelConfig, check_template
+from distributed_ir.config import ModelConfig, check_template
+from distributed_ir.config_loader import ConfigError
 from distributed_ir.models.eos import tokenizer_appends_eos
 from distributed_ir.models.lora import adapter_base_path, is_adapter_dir, load_adapter
 from distributed_ir.models.pooling import pool, prepare_backbone

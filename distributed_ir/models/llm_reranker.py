@@ -71,7 +71,7 @@ class LLMReranker(RerankerBase):
         return cls(lm, tokenizer, settings)
 
     def attach_lora(self, cfg: Any) -> None:
-        """Inject LoRA adapters (``config.LoraConfig``) in place; only they train.
+        """Inject LoRA adapters (``config.LoraSettings``) in place; only they train.
 
         peft wraps the LM, but the adapters live inside ``self.lm``'s own modules, so this class
         keeps calling the LM as before; ``all-linear`` leaves the output head alone.

@@ -12,12 +12,13 @@ from typing import Any
 
 from torch import nn
 
-from distributed_ir.config import ConfigError, LoraConfig
+from distributed_ir.config import LoraSettings
+from distributed_ir.config_loader import ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def apply_lora(backbone: nn.Module, cfg: LoraConfig, base_path: str) -> nn.Module:
+def apply_lora(backbone: nn.Module, cfg: LoraSettings, base_path: str) -> nn.Module:
     """Return ``backbone`` wrapped as a peft model whose only trainable weights are the adapters."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model

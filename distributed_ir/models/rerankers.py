@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distributed_ir.config import ConfigError
+from distributed_ir.config_loader import ConfigError
 from distributed_ir.models.colbert import ColBERTReranker
 from distributed_ir.models.cross_encoder import CrossEncoderReranker
 from distributed_ir.models.llm_reranker import LLMReranker

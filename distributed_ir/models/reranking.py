@@ -20,7 +20,8 @@ from typing import Any, Protocol, Self, runtime_checkable
 import numpy as np
 import torch
 
-from distributed_ir.config import RERANKER_TASKS, ConfigError
+from distributed_ir.config import RERANKER_TASKS
+from distributed_ir.config_loader import ConfigError
 
 SETTINGS_FILE = "distributed_ir.json"
 KINDS = RERANKER_TASKS

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distributed_ir.config import ConfigError, TrainConfig
+from distributed_ir.config import TrainConfig
+from distributed_ir.config_loader import ConfigError
 from distributed_ir.train.grad_cache import cached_forward_backward
 
 STATE_FILE = "engine_state.pt"

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distributed_ir.config import TrainConfig, to_dict
+from distributed_ir.config import TrainConfig
+from distributed_ir.config_loader import to_dict
 from distributed_ir.data.records import read_records, write_records
 from distributed_ir.train import checkpoint as ckpt
 from distributed_ir.train import faults

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distributed_ir.config import TrainConfig, from_dict
+from distributed_ir.config import TrainConfig
+from distributed_ir.config_loader import from_dict
 from distributed_ir.data.records import read_records
 from distributed_ir.train import checkpoint as ckpt
 from distributed_ir.train import faults

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distributed_ir.config import ConfigError, TrainConfig
+from distributed_ir.config import TrainConfig
+from distributed_ir.config_loader import ConfigError
 from distributed_ir.losses import build_loss
 from distributed_ir.losses.false_negatives import shared_positive_mask
 from distributed_ir.models.colbert import ColBERTReranker

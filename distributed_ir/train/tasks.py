@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distributed_ir.config import ConfigError, ModelConfig, TrainConfig
+from distributed_ir.config import ModelConfig, TrainConfig
+from distributed_ir.config_loader import ConfigError
 from distributed_ir.losses import build_distillation, build_loss
 from distributed_ir.models.embedder import Embedder
 from distributed_ir.train.batching import TextBatch
