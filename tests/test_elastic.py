@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distributed_ir import faults
 from distributed_ir.config import ConfigError, TrainConfig, from_dict, load_config
 from distributed_ir.data.records import write_records
-from distributed_ir.train import faults
 from distributed_ir.train.batching import epoch_batches
 from tests.test_train_loop import _triplets
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distributed_ir import faults
 from distributed_ir.config import TrainConfig, to_dict
 from distributed_ir.data.records import read_records, write_records
 from distributed_ir.train import checkpoint as ckpt
-from distributed_ir.train import faults
 from distributed_ir.train.engines import deepspeed_config
 from distributed_ir.train.loop import train_loop
 from distributed_ir.train.tasks import get_task
@@ -137,7 +137,7 @@ def run_training(cfg: TrainConfig, records: tuple[str, list] | None = None) -> T
             callbacks=[WorldSizeLog()],  # logs when and why the world size changed
             # Worker processes do not inherit the driver's environment: forward the opt-in
             # fault-injection/trace switches (empty unless a test or drill sets them).
-            worker_runtime_env={"env_vars": faults.forwarded_env()},
+            worker_runtime_env={"env_vars": faults.forwarded_env(faults.TRAIN_WORKER)},
         ),
     )
     t0 = time.perf_counter()

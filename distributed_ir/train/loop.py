@@ -18,10 +18,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distributed_ir import faults
 from distributed_ir.config import TrainConfig, from_dict
 from distributed_ir.data.records import read_records
 from distributed_ir.train import checkpoint as ckpt
-from distributed_ir.train import faults
 from distributed_ir.train.batching import epoch_batches, steps_per_epoch
 from distributed_ir.train.engines import (
     DDPEngine,
