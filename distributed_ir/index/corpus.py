@@ -116,7 +116,7 @@ def stage_corpus(paths: list[Path], stage_dir: Path | str | Location, num_shards
         stage_id += f"-{check.on_error}-{check.max_text_bytes}"  # another policy stages other rows
     if stage.is_file(STAGE_FILE):
         meta = stage.read_json(STAGE_FILE)
-        # a staging without id digests (older versions) is redone: same corpus, same shards
+        # a stage.json without id digests cannot prove a shard's ids: stage again (same corpus, same shards)
         if meta.get("stage_id") == stage_id and all("ids_digest" in s for s in meta["shards"]):
             for name, counts in meta.get("input", {}).items():
                 check.counts[name] = dict(counts)

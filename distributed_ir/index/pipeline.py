@@ -300,7 +300,7 @@ def build_faiss(out: Path | str | Location, manifest: dict, factory: str, index_
 
     No process holds all vectors: a task reads its own embedding shards row group by row group;
     IVF/PQ quantizers are trained once on a sample drawn shard by shard. See
-    :func:`distributed_ir.index.faiss_index.build_parts`.
+    :func:`distributed_ir.index.parts.build_parts`.
     """
     loc = out if isinstance(out, Location) else Location(out)
     entries = [manifest["shards"][k] for k in sorted(manifest["shards"], key=int)]

@@ -197,12 +197,12 @@ def _resume_dir(cfg: TrainConfig, in_ray: bool) -> Path | None:
     if cfg.resume_from and ckpt.is_uri(cfg.resume_from):
         # every worker fetches its own copy: a multi-node run has no common local disk
         local = ckpt.download(cfg.resume_from, Path(tempfile.mkdtemp(prefix="dir-resume-")))
-        if not (local / ckpt.STATE_FILE).is_file():
+        if not (local / ckpt.TRAINING_STATE_FILE).is_file():
             raise FileNotFoundError(f"resume_from={cfg.resume_from}: not a distributed-ir training checkpoint")
         return local
     if cfg.resume_from:
         path = Path(cfg.resume_from)
-        if not (path / ckpt.STATE_FILE).is_file():
+        if not (path / ckpt.TRAINING_STATE_FILE).is_file():
             raise FileNotFoundError(f"resume_from={path}: not a distributed-ir training checkpoint")
         return path
     return None
