@@ -9,7 +9,8 @@ import pytest
 
 from distributed_ir.data import DataError, load_beir, load_corpus, load_qrels, load_queries, read_records
 from distributed_ir.data.beir import BeirDataset
-from distributed_ir.data.records import TrainRecord, pairs_from_qrels, write_records
+from distributed_ir.data.records import TrainRecord, write_records
+from distributed_ir.mining import pairs_from_qrels
 
 
 def _write(path, lines):

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from distributed_ir.data.errors import DataError
-from distributed_ir.data.prepare import CorpusWriter, RecordWriter, SeenIds, iter_tsv, write_qrels, write_queries
+from distributed_ir.data.prepare import CorpusWriter, SeenIds, iter_tsv, write_qrels, write_queries
+from distributed_ir.data.records import RecordWriter, TrainRecord
 
 HEADERS = ("pid", "qid", "query-id", "query_id", "id")
 SPLITS = ("train", "dev")
@@ -180,11 +181,11 @@ def prepare_t2ranking(input_dir: str | Path, out_dir: str | Path, qrels_source: 
         if not positives:
             without_positive += 1
             continue
-        pairs.add(queries[qid], positives)
+        pairs.add(TrainRecord(queries[qid], positives))
         if triplets:
             pool = [p for p in dict.fromkeys(negatives.get(qid, [])) if p not in docs or docs[p] == 0]
             chosen = rng.sample(pool, min(negatives_per_query, len(pool)))
-            triplets.add(queries[qid], positives, [texts[p] for p in chosen])
+            triplets.add(TrainRecord(queries[qid], positives, [texts[p] for p in chosen]))
     pairs.close()
     stats["train_pairs"] = pairs.count
     stats["train_queries_without_positive"] = without_positive
