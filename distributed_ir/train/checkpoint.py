@@ -63,7 +63,8 @@ def require_checkpoint(uri: str) -> None:
 
     fs, path = _fs_path(uri)
     if fs.get_file_info(f"{path.rstrip('/')}/{TRAINING_STATE_FILE}").type != pafs.FileType.File:
-        raise FileNotFoundError(f"resume_from={uri}: not a distributed-ir training checkpoint (no {TRAINING_STATE_FILE})")
+        raise FileNotFoundError(f"resume_from={uri}: not a distributed-ir training checkpoint "
+                                f"(no {TRAINING_STATE_FILE})")
 
 
 def write_file(uri: str, data: bytes) -> None:
