@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _records(tmp: Path) -> Path:
     from distributed_ir.data.beir import load_beir
-    from distributed_ir.data.records import pairs_from_qrels, write_records
+    from distributed_ir.data.records import write_records
+    from distributed_ir.mining import pairs_from_qrels
 
     ds = load_beir(Path(os.environ["IR_DATA_DIR"]) / "scifact", "train")
     return write_records(tmp / "train.jsonl", pairs_from_qrels(ds))

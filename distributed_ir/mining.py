@@ -1,4 +1,5 @@
-"""Hard-negative mining: search, take ranks ``[rank_start, rank_end)``, drop positives, write triplets.
+"""Training records from judgements: qrels pairs (:func:`pairs_from_qrels`) and hard-negative
+mining (search, take ranks ``[rank_start, rank_end)``, drop positives, write triplets).
 
 The pipeline and the ``distributed-ir mine`` command mine the same way (:func:`mine_from_index`):
 the split's queries are encoded and searched on an index folder by the retrieval core's Ray Data
@@ -22,6 +23,19 @@ from distributed_ir.data.beir import BeirDataset
 from distributed_ir.data.records import TrainRecord
 from distributed_ir.index.storage import Location
 from distributed_ir.models.precision import PrecisionPolicy, flat_summary, summarize_decisions
+
+
+def pairs_from_qrels(ds: BeirDataset) -> list[TrainRecord]:
+    """One pair record per query with at least one relevant (score > 0) document."""
+    records = []
+    for qid, text in ds.queries.items():
+        rels = ds.qrels.get(qid)
+        if not rels:
+            continue
+        positives = [ds.corpus[d] for d, rel in rels.items() if rel > 0]
+        if positives:
+            records.append(TrainRecord(query=text, positive=positives))
+    return records
 
 
 def mine_negatives(ds: BeirDataset, ranked: dict[str, list[str]], rank_start: int, rank_end: int, per_query: int,

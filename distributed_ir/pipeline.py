@@ -23,8 +23,9 @@ from typing import Any
 from distributed_ir.config import PipelineConfig
 from distributed_ir.config_loader import ConfigError, to_dict
 from distributed_ir.data.beir import ensure_beir, load_beir, resolve_data_dir
-from distributed_ir.data.records import pairs_from_qrels, write_records
+from distributed_ir.data.records import write_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, write_run
+from distributed_ir.mining import pairs_from_qrels
 from distributed_ir.redaction import redact
 from distributed_ir.stages import encoder_folder, eval_stage, index_stage, mine_stage, train_stage
 from distributed_ir.train.launch import run_training

@@ -37,8 +37,8 @@ def test_index_makes_the_autoscaler_launch_encoder_nodes(fake_autoscaling_cluste
     import pyarrow.parquet as pq
     import ray
 
+    from distributed_ir.faults import SLOW_BATCH_S
     from distributed_ir.index import pipeline
-    from distributed_ir.index.encode import SLOW_BATCH_S
     from distributed_ir.index.parts import load_sharded
 
     monkeypatch.setenv(SLOW_BATCH_S, "1.5")  # ~12 s of work for one actor: time for the pool to grow

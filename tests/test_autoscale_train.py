@@ -14,10 +14,10 @@ import time
 
 import pytest
 
+from distributed_ir import faults
 from distributed_ir.config import TrainConfig
 from distributed_ir.config_loader import from_dict
 from distributed_ir.data.records import write_records
-from distributed_ir.train import faults
 from tests.conftest import fake_autoscaling_cluster
 from tests.test_train_loop import _triplets
 

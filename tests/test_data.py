@@ -9,7 +9,8 @@ import pytest
 
 from distributed_ir.data import DataError, load_beir, load_corpus, load_qrels, load_queries, read_records
 from distributed_ir.data.beir import BeirDataset
-from distributed_ir.data.records import TrainRecord, pairs_from_qrels, write_records
+from distributed_ir.data.records import RecordWriter, ScoredRecord, TrainRecord, write_records
+from distributed_ir.mining import pairs_from_qrels
 
 
 def _write(path, lines):
@@ -127,6 +128,23 @@ def test_mixed_records_written_as_one_format(tmp_path):
     recs = [TrainRecord("q1", ["p1"]), TrainRecord("q2", ["p2"], ["n2"])]
     write_records(tmp_path / "m.jsonl", recs)
     assert read_records(tmp_path / "m.jsonl") == ("triplet", recs)
+
+
+def test_record_writer_streams_one_format_and_leaves_nothing_on_error(tmp_path):
+    """The one record writer: the file appears only when complete; a record that does not fit the
+    file's format is refused (a pair file silently losing negatives would train on less)."""
+    with RecordWriter(tmp_path / "sub" / "p.jsonl", "pair") as writer:
+        writer.add(TrainRecord("q1", ["p1"], scores=[0.5]))
+        assert not (tmp_path / "sub" / "p.jsonl").exists()
+    assert [json.loads(line) for line in (tmp_path / "sub" / "p.jsonl").read_text().splitlines()] == [
+        {"query": "q1", "positive": ["p1"], "scores": [0.5]}]
+    with pytest.raises(ValueError, match="negatives in a pair file"):
+        with RecordWriter(tmp_path / "bad.jsonl", "pair") as writer:
+            writer.add(TrainRecord("q1", ["p1"]))
+            writer.add(TrainRecord("q2", ["p2"], ["n2"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]  # neither bad.jsonl nor its temp file
+    with pytest.raises(ValueError, match="ScoredRecord in a triplet file"):
+        RecordWriter(tmp_path / "t.jsonl", "triplet").add(ScoredRecord("q", "d", 1.0))
 
 
 @pytest.mark.parametrize("label", ["high", None, True, float("nan")])

@@ -20,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distributed_ir import faults
 from distributed_ir.config import TrainConfig
 from distributed_ir.config_loader import ConfigError, from_dict, load_config
 from distributed_ir.data.records import write_records
-from distributed_ir.train import faults
 from distributed_ir.train.batching import epoch_batches
 from tests.test_train_loop import _triplets
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distributed_ir import faults
 from distributed_ir.config import ModelConfig, TrainConfig
 from distributed_ir.config_loader import from_dict
 from distributed_ir.data.records import write_records
 from distributed_ir.models.embedder import Embedder
-from distributed_ir.train import faults
 from tests.test_train_loop import _triplets
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -100,7 +100,6 @@ def test_worker_sigkill_restores_from_checkpoint_and_matches_uninterrupted(tiny_
 
 
 def test_encode_actor_death_is_retried_and_index_is_exact(tiny_bert, tmp_path, ray_cluster, monkeypatch):
-    from distributed_ir.index.encode import FAIL_AT_BATCH, FAULT_MARKER
     from distributed_ir.index.pipeline import IndexOptions, encode_corpus, read_shard
 
     texts = {f"doc{i}": f"title {i} body {i} " + "word " * (i % 13) for i in range(300)}
@@ -109,8 +108,8 @@ def test_encode_actor_death_is_retried_and_index_is_exact(tiny_bert, tmp_path, r
     lines.insert(150, json.dumps({"_id": "doc7", "text": "a duplicate id"}))  # rejected, not fatal
     corpus.write_text("\n".join(lines) + "\n")
     marker = tmp_path / "actor_died"
-    monkeypatch.setenv(FAIL_AT_BATCH, "2")
-    monkeypatch.setenv(FAULT_MARKER, str(marker))
+    monkeypatch.setenv(faults.FAIL_AT_BATCH, "2")
+    monkeypatch.setenv(faults.MARKER, str(marker))
     out = tmp_path / "idx"
     manifest = encode_corpus(IndexOptions(model=str(tiny_bert), corpus=str(corpus), out=str(out), num_shards=3,
                                           batch_size=8, precision="fp32", actors=2, on_error="skip"),

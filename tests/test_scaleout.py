@@ -257,8 +257,8 @@ def test_absent_resource_is_waited_for_then_named(two_node_cluster, tiny_bert, t
 def test_worker_node_removed_mid_run_still_exactly_once(two_node_cluster, tiny_bert, tmp_path, monkeypatch):
     """A third encoder node joins, takes shards, and is removed while shards are in flight: the job
     finishes on the other nodes, every id is indexed once and the manifest matches the files."""
+    from distributed_ir.faults import SLOW_BATCH_S
     from distributed_ir.index import pipeline
-    from distributed_ir.index.encode import SLOW_BATCH_S
     from distributed_ir.index.shards import shard_is_valid
 
     cluster, _, common = two_node_cluster

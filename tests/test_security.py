@@ -19,7 +19,7 @@ from distributed_ir.index.corpus import inside, stage_corpus
 from distributed_ir.index.pipeline import build_faiss, read_shard, shard_is_valid, write_shard
 from distributed_ir.models.embedder import Embedder
 from distributed_ir.redaction import redact
-from distributed_ir.train.checkpoint import STATE_FILE, load_training_state
+from distributed_ir.train.checkpoint import TRAINING_STATE_FILE, load_training_state
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for d in ("distributed_ir", "jobs", "benchmarks") for p in (REPO / d).rglob("*.py"))
@@ -93,7 +93,7 @@ def test_weights_are_safetensors_and_state_is_weights_only(tmp_path, tiny_bert):
             return (Path.touch, (sentinel,))
 
     (tmp_path / "ck").mkdir()
-    torch.save({"optimizer": Payload()}, tmp_path / "ck" / STATE_FILE)
+    torch.save({"optimizer": Payload()}, tmp_path / "ck" / TRAINING_STATE_FILE)
     with pytest.raises(Exception, match="(?i)weights.only|unsupported global"):
         load_training_state(tmp_path / "ck")
     assert not sentinel.exists()

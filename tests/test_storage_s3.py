@@ -15,11 +15,11 @@ import tempfile
 
 import pytest
 
+from distributed_ir import faults
 from distributed_ir.config import TrainConfig
 from distributed_ir.config_loader import from_dict
 from distributed_ir.data.records import write_records
 from distributed_ir.train import checkpoint as ckpt
-from distributed_ir.train import faults
 from tests.test_train_loop import _triplets
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

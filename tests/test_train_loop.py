@@ -181,7 +181,7 @@ def test_rng_files_hold_every_device_stream(tmp_path):
     ckpt.save_training_state(tmp_path, {"step": 1, "epoch": 0, "micro_in_epoch": 1}, {"step": 1})
     ckpt.save_rank_rng(tmp_path, 1)
     expected = (torch.rand(3), torch.rand(3, device="cuda") if cuda else None)
-    for name in (ckpt.STATE_FILE, "rng_rank1.pt"):
+    for name in (ckpt.TRAINING_STATE_FILE, "rng_rank1.pt"):
         saved = torch.load(tmp_path / name, weights_only=True)
         assert len(saved["cuda_rng"]) == torch.cuda.device_count()
     for rank in (0, 1):

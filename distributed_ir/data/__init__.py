@@ -5,7 +5,6 @@ from distributed_ir.data.errors import DataError
 from distributed_ir.data.records import (
     ScoredRecord,
     TrainRecord,
-    pairs_from_qrels,
     read_records,
     write_records,
 )
@@ -19,7 +18,6 @@ __all__ = [
     "load_corpus",
     "load_qrels",
     "load_queries",
-    "pairs_from_qrels",
     "read_records",
     "write_records",
 ]

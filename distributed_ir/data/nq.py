@@ -31,13 +31,13 @@ from typing import Any
 from distributed_ir.data.errors import DataError
 from distributed_ir.data.prepare import (
     CorpusWriter,
-    RecordWriter,
     SeenIds,
     document,
     iter_tsv,
     write_qrels,
     write_queries,
 )
+from distributed_ir.data.records import RecordWriter, TrainRecord
 
 CHUNK = 1 << 20
 MAX_OBJECT = 256 << 20  # one question larger than this is not DPR data
@@ -176,7 +176,7 @@ def read_questions(path: Path, split: str, records: RecordWriter | None, negativ
         negs = [(pid, text) for pid, text in hard if pid not in pos_ids][:negatives_per_query]
         named.update(pid for pid, _ in negs if pid)
         if records is not None:
-            records.add(queries[qid], [text for _, text in pos], [text for _, text in negs])
+            records.add(TrainRecord(queries[qid], [text for _, text in pos], [text for _, text in negs]))
             stats["negatives"] += len(negs)
     return queries, positives, named
 

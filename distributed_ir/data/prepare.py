@@ -6,8 +6,6 @@
 - :class:`CorpusWriter`: writes BEIR ``corpus.jsonl`` and, optionally, N Parquet shards
   (``_id``, ``title``, ``text``) that ``distributed-ir index --corpus DIR`` reads.
 - :func:`write_qrels` / :func:`write_queries`: BEIR qrels TSV (with header) and queries.jsonl.
-- :class:`RecordWriter`: pair / triplet training records as JSONL, one at a time
-  (``distributed_ir.data.records`` reads them back).
 - :func:`job_parser` / :func:`run_job`: the command line every ``jobs/prepare_*.py`` shares.
 """
 
@@ -209,38 +207,6 @@ def write_qrels(path: Path, qrels: dict[str, dict[str, int]]) -> int:
                 rows += 1
     os.replace(tmp, path)
     return rows
-
-
-class RecordWriter:
-    """Write pair or triplet records (``distributed_ir.data.records`` formats) one at a time.
-
-    A triplet file gives every record a ``negative`` list (possibly empty) so the reader,
-    which takes the format from the first record, sees one format throughout.
-    """
-
-    def __init__(self, path: Path, fmt: str):
-        if fmt not in ("pair", "triplet"):
-            raise ValueError(f"record format {fmt!r}: expected pair or triplet")
-        self.path = Path(path)
-        self.fmt = fmt
-        self.count = 0
-        self._fh = open(self.path.with_suffix(self.path.suffix + ".tmp"), "w", encoding="utf-8")
-
-    def add(self, query: str, positive: list[str], negative: list[str] | None = None) -> None:
-        row: dict[str, Any] = {"query": query, "positive": positive}
-        if self.fmt == "triplet":
-            row["negative"] = list(negative or [])
-        self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.count += 1
-
-    def close(self) -> Path:
-        self._fh.close()
-        os.replace(self._fh.name, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        self._fh.close()
-        Path(self._fh.name).unlink(missing_ok=True)
 
 
 def document(title: str, text: str) -> str:

@@ -8,18 +8,19 @@
 
 Fields are read by name, never by position.  The format is taken from the first record and
 every later record must match it.  Parquet rows are reported as "line" = row number (1-based).
+:class:`RecordWriter` writes them (streamed, atomic); :func:`write_records` writes a list.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distributed_ir.data.beir import BeirDataset
 from distributed_ir.data.errors import DataError
 from distributed_ir.data.intake import InputCheck, iter_jsonl, iter_parquet
 
@@ -146,33 +147,72 @@ def read_records(path: str | Path, fmt: str = "auto",
     return fmt, records
 
 
+class RecordWriter:
+    """Write records of one format as JSONL, one at a time (the one record writer).
+
+    The file appears under its name only on :meth:`close` (written as ``PATH.tmp``, then renamed);
+    :meth:`abort` deletes the partial file.  As a context manager it closes on success and aborts
+    on an error.  A triplet file gives every record a ``negative`` list (possibly empty) and a pair
+    file none, so the reader, which takes the format from the first record, sees one format
+    throughout; ``scores`` are written where a record has them.
+    """
+
+    def __init__(self, path: str | Path, fmt: str):
+        if fmt not in FORMATS:
+            raise ValueError(f"record format {fmt!r}: expected {', '.join(FORMATS)}")
+        self.path = Path(path)
+        self.fmt = fmt
+        self.count = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path.with_suffix(self.path.suffix + ".tmp"), "w", encoding="utf-8")
+
+    def add(self, record: TrainRecord | ScoredRecord) -> None:
+        self._fh.write(json.dumps(self._row(record), ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def _row(self, rec: TrainRecord | ScoredRecord) -> dict[str, Any]:
+        if (self.fmt == "scored") != isinstance(rec, ScoredRecord):
+            raise ValueError(f"{self.path}: a {type(rec).__name__} in a {self.fmt} file")
+        if isinstance(rec, ScoredRecord):
+            return {"query": rec.query, "document": rec.document, "label": rec.label}
+        row: dict[str, Any] = {"query": rec.query, "positive": list(rec.positive)}
+        if self.fmt == "triplet":
+            row["negative"] = list(rec.negative)
+        elif rec.negative:
+            raise ValueError(f"{self.path}: a record with negatives in a pair file")
+        if rec.scores is not None:
+            row["scores"] = list(rec.scores)
+        return row
+
+    def close(self) -> Path:
+        self._fh.close()
+        os.replace(self._fh.name, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._fh.close()
+        Path(self._fh.name).unlink(missing_ok=True)
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def records_format(records: list[TrainRecord] | list[ScoredRecord]) -> str:
+    """The file format that holds ``records``: scored, else triplet when any record has negatives."""
+    if any(isinstance(r, ScoredRecord) for r in records):
+        return "scored"
+    return "triplet" if any(r.negative for r in records) else "pair"
+
+
 def write_records(path: str | Path, records: list[TrainRecord] | list[ScoredRecord]) -> Path:
-    """Write records as JSONL (atomic: temp file then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    # One format per file: if any record has negatives, every record carries the field.
-    triplet = any(isinstance(r, TrainRecord) and r.negative for r in records)
-    with tmp.open("w", encoding="utf-8") as fh:
+    """Write records as JSONL in :func:`records_format`'s format (atomic: temp file then rename)."""
+    with RecordWriter(path, records_format(records)) as writer:
         for rec in records:
-            row = rec.__dict__.copy()
-            if isinstance(rec, TrainRecord) and not triplet:
-                row.pop("negative")
-            if isinstance(rec, TrainRecord) and rec.scores is None:
-                row.pop("scores")
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def pairs_from_qrels(ds: BeirDataset) -> list[TrainRecord]:
-    """One pair record per query with at least one relevant (score > 0) document."""
-    records = []
-    for qid, text in ds.queries.items():
-        rels = ds.qrels.get(qid)
-        if not rels:
-            continue
-        positives = [ds.corpus[d] for d, rel in rels.items() if rel > 0]
-        if positives:
-            records.append(TrainRecord(query=text, positive=positives))
-    return records
+            writer.add(rec)
+    return writer.path

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distributed_ir.data.errors import DataError
-from distributed_ir.data.prepare import CorpusWriter, RecordWriter, SeenIds, iter_tsv, write_qrels, write_queries
+from distributed_ir.data.prepare import CorpusWriter, SeenIds, iter_tsv, write_qrels, write_queries
+from distributed_ir.data.records import RecordWriter, TrainRecord
 
 HEADERS = ("pid", "qid", "query-id", "query_id", "id")
 SPLITS = ("train", "dev")
@@ -81,6 +83,31 @@ def read_qrels(path: Path, source: str, min_relevant: int) -> list[tuple[int, st
     return rows
 
 
+@dataclass
+class _Judgements:
+    """Step 1: queries, each split's qrels rows ``(line, qid, pid, grade)``, and the graded train
+    rows that supply judged non-relevant passages (empty without ``qrels.train.tsv``)."""
+
+    splits: list[str]
+    queries: dict[str, str]
+    qrels: dict[str, list[tuple[int, str, str, int]]]
+    judged_negatives: list[tuple[int, str, str, int]]
+
+    def needed_passages(self, min_relevant: int) -> set[str]:
+        """Passages whose text training records need: train positives and judged negatives."""
+        needed = {pid for _, _, pid, grade in self.qrels["train"] if grade >= min_relevant}
+        return needed | {pid for _, _, pid, grade in self.judged_negatives if grade < min_relevant}
+
+
+@dataclass
+class _Collection:
+    """Step 2: every passage id (``known``), blank passages' ids (``empty``), the needed texts."""
+
+    known: SeenIds = field(default_factory=SeenIds)
+    empty: SeenIds = field(default_factory=SeenIds)
+    texts: dict[str, str] = field(default_factory=dict)
+
+
 def prepare_t2ranking(input_dir: str | Path, out_dir: str | Path, qrels_source: str = "retrieval",
                       min_relevant: int = 2, negatives_per_query: int = 8, num_shards: int = 0,
                       drop_unknown: bool = False, seed: int = 0) -> dict[str, Any]:
@@ -103,8 +130,16 @@ def prepare_t2ranking(input_dir: str | Path, out_dir: str | Path, qrels_source: 
     src, out = Path(input_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Any] = {"input_dir": str(src), "qrels_source": qrels_source, "min_relevant": min_relevant}
+    judged = _read_judgements(src, qrels_source, min_relevant, stats)
+    collection = _stream_collection(src, out, num_shards, judged.needed_passages(min_relevant), stats)
+    qrels = _write_qrels_and_queries(src, out, qrels_source, min_relevant, drop_unknown, judged, collection, stats)
+    _write_training_records(out, judged, collection, qrels["train"], min_relevant, negatives_per_query, seed, stats)
+    (out / "prepare_stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+    return stats
 
-    # 1. queries and qrels (small): read first so the collection pass knows which texts to keep
+
+def _read_judgements(src: Path, qrels_source: str, min_relevant: int, stats: dict[str, Any]) -> _Judgements:
+    """1. Queries and qrels (small): read first so the collection pass knows which texts to keep."""
     queries: dict[str, str] = {}
     first_seen: dict[str, str] = {}
     splits = [s for s in SPLITS if (src / f"queries.{s}.tsv").is_file() or s == "train"]
@@ -113,44 +148,50 @@ def prepare_t2ranking(input_dir: str | Path, out_dir: str | Path, qrels_source: 
     raw_qrels = {s: read_qrels(qrels_files(src, s, qrels_source), qrels_source, min_relevant) for s in splits}
     graded_train = src / "qrels.train.tsv"
     judged_negatives = read_qrels(graded_train, "graded", min_relevant) if graded_train.is_file() else []
-    needed = {pid for _, _, pid, grade in raw_qrels["train"] if grade >= min_relevant}
-    needed |= {pid for _, _, pid, grade in judged_negatives if grade < min_relevant}
+    return _Judgements(splits, queries, raw_qrels, judged_negatives)
 
-    # 2. stream the collection: corpus.jsonl (+ shards); keep ids and the needed texts
-    known, texts = SeenIds(), {}
-    empty = SeenIds()
+
+def _stream_collection(src: Path, out: Path, num_shards: int, needed: set[str], stats: dict[str, Any]) -> _Collection:
+    """2. Stream the collection into corpus.jsonl (+ shards); keep the ids and the ``needed`` texts."""
+    found = _Collection()
     stats["empty_passages"] = 0
     collection = src / "collection.tsv"
     writer = CorpusWriter(out, num_shards)
     try:
         for line, row in iter_tsv(collection, ("pid", "passage"), HEADERS, last_takes_rest=True):
             pid, text = row["pid"], row["passage"].strip()
-            if pid in known or pid in empty:
+            if pid in found.known or pid in found.empty:
                 raise DataError(collection, line, f"duplicate passage id {pid!r}", field="pid")
             if not text:  # the release has a few blank passages: nothing to embed or match
-                empty.add(pid)
+                found.empty.add(pid)
                 stats["empty_passages"] += 1
                 continue
-            known.add(pid)
+            found.known.add(pid)
             writer.add(pid, "", text)
             if pid in needed:
-                texts[pid] = text
+                found.texts[pid] = text
     except BaseException:
         writer.abort()
         raise
     stats["shards"] = [str(p) for p in writer.close()]
     stats["corpus_rows"] = writer.count
+    return found
 
-    # 3. qrels: every row is written or counted under the reason it was dropped
+
+def _write_qrels_and_queries(src: Path, out: Path, qrels_source: str, min_relevant: int, drop_unknown: bool,
+                             judged: _Judgements, collection: _Collection,
+                             stats: dict[str, Any]) -> dict[str, dict[str, dict[str, int]]]:
+    """3. qrels/{split}.tsv and queries.jsonl: every row is written or counted under the reason it
+    was dropped.  Returns each split's kept qrels ``{qid: {pid: score}}``."""
     kept_queries: dict[str, str] = {}
     qrels_by_split: dict[str, dict[str, dict[str, int]]] = {}
-    for split in splits:
+    for split in judged.splits:
         path = qrels_files(src, split, qrels_source)
         qrels: dict[str, dict[str, int]] = {}
-        c = {"rows": len(raw_qrels[split]), "written": 0, "duplicate": 0, "empty_passage": 0, "unknown_query": 0,
+        c = {"rows": len(judged.qrels[split]), "written": 0, "duplicate": 0, "empty_passage": 0, "unknown_query": 0,
              "unknown_passage": 0}
-        for line, qid, pid, grade in raw_qrels[split]:
-            reason = _unknown(path, line, qid, pid, queries, known, empty, drop_unknown)
+        for line, qid, pid, grade in judged.qrels[split]:
+            reason = _unknown(path, line, qid, pid, judged.queries, collection.known, collection.empty, drop_unknown)
             if reason:
                 c[reason] += 1
                 continue
@@ -158,41 +199,46 @@ def prepare_t2ranking(input_dir: str | Path, out_dir: str | Path, qrels_source: 
                 c["duplicate"] += 1
                 continue
             qrels.setdefault(qid, {})[pid] = max(0, grade - min_relevant + 1)
-            kept_queries[qid] = queries[qid]
+            kept_queries[qid] = judged.queries[qid]
             c["written"] += 1
         write_qrels(out / "qrels" / f"{split}.tsv", qrels)
         qrels_by_split[split] = qrels
         stats[f"qrels_{split}"] = c
     write_queries(out / "queries.jsonl", kept_queries)
     stats["queries_written"] = len(kept_queries)
+    return qrels_by_split
 
-    # 4. training records from the train split
+
+def _write_training_records(out: Path, judged: _Judgements, collection: _Collection,
+                            train_qrels: dict[str, dict[str, int]], min_relevant: int, negatives_per_query: int,
+                            seed: int, stats: dict[str, Any]) -> None:
+    """4. Training records from the train split: train_pairs.jsonl, and train_triplets.jsonl with
+    up to ``negatives_per_query`` judged non-relevant passages when graded train qrels exist."""
+    texts = collection.texts
     negatives: dict[str, list[str]] = {}
-    for _, qid, pid, grade in judged_negatives:
-        if grade < min_relevant and pid in texts and qid in qrels_by_split["train"]:
+    for _, qid, pid, grade in judged.judged_negatives:
+        if grade < min_relevant and pid in texts and qid in train_qrels:
             negatives.setdefault(qid, []).append(pid)
     rng = random.Random(seed)
     pairs = RecordWriter(out / "train_pairs.jsonl", "pair")
-    triplets = RecordWriter(out / "train_triplets.jsonl", "triplet") if judged_negatives else None
+    triplets = RecordWriter(out / "train_triplets.jsonl", "triplet") if judged.judged_negatives else None
     without_positive = 0
-    for qid, docs in qrels_by_split["train"].items():
+    for qid, docs in train_qrels.items():
         positives = [texts[p] for p, rel in docs.items() if rel > 0]
         if not positives:
             without_positive += 1
             continue
-        pairs.add(queries[qid], positives)
+        pairs.add(TrainRecord(judged.queries[qid], positives))
         if triplets:
             pool = [p for p in dict.fromkeys(negatives.get(qid, [])) if p not in docs or docs[p] == 0]
             chosen = rng.sample(pool, min(negatives_per_query, len(pool)))
-            triplets.add(queries[qid], positives, [texts[p] for p in chosen])
+            triplets.add(TrainRecord(judged.queries[qid], positives, [texts[p] for p in chosen]))
     pairs.close()
     stats["train_pairs"] = pairs.count
     stats["train_queries_without_positive"] = without_positive
     if triplets:
         triplets.close()
         stats["train_triplets"] = triplets.count
-    (out / "prepare_stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
-    return stats
 
 
 def _unknown(path: Path, line: int, qid: str, pid: str, queries: dict[str, str], known: SeenIds, empty: SeenIds,

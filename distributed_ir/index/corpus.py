@@ -114,15 +114,9 @@ def stage_corpus(paths: list[Path], stage_dir: Path | str | Location, num_shards
     stage_id = f"{fingerprint}-{num_shards}"
     if check.on_error != "raise" or check.max_text_bytes != MAX_TEXT_BYTES:
         stage_id += f"-{check.on_error}-{check.max_text_bytes}"  # another policy stages other rows
-    if stage.is_file(STAGE_FILE):
-        meta = stage.read_json(STAGE_FILE)
-        # a staging without id digests (older versions) is redone: same corpus, same shards
-        if meta.get("stage_id") == stage_id and all("ids_digest" in s for s in meta["shards"]):
-            for name, counts in meta.get("input", {}).items():
-                check.counts[name] = dict(counts)
-            for s in meta["shards"]:
-                stage.path(s["file"])  # a crafted stage.json must not point outside the folder
-            return [StagedShard(s["index"], s["file"], s["count"], s["ids_digest"]) for s in meta["shards"]], stage_id
+    reused = _reuse_stage(stage, stage_id, check)
+    if reused is not None:
+        return reused, stage_id
     for old in stage.list():
         if old.startswith("shard-"):
             stage.delete(old)
@@ -137,18 +131,48 @@ def stage_corpus(paths: list[Path], stage_dir: Path | str | Location, num_shards
     return shards, stage_id
 
 
+def _reuse_stage(stage: Location, stage_id: str, check: InputCheck) -> list[StagedShard] | None:
+    """The shards of an earlier staging with the same ``stage_id`` (its input counts restored into
+    ``check``), or None when there is none to reuse."""
+    if not stage.is_file(STAGE_FILE):
+        return None
+    meta = stage.read_json(STAGE_FILE)
+    # a stage.json without id digests cannot prove a shard's ids: stage again (same corpus, same shards)
+    if meta.get("stage_id") != stage_id or not all("ids_digest" in s for s in meta["shards"]):
+        return None
+    for name, counts in meta.get("input", {}).items():
+        check.counts[name] = dict(counts)
+    for s in meta["shards"]:
+        stage.path(s["file"])  # a crafted stage.json must not point outside the folder
+    return [StagedShard(s["index"], s["file"], s["count"], s["ids_digest"]) for s in meta["shards"]]
+
+
+def _unique_documents(paths: list[Path], check: InputCheck) -> Iterator[tuple[str, str]]:
+    """``(doc_id, text)`` of every valid document whose id was not seen before (a duplicate is
+    rejected naming both places); accepted documents are counted in ``check``."""
+    seen: dict[str, tuple[Path, int]] = {}
+    for path, line, doc_id, text, row in iter_documents(paths, check):
+        if doc_id in seen:
+            first_path, first_line = seen[doc_id]
+            check.reject(DataError(path, line, f"duplicate id {doc_id!r}, first at {first_path}:{first_line}",
+                                   field="_id"), row)
+            continue
+        check.accept(path)
+        seen[doc_id] = (path, line)
+        yield doc_id, text
+
+
 def _write_stage(paths: list[Path], stage: Location, num_shards: int, check: InputCheck) -> list[StagedShard]:
     """Stream the valid documents into ``num_shards`` Parquet files (atomic each); empty ones are removed."""
     from contextlib import ExitStack
 
     # Streams: at most FLUSH rows per shard are buffered; only the ids (for the duplicate
-    # check) are held for the whole corpus.
+    # check in _unique_documents) are held for the whole corpus.
     schema = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("shard", pa.int32())])
     names = [f"shard-{i:05d}.parquet" for i in range(num_shards)]
     buffers: list[tuple[list[str], list[str]]] = [([], []) for _ in range(num_shards)]
     counts = [0] * num_shards
     digests = [0] * num_shards
-    seen: dict[str, tuple[Path, int]] = {}
     with ExitStack() as files:
         writers = []
         for n in names:
@@ -167,17 +191,8 @@ def _write_stage(paths: list[Path], stage: Location, num_shards: int, check: Inp
                 digests[i] += int(ids_digest(ids), 16)
                 buffers[i] = ([], [])
 
-        k = 0
-        for path, line, doc_id, text, row in iter_documents(paths, check):
-            if doc_id in seen:
-                first_path, first_line = seen[doc_id]
-                check.reject(DataError(path, line, f"duplicate id {doc_id!r}, first at {first_path}:{first_line}",
-                                       field="_id"), row)
-                continue
-            check.accept(path)
-            seen[doc_id] = (path, line)
+        for k, (doc_id, text) in enumerate(_unique_documents(paths, check)):
             i = k % num_shards
-            k += 1
             buffers[i][0].append(doc_id)
             buffers[i][1].append(text)
             counts[i] += 1

@@ -7,44 +7,14 @@ benchmarks call it directly. No Ray imports here.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import torch
 
+from distributed_ir import faults
 from distributed_ir.config import ModelConfig
 from distributed_ir.models.embedder import Embedder, resolve_model_path
 from distributed_ir.models.precision import PrecisionChoice, PrecisionPolicy, min_row_cosine
-
-FAIL_AT_BATCH = "DIR_FAIL_ENCODE_AT_BATCH"  # fault injection (tests): an actor dies on its Nth batch
-FAULT_MARKER = "DIR_FAULT_MARKER"  # created first, so only one actor dies, once
-# fault injection (tests): every batch sleeps this many seconds, so shards are still in flight
-# when a test removes a node
-SLOW_BATCH_S = "DIR_SLOW_ENCODE_BATCH_S"
-
-
-def forwarded_env() -> dict[str, str]:
-    """Fault-injection variables of this process, for the encode actors' runtime_env."""
-    return {k: os.environ[k] for k in (FAIL_AT_BATCH, FAULT_MARKER, SLOW_BATCH_S) if os.environ.get(k)}
-
-
-def _maybe_die(calls: int) -> None:
-    """Exit this process abruptly on call ``$DIR_FAIL_ENCODE_AT_BATCH``, once per marker file;
-    sleep ``$DIR_SLOW_ENCODE_BATCH_S`` first when set."""
-    if os.environ.get(SLOW_BATCH_S):
-        time.sleep(float(os.environ[SLOW_BATCH_S]))
-    at, marker = os.environ.get(FAIL_AT_BATCH), os.environ.get(FAULT_MARKER)
-    if not at or calls != int(at):
-        return
-    if not marker:
-        raise RuntimeError(f"{FAIL_AT_BATCH} is set without {FAULT_MARKER}: every retry would die")
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.write(fd, f"encode actor pid {os.getpid()} died on batch {calls}\n".encode())
-    os.close(fd)
-    os._exit(1)
 
 
 def actor_device(device: str, threads: int = 0) -> torch.device:
@@ -123,7 +93,7 @@ class EncodeStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Replace the ``text`` column with ``embedding``; other columns (ids, shard) pass through."""
         self.calls += 1
-        _maybe_die(self.calls)
+        faults.before_encode_batch(self.calls)  # opt-in (env) drills, tests only
         out = {k: np.asarray(v) for k, v in batch.items() if k != "text"}
         out["embedding"] = self.encode([str(t) for t in batch["text"]])
         if self.report_precision:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-INDEX_FILE = "index.faiss"
 IDS_FILE = "doc_ids.json"
 
 
@@ -57,7 +56,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str = "Flat", tra
     """Build an inner-product index from ``index_factory`` string ``factory`` and add ``ids``.
 
     IVF/PQ indexes are trained on a random sample of ``train_size`` vectors (in memory: for a
-    corpus that does not fit one process use :func:`build_parts`).
+    corpus that does not fit one process use :func:`distributed_ir.index.parts.build_parts`).
     """
     import faiss
 

@@ -15,13 +15,13 @@ shard file that is missing, truncated or corrupted is re-encoded, never indexed.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from distributed_ir import faults
 from distributed_ir.data.intake import MAX_TEXT_BYTES, InputCheck
 from distributed_ir.index.actors import ActorPlan, release_failed_pool, starting_actors
 from distributed_ir.index.actors import actor_plan as _actor_plan
@@ -71,7 +71,6 @@ class IndexOptions:
     # Encoding starts once min_actors are up; a resource the cluster lacks (GPU, a custom one) is
     # waited for this long (an autoscaler may add nodes) before failing with ActorStartTimeout.
     actor_start_timeout_s: int = 600
-    fail_after_shards: int = field(default_factory=lambda: int(os.environ.get("DIR_FAIL_AFTER_SHARDS", "0")))
 
 
 def check_inputs(opts: IndexOptions) -> list[Path]:
@@ -120,10 +119,9 @@ def map_encode(ds, out: Location, stage: Location, model: str, opts: IndexOption
     One input row is one staged shard; ``max_tasks_in_flight_per_actor=1`` so shards go to idle
     actors rather than queueing behind a busy one (a shard is a big unit of work).
     """
-    from distributed_ir.index.encode import forwarded_env
     from distributed_ir.index.shards import ShardWriter
 
-    env = forwarded_env()
+    env = faults.forwarded_env(faults.ENCODE_ACTOR)
     return ds.map_batches(
         ShardWriter,
         fn_constructor_kwargs={"out": out.uri, "stage": stage.uri, "chunk_rows": opts.batch_size * 4, "model": model,
@@ -275,8 +273,7 @@ def _run_encode(out: Location, stage: Location, model_dir: str, opts: IndexOptio
             written += 1
             if bar:
                 bar.update(shard.count)
-            if opts.fail_after_shards and written >= opts.fail_after_shards:
-                os._exit(17)  # fault injection for resume tests: die like a killed job
+            faults.after_shard_recorded(written)  # opt-in (env) drill: die like a killed job
     finally:
         if bar:
             bar.close()
@@ -303,7 +300,7 @@ def build_faiss(out: Path | str | Location, manifest: dict, factory: str, index_
 
     No process holds all vectors: a task reads its own embedding shards row group by row group;
     IVF/PQ quantizers are trained once on a sample drawn shard by shard. See
-    :func:`distributed_ir.index.faiss_index.build_parts`.
+    :func:`distributed_ir.index.parts.build_parts`.
     """
     loc = out if isinstance(out, Location) else Location(out)
     entries = [manifest["shards"][k] for k in sorted(manifest["shards"], key=int)]

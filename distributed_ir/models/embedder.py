@@ -274,30 +274,36 @@ class Embedder(nn.Module):
     # ------------------------------------------------------------------ saving
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Save weights (safetensors), tokenizer and the sentence-transformers layout."""
-        import sentence_transformers
-        import transformers
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
+        versions = _versions()
         s = self.settings
-        versions = {
-            "distributed_ir": _version(),
-            "sentence_transformers": sentence_transformers.__version__,
-            "transformers": transformers.__version__,
-            "pytorch": torch.__version__,
-        }
-        # a peft backbone saved only its adapter, or EOS only this class appends: no sentence-transformers layout
-        no_st = ("adapter" if is_adapter_dir(path) else
-                 "append_eos with a tokenizer that cannot append EOS itself (slow tokenizer or unknown "
-                 "post-processor): sentence-transformers would encode without it" if s.append_eos and not
-                 self._tokenizer_adds_eos else None)
+        record = {"settings": asdict(s), "similarity": "cosine" if s.normalize else "dot", "dim": self.dim,
+                  "versions": versions}
+        no_st = self._no_sentence_transformers_layout(path)
         if no_st:
-            _write_json(path / SETTINGS_FILE, {"settings": asdict(s), "similarity": "cosine" if s.normalize else "dot",
-                                               "dim": self.dim, "versions": versions, "adapter": is_adapter_dir(path),
-                                               "no_sentence_transformers_layout": no_st, **(extra or {})})
-            return path
+            record.update({"adapter": is_adapter_dir(path), "no_sentence_transformers_layout": no_st})
+        else:
+            self._write_sentence_transformers_layout(path, versions)
+        _write_json(path / SETTINGS_FILE, {**record, **(extra or {})})
+        return path
+
+    def _no_sentence_transformers_layout(self, path: Path) -> str | None:
+        """Why the folder at ``path`` gets no sentence-transformers layout (None when it does): a
+        peft backbone saved only its adapter, or EOS that only this class appends."""
+        if is_adapter_dir(path):
+            return "adapter"
+        if self.settings.append_eos and not self._tokenizer_adds_eos:
+            return ("append_eos with a tokenizer that cannot append EOS itself (slow tokenizer or unknown "
+                    "post-processor): sentence-transformers would encode without it")
+        return None
+
+    def _write_sentence_transformers_layout(self, path: Path, versions: dict[str, str]) -> None:
+        """``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/config.json`` (+ ``2_Normalize``)
+        and ``config_sentence_transformers.json``: ``SentenceTransformer(path)`` loads the folder as is."""
+        s = self.settings
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -321,26 +327,28 @@ class Embedder(nn.Module):
             "pooling_mode_lasttoken": s.pooling == "last",
             "include_prompt": True,
         })
-        prompts = {}
-        for kind in ("query", "document"):
-            template = getattr(s, f"{kind}_instruction")
-            # sentence-transformers prompts are prefixes: only a template ending in {} maps.
-            if template.endswith("{}"):
-                prompts[kind] = template[:-2]
+        # sentence-transformers prompts are prefixes: only a template ending in {} maps.
+        prompts = {kind: template[:-2] for kind in ("query", "document")
+                   if (template := getattr(s, f"{kind}_instruction")).endswith("{}")}
         _write_json(path / "config_sentence_transformers.json", {
             "__version__": versions,
             "prompts": prompts,
             "default_prompt_name": None,
             "similarity_fn_name": "cosine" if s.normalize else "dot",
         })
-        _write_json(path / SETTINGS_FILE, {
-            "settings": asdict(s),
-            "similarity": "cosine" if s.normalize else "dot",
-            "dim": self.dim,
-            "versions": versions,
-            **(extra or {}),
-        })
-        return path
+
+
+def _versions() -> dict[str, str]:
+    """The versions a saved model records (ours, sentence-transformers, transformers, torch)."""
+    import sentence_transformers
+    import transformers
+
+    return {
+        "distributed_ir": _version(),
+        "sentence_transformers": sentence_transformers.__version__,
+        "transformers": transformers.__version__,
+        "pytorch": torch.__version__,
+    }
 
 
 def _version() -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-STATE_FILE = "training_state.pt"
+TRAINING_STATE_FILE = "training_state.pt"
 
 
 def is_uri(path: str | Path) -> bool:
@@ -62,8 +62,9 @@ def require_checkpoint(uri: str) -> None:
     import pyarrow.fs as pafs
 
     fs, path = _fs_path(uri)
-    if fs.get_file_info(f"{path.rstrip('/')}/{STATE_FILE}").type != pafs.FileType.File:
-        raise FileNotFoundError(f"resume_from={uri}: not a distributed-ir training checkpoint (no {STATE_FILE})")
+    if fs.get_file_info(f"{path.rstrip('/')}/{TRAINING_STATE_FILE}").type != pafs.FileType.File:
+        raise FileNotFoundError(f"resume_from={uri}: not a distributed-ir training checkpoint "
+                                f"(no {TRAINING_STATE_FILE})")
 
 
 def write_file(uri: str, data: bytes) -> None:
@@ -92,15 +93,15 @@ def save_training_state(path: Path, position: dict[str, int], metrics: dict[str,
     path = Path(path)
     (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (path / "history.json").write_text(json.dumps(history or [metrics], indent=1))
-    tmp = path / (STATE_FILE + ".tmp")
+    tmp = path / (TRAINING_STATE_FILE + ".tmp")
     torch.save({"position": dict(position), **rng_state()}, tmp)
-    tmp.replace(path / STATE_FILE)
+    tmp.replace(path / TRAINING_STATE_FILE)
     return path
 
 
 def load_training_state(path: Path) -> dict[str, int]:
     """Restore torch's RNG; return the data position to continue from."""
-    state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+    state = torch.load(Path(path) / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
     set_rng_state(state)
     return dict(state["position"])
 

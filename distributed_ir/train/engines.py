@@ -30,7 +30,7 @@ from distributed_ir.config import TrainConfig
 from distributed_ir.config_loader import ConfigError
 from distributed_ir.train.grad_cache import cached_forward_backward
 
-STATE_FILE = "engine_state.pt"
+ENGINE_STATE_FILE = "engine_state.pt"
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -141,7 +141,7 @@ class DDPEngine:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.scaler:
             state["scaler"] = self.scaler.state_dict()
-        torch.save(state, path / STATE_FILE)
+        torch.save(state, path / ENGINE_STATE_FILE)
         trainable = {n: p.detach().cpu().contiguous() for n, p in self.inner.named_parameters() if p.requires_grad}
         save_file(trainable, str(path / "trainable.safetensors"))
 
@@ -157,7 +157,7 @@ class DDPEngine:
             for n, p in self.inner.named_parameters():
                 if n in trainable:
                     p.copy_(trainable[n].to(p.device))
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(path / ENGINE_STATE_FILE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and "scaler" in state:
@@ -237,14 +237,15 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
             raise ConfigError(f"{e.config_file}: sets {', '.join(clash)}; the training loop owns these: set "
                               f"{'; '.join(LOOP_OWNED[k] for k in clash)} in the train config instead",
                               key="engine.config_file")
-        ds = _merge(ds, extra)
+        ds = _deep_merge(ds, extra)
     return ds
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra``'s keys put in, recursively where both hold an object (a new dict)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

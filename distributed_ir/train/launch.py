@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distributed_ir import faults
 from distributed_ir.config import TrainConfig
 from distributed_ir.config_loader import to_dict
 from distributed_ir.data.records import read_records, write_records
 from distributed_ir.train import checkpoint as ckpt
-from distributed_ir.train import faults
 from distributed_ir.train.engines import deepspeed_config
 from distributed_ir.train.loop import train_loop
 from distributed_ir.train.tasks import get_task
@@ -75,11 +75,6 @@ def run_training(cfg: TrainConfig, records: tuple[str, list] | None = None) -> T
     the latest checkpoint; each worker's micro-batch follows the world size
     (:meth:`TrainConfig.worker_batch_size`) so the result does not depend on it.
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from distributed_ir.train.resize_log import WorldSizeLog
-
     # Ray Train's controller/worker metrics callbacks take CPU that a small node's training step
     # needs; Ray reads this switch from the driver's environment when the trainer is built.
     os.environ["RAY_TRAIN_METRICS_ENABLED"] = "1" if cfg.ray_train_metrics else "0"
@@ -91,25 +86,54 @@ def run_training(cfg: TrainConfig, records: tuple[str, list] | None = None) -> T
         storage = str(Path(storage).resolve())
     # A reused RunConfig name with the same storage silently resumes the old run: unique names.
     name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    loop_config = to_dict(cfg)
-    # Ray Train workers run in their own working directory: hand them absolute paths only.
-    loop_config["train_path"] = str(Path(cfg.train_path).resolve())
-    # Validate the records once, here: bad input fails before any worker starts (a clean
-    # FILE:LINE: field error), and with on_error=skip the workers read only accepted records.
+    train_path, input_summary = _checked_records(cfg, out, records)
+    trainer = _trainer(cfg, _loop_config(cfg, out, train_path), name, storage)
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    model = _export_final(result.checkpoint, out)
+    returned = result.return_value if isinstance(result.return_value, dict) else {}
+    history = list(returned.get("history", []))
+    model_uri = ""
+    if ckpt.is_uri(storage):
+        # the run's folder on shared storage gets the exported model and the whole history beside
+        # Ray's checkpoints: nothing of the result lives only on this (driver) machine
+        model_uri = ckpt.upload(model, ckpt.join_uri(storage, name, "model"))
+        ckpt.write_file(ckpt.join_uri(storage, name, "history.json"), json.dumps(history, indent=1).encode())
+        print(f"[train] model and history uploaded to {ckpt.join_uri(storage, name)}", flush=True)
+    return TrainResult(model_path=model, metrics=dict(result.metrics or {}), checkpoint_path=result.checkpoint.path,
+                       seconds=seconds, input=input_summary, history=history, model_uri=model_uri)
+
+
+def _checked_records(cfg: TrainConfig, out: Path, records: tuple[str, list] | None) -> tuple[Path, dict[str, Any]]:
+    """Validate the records once, here: bad input fails before any worker starts (a clean
+    FILE:LINE: field error), and with on_error=skip the workers read only accepted records
+    (``out/train_records.accepted.jsonl``).  Returns the file the workers read and the counts."""
     if records is None:
         check = cfg.input.check(out)
-        fmt, records = read_records(cfg.train_path, check=check)
+        fmt, rows = read_records(cfg.train_path, check=check)
         print(check.summary_line(), flush=True)
         input_summary = check.summary()
     else:
-        fmt, records = records
-        input_summary = {"input": len(records), "accepted": len(records), "rejected": 0, "handed_on": True}
+        fmt, rows = records
+        input_summary = {"input": len(rows), "accepted": len(rows), "rejected": 0, "handed_on": True}
     task = get_task(cfg)  # format and loss needs (e.g. distillation's teacher scores): refused before workers start
     task.check_format(fmt, cfg.train_path)
-    task.check_records(records, cfg.train_path)
+    task.check_records(rows, cfg.train_path)
     if input_summary["rejected"]:
-        loop_config["train_path"] = str(write_records(out / "train_records.accepted.jsonl", records))
-    del records
+        return write_records(out / "train_records.accepted.jsonl", rows), input_summary
+    return Path(cfg.train_path), input_summary
+
+
+def _loop_config(cfg: TrainConfig, out: Path, train_path: Path) -> dict[str, Any]:
+    """``train_loop``'s config: ``cfg`` with absolute paths only (Ray Train workers run in their
+    own working directory); a resume URI or DeepSpeed file that cannot work fails here."""
+    loop_config = to_dict(cfg)
+    loop_config["train_path"] = str(train_path.resolve())
     loop_config["output_dir"] = str(out)
     if cfg.resume_from and ckpt.is_uri(cfg.resume_from):
         ckpt.require_checkpoint(cfg.resume_from)  # every worker downloads it; fail here if it is not one
@@ -120,7 +144,17 @@ def run_training(cfg: TrainConfig, records: tuple[str, list] | None = None) -> T
     if cfg.engine.name == "deepspeed" and cfg.engine.config_file:
         loop_config["engine"]["config_file"] = str(Path(cfg.engine.config_file).resolve())
         deepspeed_config(cfg, cfg.scaling.max_workers)  # a file that clashes with the loop fails here, not in workers
-    trainer = TorchTrainer(
+    return loop_config
+
+
+def _trainer(cfg: TrainConfig, loop_config: dict[str, Any], name: str, storage: str):
+    """The ``TorchTrainer`` running :func:`train_loop` on the configured (possibly elastic) workers."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from distributed_ir.train.resize_log import WorldSizeLog
+
+    return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -138,32 +172,19 @@ def run_training(cfg: TrainConfig, records: tuple[str, list] | None = None) -> T
             callbacks=[WorldSizeLog()],  # logs when and why the world size changed
             # Worker processes do not inherit the driver's environment: forward the opt-in
             # fault-injection/trace switches (empty unless a test or drill sets them).
-            worker_runtime_env={"env_vars": faults.forwarded_env()},
+            worker_runtime_env={"env_vars": faults.forwarded_env(faults.TRAIN_WORKER)},
         ),
     )
-    t0 = time.perf_counter()
-    result = trainer.fit()
-    seconds = time.perf_counter() - t0
-    if result.error:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
+
+
+def _export_final(checkpoint: Any, out: Path) -> Path:
+    """Copy the last checkpoint to ``out/final_checkpoint`` and its exported model to ``out/model``."""
     final = out / "final_checkpoint"
     if final.exists():
         shutil.rmtree(final)
-    result.checkpoint.to_directory(str(final))
+    checkpoint.to_directory(str(final))
     model = out / "model"
     if model.exists():
         shutil.rmtree(model)
     shutil.copytree(final / "model", model)
-    returned = result.return_value if isinstance(result.return_value, dict) else {}
-    history = list(returned.get("history", []))
-    model_uri = ""
-    if ckpt.is_uri(storage):
-        # the run's folder on shared storage gets the exported model and the whole history beside
-        # Ray's checkpoints: nothing of the result lives only on this (driver) machine
-        model_uri = ckpt.upload(model, ckpt.join_uri(storage, name, "model"))
-        ckpt.write_file(ckpt.join_uri(storage, name, "history.json"), json.dumps(history, indent=1).encode())
-        print(f"[train] model and history uploaded to {ckpt.join_uri(storage, name)}", flush=True)
-    return TrainResult(model_path=model, metrics=dict(result.metrics or {}), checkpoint_path=result.checkpoint.path,
-                       seconds=seconds, input=input_summary, history=history, model_uri=model_uri)
+    return model

@@ -12,17 +12,18 @@ import resource
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from distributed_ir import faults
 from distributed_ir.config import TrainConfig
 from distributed_ir.config_loader import from_dict
 from distributed_ir.data.records import read_records
 from distributed_ir.train import checkpoint as ckpt
-from distributed_ir.train import faults
 from distributed_ir.train.batching import epoch_batches, steps_per_epoch
 from distributed_ir.train.engines import (
     DDPEngine,
@@ -58,23 +59,88 @@ def _device(cfg: TrainConfig, in_ray: bool) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass
+class _Worker:
+    """This worker's place in the run: its config, rank, world size, device and torch threads."""
+
+    cfg: TrainConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    in_ray: bool
+    threads: int
+
+
+@dataclass
+class _Plan:
+    """What the records and the world size fix before the first step."""
+
+    fmt: str
+    records: list[Any]
+    negatives: int  # hard negatives per query in a batch (triplet records only)
+    batch_size: int  # this worker's micro-batch
+    opt_per_epoch: int  # optimizer steps per epoch
+    total_steps: int
+
+
+@dataclass
+class _Progress:
+    """What the loop carries from step to step besides the position: the metrics window, rank 0's
+    history, the last logged metrics, and whether this attempt took its just-in-time checkpoint."""
+
+    history: list[dict[str, Any]]
+    window: dict[str, Any] = field(default_factory=lambda: {"loss": 0.0, "micro": 0, "samples": 0,
+                                                             "t0": time.perf_counter(), "grad_norm": 0.0})
+    last: dict[str, Any] = field(default_factory=dict)
+    jit_saved: bool = False  # one just-in-time checkpoint per attempt when a node is being preempted
+
+
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Train ``cfg.task`` on this worker's shard with ``cfg.engine``; returns the last metrics."""
     cfg = from_dict(TrainConfig, config)
+    w = _setup_worker(cfg)
+    task = get_task(cfg)
+
+    # ---- setup: data, model, engine (optimizer + schedule), resume
+    plan = _plan(cfg, task, w.world_size)
+    engine = _build_engine(w, task, plan.total_steps)
+    resume_dir = _resume_dir(cfg, w.in_ray)
+    state, history = _restore(w, engine, resume_dir, plan.batch_size)
+    if w.rank == 0:
+        print(f"[train] task {task.name}, engine {engine.name}"
+              f"{f' ZeRO-{cfg.engine.zero_stage}' if engine.name == 'deepspeed' else ''}, "
+              f"{len(plan.records)} {plan.fmt} records, {w.world_size} worker(s) x batch {plan.batch_size} "
+              f"x accum {cfg.grad_accum_steps}, {plan.total_steps} optimizer steps, device {w.device}, "
+              f"threads {w.threads}, start step {state['step']}", flush=True)
+
+    # ---- loop
+    progress = _Progress(history)
+    _train_epochs(w, task, engine, plan, state, progress)
+
+    # ---- finish
+    if w.world_size > 1:
+        dist.barrier()
+    if resume_dir and (w.in_ray or ckpt.is_uri(cfg.resume_from)) and resume_dir != Path(cfg.resume_from):
+        shutil.rmtree(resume_dir, ignore_errors=True)  # our local copy of Ray's (or a URI's) checkpoint
+    return {**progress.last, "history": progress.history}
+
+
+def _setup_worker(cfg: TrainConfig) -> _Worker:
+    """Rank and world size (Ray Train's, else 0 of 1), torch threads, the base seed, the device."""
     ctx = _ray_context()
     in_ray = ctx is not None
     rank, world_size = (ctx.get_world_rank(), ctx.get_world_size()) if in_ray else (0, 1)
     threads = cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
-    device = _device(cfg, in_ray)
-    task = get_task(cfg)
+    return _Worker(cfg, rank, world_size, _device(cfg, in_ray), in_ray, threads)
 
-    # ---- setup: data, model, engine (optimizer + schedule), resume
+
+def _plan(cfg: TrainConfig, task: Any, world_size: int) -> _Plan:
+    """Read and check the records; size the micro-batch, the epoch and the run for this world size."""
     fmt, records = read_records(cfg.train_path)
     task.check_format(fmt, cfg.train_path)
     task.check_records(records, cfg.train_path)
-    k = cfg.num_negatives if fmt == "triplet" else 0
     # Elastic runs: each worker's share of the global micro-batch follows the world size, so the
     # global batch, data order, step count (and so the LR schedule) and negatives do not.
     batch_size = cfg.worker_batch_size(world_size)
@@ -86,10 +152,16 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             f"{world_size} workers x batch {batch_size} x accumulation {cfg.grad_accum_steps}"
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * opt_per_epoch
+    return _Plan(fmt, records, cfg.num_negatives if fmt == "triplet" else 0, batch_size, opt_per_epoch, total_steps)
+
+
+def _build_engine(w: _Worker, task: Any, total_steps: int) -> DDPEngine | DeepSpeedEngine:
+    """Build the task's module (partitioned from the start under ZeRO-3) and wrap it in the engine."""
+    cfg = w.cfg
     ds_config = None
     if cfg.engine.name == "deepspeed":
-        ds_config = deepspeed_config(cfg, world_size)
-        init_deepspeed_distributed("nccl" if device.type == "cuda" else "gloo")
+        ds_config = deepspeed_config(cfg, w.world_size)
+        init_deepspeed_distributed("nccl" if w.device.type == "cuda" else "gloo")
         init_ctx = DeepSpeedEngine.init_context(ds_config)
     else:
         init_ctx = DDPEngine.init_context()
@@ -97,81 +169,85 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         module = task.build()
     module.train()
     # Distinct dropout per rank (DDP/DeepSpeed broadcast rank 0's weights, so init is unaffected).
-    torch.manual_seed(cfg.seed + rank)
-    engine = build_engine(cfg, module, task.param_groups(module), device, world_size, total_steps, ds_config)
-    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
-    history: list[dict[str, Any]] = []
-    resume_dir = _resume_dir(cfg, in_ray)
-    if resume_dir:
-        engine.load(resume_dir)
-        state = ckpt.load_training_state(resume_dir)
-        ckpt.load_rank_rng(resume_dir, rank)
-        history = ckpt.load_history(resume_dir, state["step"])
-        if rank == 0:
-            print(_resume_line(state, world_size, batch_size), flush=True)
-    if rank == 0:
-        print(f"[train] task {task.name}, engine {engine.name}"
-              f"{f' ZeRO-{cfg.engine.zero_stage}' if engine.name == 'deepspeed' else ''}, "
-              f"{len(records)} {fmt} records, {world_size} worker(s) x batch {batch_size} "
-              f"x accum {cfg.grad_accum_steps}, {total_steps} optimizer steps, device {device}, "
-              f"threads {threads}, start step {state['step']}", flush=True)
+    torch.manual_seed(cfg.seed + w.rank)
+    return build_engine(cfg, module, task.param_groups(module), w.device, w.world_size, total_steps, ds_config)
 
-    # ---- loop
-    window = {"loss": 0.0, "micro": 0, "samples": 0, "t0": time.perf_counter(), "grad_norm": 0.0}
-    last: dict[str, Any] = {}
-    attempt = faults.attempt_id(rank, world_size)  # opt-in (env), tests only
-    jit_saved = False  # one just-in-time checkpoint per attempt when a node is being preempted
-    step = state["step"]
-    epoch = state["epoch"]
-    while step < total_steps:
-        micro_used = opt_per_epoch * cfg.grad_accum_steps
-        batches = epoch_batches(records, epoch, rank, world_size, batch_size, k, cfg.seed,
-                                start_step=state["micro_in_epoch"])
-        micro = state["micro_in_epoch"]
+
+def _restore(w: _Worker, engine: Any, resume_dir: Path | None,
+             batch_size: int) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Load engine state, data position, this rank's RNG and the history from ``resume_dir``;
+    without one, the start of the run."""
+    if not resume_dir:
+        return {"step": 0, "epoch": 0, "micro_in_epoch": 0}, []
+    engine.load(resume_dir)
+    state = ckpt.load_training_state(resume_dir)
+    ckpt.load_rank_rng(resume_dir, w.rank)
+    history = ckpt.load_history(resume_dir, state["step"])
+    if w.rank == 0:
+        print(_resume_line(state, w.world_size, batch_size), flush=True)
+    return state, history
+
+
+def _train_epochs(w: _Worker, task: Any, engine: Any, plan: _Plan, state: dict[str, int],
+                  progress: _Progress) -> None:
+    """From ``state``'s position to ``plan.total_steps``: micro-steps, optimizer steps at each
+    accumulation boundary, then :func:`_after_step` (log, checkpoint or report)."""
+    cfg = w.cfg
+    attempt = faults.attempt_id(w.rank, w.world_size)  # opt-in (env), tests only
+    micro_used = plan.opt_per_epoch * cfg.grad_accum_steps
+    step, epoch, start = state["step"], state["epoch"], state["micro_in_epoch"]
+    while step < plan.total_steps:
+        batches = epoch_batches(plan.records, epoch, w.rank, w.world_size, plan.batch_size, plan.negatives, cfg.seed,
+                                start_step=start)
+        micro = start
         for batch in batches:
-            if micro >= micro_used or step >= total_steps:
+            if micro >= micro_used or step >= plan.total_steps:
                 break
             micro += 1
-            faults.trace_batch(rank, epoch, micro, step + 1, batch.queries, attempt, world_size)  # opt-in (env)
+            faults.trace_batch(w.rank, epoch, micro, step + 1, batch.queries, attempt, w.world_size)  # opt-in (env)
             boundary = micro % cfg.grad_accum_steps == 0
-            inputs = _to_device(task.inputs(engine.inner, batch), device)
+            inputs = _to_device(task.inputs(engine.inner, batch), w.device)
             loss, grad_norm = engine.train_step(inputs, boundary)
-            window["loss"] += loss
-            window["micro"] += 1
-            window["samples"] += len(batch.queries) * world_size
+            progress.window["loss"] += loss
+            progress.window["micro"] += 1
+            progress.window["samples"] += len(batch.queries) * w.world_size
             if not boundary:
                 continue
-            window["grad_norm"] = grad_norm
+            progress.window["grad_norm"] = grad_norm
             step += 1
-            faults.maybe_kill(rank, step)  # opt-in (env) fault injection, tests only
-            done = step >= total_steps
-            position = {"step": step, "epoch": epoch, "micro_in_epoch": micro, "world_size": world_size}
+            faults.maybe_kill(w.rank, step)  # opt-in (env) fault injection, tests only
+            position = {"step": step, "epoch": epoch, "micro_in_epoch": micro, "world_size": w.world_size}
             if micro >= micro_used:  # the epoch's last step: resume at the next epoch's start
                 position.update(epoch=epoch + 1, micro_in_epoch=0)
-            save = done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-            if in_ray and not save and not jit_saved and step % cfg.log_every == 0:
-                save = jit_saved = _preemption_notice(rank, step)
-            if step % cfg.log_every == 0 or save:
-                last = _metrics(window, step, total_steps, epoch, engine, device) | {"world_size": world_size,
-                                                                             "worker_batch_size": batch_size}
-                history.append(last)
-                if rank == 0:
-                    print(_progress_line(last), flush=True)
-            if save:
-                _checkpoint(task, engine, position, cfg, rank, in_ray, last, history, final=done)
-            elif in_ray and step % cfg.log_every == 0:
-                import ray.train
-
-                ray.train.report(last)
-            faults.maybe_hold(rank, step)  # opt-in (env): a drill parks every rank here
-        if step < total_steps:
+            _after_step(w, task, engine, plan, progress, epoch, position)
+            faults.maybe_hold(w.rank, step)  # opt-in (env): a drill parks every rank here
+        if step < plan.total_steps:
             epoch += 1
-            state["micro_in_epoch"] = 0
-    if world_size > 1:
-        dist.barrier()
-    if resume_dir and (in_ray or ckpt.is_uri(cfg.resume_from)) and resume_dir != Path(cfg.resume_from):
-        shutil.rmtree(resume_dir, ignore_errors=True)  # our local copy of Ray's (or a URI's) checkpoint
-    return {**last, "history": history}
+            start = 0
+
+
+def _after_step(w: _Worker, task: Any, engine: Any, plan: _Plan, progress: _Progress, epoch: int,
+                position: dict[str, int]) -> None:
+    """After optimizer step ``position["step"]``: log every ``log_every`` steps; checkpoint every
+    ``checkpoint_every`` steps, at the last step, or at once on a preemption notice; else report
+    the logged metrics to Ray Train."""
+    cfg, step = w.cfg, position["step"]
+    done = step >= plan.total_steps
+    save = done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+    if w.in_ray and not save and not progress.jit_saved and step % cfg.log_every == 0:
+        save = progress.jit_saved = _preemption_notice(w.rank, step)
+    if step % cfg.log_every == 0 or save:
+        progress.last = _metrics(progress.window, step, plan.total_steps, epoch, engine, w.device) | {
+            "world_size": w.world_size, "worker_batch_size": plan.batch_size}
+        progress.history.append(progress.last)
+        if w.rank == 0:
+            print(_progress_line(progress.last), flush=True)
+    if save:
+        _checkpoint(task, engine, position, w, progress.last, progress.history, final=done)
+    elif w.in_ray and step % cfg.log_every == 0:
+        import ray.train
+
+        ray.train.report(progress.last)
 
 
 def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -198,12 +274,12 @@ def _resume_dir(cfg: TrainConfig, in_ray: bool) -> Path | None:
     if cfg.resume_from and ckpt.is_uri(cfg.resume_from):
         # every worker fetches its own copy: a multi-node run has no common local disk
         local = ckpt.download(cfg.resume_from, Path(tempfile.mkdtemp(prefix="dir-resume-")))
-        if not (local / ckpt.STATE_FILE).is_file():
+        if not (local / ckpt.TRAINING_STATE_FILE).is_file():
             raise FileNotFoundError(f"resume_from={cfg.resume_from}: not a distributed-ir training checkpoint")
         return local
     if cfg.resume_from:
         path = Path(cfg.resume_from)
-        if not (path / ckpt.STATE_FILE).is_file():
+        if not (path / ckpt.TRAINING_STATE_FILE).is_file():
             raise FileNotFoundError(f"resume_from={path}: not a distributed-ir training checkpoint")
         return path
     return None
@@ -275,19 +351,20 @@ def _progress_line(m: dict[str, Any]) -> str:
             f"samples/s {m['samples_per_s']:.1f}")
 
 
-def _checkpoint(task: Any, engine: Any, position: dict[str, int], cfg: TrainConfig, rank: int, in_ray: bool,
-                metrics: dict[str, Any], history: list[dict[str, Any]], final: bool) -> None:
+def _checkpoint(task: Any, engine: Any, position: dict[str, int], w: _Worker, metrics: dict[str, Any],
+                history: list[dict[str, Any]], final: bool) -> None:
     """Every rank writes its engine state; rank 0 adds the exported model and the data position.
 
     Without Ray the directory is ``output_dir/checkpoints/<step>``; under Ray each rank writes a
     local directory and reports it (Ray merges the ranks' files into one checkpoint).
     """
+    rank, in_ray = w.rank, w.in_ray
     full = engine.full_state_dict(rank)  # collective under ZeRO-3: every rank enters
     if in_ray:
         path = Path(tempfile.mkdtemp(prefix="dir-ckpt-"))
     else:
         name = "final" if final else f"step_{position['step']:07d}"
-        path = Path(cfg.output_dir) / "checkpoints" / name
+        path = Path(w.cfg.output_dir) / "checkpoints" / name
         if rank == 0 and path.exists():
             shutil.rmtree(path)
         if dist.is_initialized() and dist.get_world_size() > 1:
