@@ -120,7 +120,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         path = f"{where}.{key}" if where else key
         defaults = fields[key].metadata.get("defaults")
         if defaults is not None and isinstance(value, dict):
-            value = _merge(defaults, value)
+            value = deep_merge(defaults, value)
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         return cls(**kwargs)
@@ -135,11 +135,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ConfigError(f"{where + ': ' if where else ''}{e}", key=key) from None
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``over``'s keys put in, recursively for nested mappings."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
     return out
 
 
@@ -188,7 +188,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         data = loaded or {}
-    data = _merge(apply_overrides(data, overrides or []), values or {})
+    data = deep_merge(apply_overrides(data, overrides or []), values or {})
     try:
         return from_dict(cls, data)
     except ConfigError as e:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distributed_ir.config import TrainConfig
-from distributed_ir.config_loader import ConfigError
+from distributed_ir.config_loader import ConfigError, deep_merge
 from distributed_ir.train.grad_cache import cached_forward_backward
 
 ENGINE_STATE_FILE = "engine_state.pt"
@@ -237,16 +237,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
             raise ConfigError(f"{e.config_file}: sets {', '.join(clash)}; the training loop owns these: set "
                               f"{'; '.join(LOOP_OWNED[k] for k in clash)} in the train config instead",
                               key="engine.config_file")
-        ds = _deep_merge(ds, extra)
+        ds = deep_merge(ds, extra)
     return ds
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``extra``'s keys put in, recursively where both hold an object (a new dict)."""
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def init_deepspeed_distributed(backend: str) -> None:
