@@ -11,7 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-from distributed_ir.config import PRECISION_CHOICES, ConfigError, PipelineConfig, TrainConfig, load_config
+from distributed_ir.config import (
+    PRECISION_CHOICES,
+    RERANKER_TASKS,
+    ConfigError,
+    PipelineConfig,
+    TrainConfig,
+    load_config,
+)
 from distributed_ir.data.errors import DataError
 from distributed_ir.index.actors import ActorStartTimeout
 from distributed_ir.jobenv import output_path
@@ -45,11 +52,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from distributed_ir.train.launch import run_training
 
     cfg = load_config(TrainConfig, args.config, list(args.overrides) + _input_overrides(args))
-    if args.kind == "reranker":
-        from distributed_ir.train.reranker_task import reranker_train_config
-
-        cfg = reranker_train_config(cfg)
-    elif cfg.task != "embedder":
+    if args.kind == "reranker" and cfg.task not in RERANKER_TASKS:
+        raise ConfigError(f"train reranker: task={cfg.task!r}; expected one of {', '.join(RERANKER_TASKS)}")
+    if args.kind == "embedder" and cfg.task != "embedder":
         raise ConfigError(f"task={cfg.task!r} is a reranker: run `distributed-ir train reranker`")
     if not cfg.train_path:
         raise ConfigError("train_path is empty: set it in the config or pass train_path=FILE")

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from distributed_ir.data.beir import name_problem
+from distributed_ir.models.settings import RerankerSettings
 
 T = TypeVar("T")
 
@@ -267,28 +268,20 @@ class InputConfig:
 
 
 @dataclass
-class RerankerConfig:
-    """Reranker settings (tasks cross_encoder | colbert | llm_reranker); saved with the model."""
+class RerankerConfig(RerankerSettings):
+    """The ``reranker:`` section (tasks cross_encoder | colbert | llm_reranker): the model's own
+    :class:`~distributed_ir.models.settings.RerankerSettings` (saved with it) plus how its head trains."""
 
-    max_length: int = _help("cross-encoder / LLM: max tokens of the whole (query, document) input", default=512)
-    query_max_length: int = _help("max query tokens (ColBERT; others cut long queries to this when chunking)",
-                                  default=64)
-    document_max_length: int = _help("ColBERT: max document tokens per chunk", default=256)
-    max_chunks: int = _help("1 = truncate long documents; N > 1 = score up to N overlapping chunks, keep the max",
-                            default=1)
-    chunk_overlap: int = _help("tokens shared by consecutive chunks", default=64)
-    colbert_dim: int = _help("ColBERT head width (a colbert_linear.pt in the model folder decides instead)",
-                             default=128)
     head_lr: float = _help("learning rate of the new head (ColBERT linear; cross-encoder classifier + pooler); "
-                            "0 = optim.lr", default=0.0)
-    prompt: str = _help("LLM reranker instruction ('' = the default Yes/No prompt)", default="")
+                           "0 = optim.lr (task llm_reranker: must stay 0, its LM head is not new)", default=0.0)
 
     def __post_init__(self) -> None:
-        for name in ("max_length", "query_max_length", "document_max_length", "max_chunks", "colbert_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"reranker.{name} must be >= 1")
-        if self.chunk_overlap < 0 or self.head_lr < 0:
-            raise ConfigError("reranker.chunk_overlap and reranker.head_lr must be >= 0")
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.head_lr < 0:
+            raise ConfigError("reranker.head_lr must be >= 0", key="head_lr")
 
 
 @dataclass
