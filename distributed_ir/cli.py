@@ -22,7 +22,7 @@ from distributed_ir.command_configs import (
     RerankCommandConfig,
     SearchCommandConfig,
 )
-from distributed_ir.config import PipelineConfig, TrainConfig
+from distributed_ir.config import RERANKER_TASKS, PipelineConfig, TrainConfig
 from distributed_ir.config_flags import add_flags, flag_values, missing
 from distributed_ir.config_loader import ConfigError, load_config, to_dict
 from distributed_ir.data.errors import DataError
@@ -58,11 +58,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from distributed_ir.train.launch import run_training
 
     cfg = load_config(TrainConfig, args.config, list(args.overrides) + _input_overrides(args))
-    if args.kind == "reranker":
-        from distributed_ir.train.reranker_task import reranker_train_config
-
-        cfg = reranker_train_config(cfg)
-    elif cfg.task != "embedder":
+    if args.kind == "reranker" and cfg.task not in RERANKER_TASKS:
+        raise ConfigError(f"train reranker: task={cfg.task!r}; expected one of {', '.join(RERANKER_TASKS)}")
+    if args.kind == "embedder" and cfg.task != "embedder":
         raise ConfigError(f"task={cfg.task!r} is a reranker: run `distributed-ir train reranker`")
     if not cfg.train_path:
         raise ConfigError("train_path is empty: set it in the config or pass train_path=FILE")

@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distributed_ir.config_loader import ConfigError, check_choice, from_dict
-from distributed_ir.config_loader import config_field as _help
+from distributed_ir.config_loader import ConfigError, check_choice, config_field, from_dict
 from distributed_ir.data.beir import name_problem
+from distributed_ir.models.settings import RerankerSettings
 
 
 def check_template(name: str, template: str) -> None:
@@ -37,17 +37,17 @@ class ModelConfig:
     #1 cause of "my fine-tuned model got worse" is encoding differently from training.
     """
 
-    name_or_path: str = _help(
+    name_or_path: str = config_field(
         "HF model dir or saved checkpoint; 'default' = bundled all-MiniLM-L6-v2", default="default"
     )
-    pooling: str | None = _help("cls | mean | last (last real token, any padding side)", default=None)
-    normalize: bool | None = _help("L2-normalise embeddings", default=None)
-    query_instruction: str | None = _help("template applied to queries, '{}' = the text", default=None)
-    document_instruction: str | None = _help("template applied to documents", default=None)
-    query_max_length: int | None = _help("max tokens for queries", default=None)
-    document_max_length: int | None = _help("max tokens for documents", default=None)
-    append_eos: bool | None = _help("append the tokenizer's EOS token (LLM embedders)", default=None)
-    trust_remote_code: bool = _help("allow model repos to run their own code", default=False)
+    pooling: str | None = config_field("cls | mean | last (last real token, any padding side)", default=None)
+    normalize: bool | None = config_field("L2-normalise embeddings", default=None)
+    query_instruction: str | None = config_field("template applied to queries, '{}' = the text", default=None)
+    document_instruction: str | None = config_field("template applied to documents", default=None)
+    query_max_length: int | None = config_field("max tokens for queries", default=None)
+    document_max_length: int | None = config_field("max tokens for documents", default=None)
+    append_eos: bool | None = config_field("append the tokenizer's EOS token (LLM embedders)", default=None)
+    trust_remote_code: bool = config_field("allow model repos to run their own code", default=False)
 
     def __post_init__(self) -> None:
         if self.pooling is not None:
@@ -75,19 +75,19 @@ TASK_LOSSES: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class LossConfig:
-    name: str | None = _help("infonce | triplet | cosent | distill (embedders); listwise | bce (rerankers); null = "
+    name: str | None = config_field("infonce | triplet | cosent | distill (embedders); listwise | bce (rerankers); null = "
                              "the task's default (embedder infonce, rerankers listwise)", default=None)
-    temperature: float | None = _help(
+    temperature: float | None = config_field(
         "softmax temperature for infonce / listwise, cosent scale = 1/temperature; null = the task's default "
         "(0.05 embedder and colbert, 1.0 cross_encoder and llm_reranker)", default=None)
-    margin: float = _help("margin for the triplet loss", default=0.2)
-    gather_across_workers: bool = _help("cross-worker negatives (all-gather with gradient)", default=True)
-    distill_weight: float = _help(
+    margin: float = config_field("margin for the triplet loss", default=0.2)
+    gather_across_workers: bool = config_field("cross-worker negatives (all-gather with gradient)", default=True)
+    distill_weight: float = config_field(
         "infonce + distill_weight x KL(teacher || student) over each query's candidates (records with `scores`); "
         "0 = off; loss.name=distill trains on the KL term alone", default=0.0)
-    teacher_temperature: float = _help("temperature of the teacher's scores in the distillation softmax "
+    teacher_temperature: float = config_field("temperature of the teacher's scores in the distillation softmax "
                                        "(the student's is loss.temperature)", default=1.0)
-    mask_shared_positives: bool = _help(
+    mask_shared_positives: bool = config_field(
         "infonce / ColBERT in-batch: a batch document that is also a positive of the row's query is not a "
         "negative for it (masked)", default=True)
 
@@ -106,11 +106,11 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _help("peak learning rate (AdamW)", default=5e-5)
-    weight_decay: float = _help("AdamW weight decay", default=0.01)
-    scheduler: str = _help("linear | cosine | constant (all after warmup)", default="linear")
-    warmup_ratio: float = _help("fraction of optimizer steps spent warming up", default=0.1)
-    max_grad_norm: float = _help("clip gradients to this norm; 0 disables", default=1.0)
+    lr: float = config_field("peak learning rate (AdamW)", default=5e-5)
+    weight_decay: float = config_field("AdamW weight decay", default=0.01)
+    scheduler: str = config_field("linear | cosine | constant (all after warmup)", default="linear")
+    warmup_ratio: float = config_field("fraction of optimizer steps spent warming up", default=0.1)
+    max_grad_norm: float = config_field("clip gradients to this norm; 0 disables", default=1.0)
 
     def __post_init__(self) -> None:
         check_choice("optim.scheduler", self.scheduler, ("linear", "cosine", "constant"))
@@ -122,14 +122,14 @@ class OptimConfig:
 
 @dataclass
 class WorkerScaling:
-    num_workers: int | list[int] = _help(
+    num_workers: int | list[int] = config_field(
         "Ray Train workers: N (fixed), or [min, max] (elastic: starts with as many as fit, at least min; grows "
         "towards max when nodes arrive and shrinks when one is lost, each time resuming from the latest "
         "checkpoint; the global batch stays batch_size x max)", default=1)
-    use_gpu: bool = _help("one GPU per worker", default=False)
-    cpus_per_worker: float = _help("CPUs reserved per worker", default=1.0)
-    torch_threads: int = _help("torch intra-op threads per worker; 0 = cpus_per_worker", default=0)
-    resize_interval_s: float = _help(
+    use_gpu: bool = config_field("one GPU per worker", default=False)
+    cpus_per_worker: float = config_field("CPUs reserved per worker", default=1.0)
+    torch_threads: int = config_field("torch intra-op threads per worker; 0 = cpus_per_worker", default=0)
+    resize_interval_s: float = config_field(
         "elastic: seconds between checks, while training, for room for more workers (Ray Train's "
         "elastic_resize_monitor_interval_s); a grow restarts the workers from the latest checkpoint", default=60.0)
 
@@ -178,14 +178,14 @@ class EngineConfig:
     Batch size, accumulation, clipping and bf16/fp16 are mapped onto DeepSpeed's own settings.
     """
 
-    name: str = _help("ddp | deepspeed", default="ddp")
-    zero_stage: int = _help("DeepSpeed ZeRO stage 0-3", default=2)
-    offload_optimizer: bool = _help("keep optimizer state in CPU memory (ZeRO-Offload)", default=False)
-    offload_params: bool = _help("keep parameters in CPU memory (ZeRO-3 only)", default=False)
-    torch_adam: bool = _help(
+    name: str = config_field("ddp | deepspeed", default="ddp")
+    zero_stage: int = config_field("DeepSpeed ZeRO stage 0-3", default=2)
+    offload_optimizer: bool = config_field("keep optimizer state in CPU memory (ZeRO-Offload)", default=False)
+    offload_params: bool = config_field("keep parameters in CPU memory (ZeRO-3 only)", default=False)
+    torch_adam: bool = config_field(
         "use torch's AdamW inside DeepSpeed (no JIT op build); false = DeepSpeed's fused/CPU Adam", default=True
     )
-    config_file: str = _help("extra DeepSpeed JSON merged over the generated config ('' = none); it may not set "
+    config_file: str = config_field("extra DeepSpeed JSON merged over the generated config ('' = none); it may not set "
                              "what the loop owns (batch sizes, accumulation, precision, clipping, optimizer, "
                              "scheduler, ZeRO stage)", default="")
 
@@ -203,14 +203,14 @@ class EngineConfig:
 class LoraSettings:
     """Low-rank adapters (peft) on the backbone; only adapter weights train."""
 
-    enabled: bool = _help("train LoRA adapters instead of all weights", default=False)
-    r: int = _help("adapter rank", default=16)
-    alpha: int = _help("adapter scaling numerator (scale = alpha / r)", default=32)
-    dropout: float = _help("dropout on the adapter input", default=0.05)
-    target_modules: list[str] = _help(
+    enabled: bool = config_field("train LoRA adapters instead of all weights", default=False)
+    r: int = config_field("adapter rank", default=16)
+    alpha: int = config_field("adapter scaling numerator (scale = alpha / r)", default=32)
+    dropout: float = config_field("dropout on the adapter input", default=0.05)
+    target_modules: list[str] = config_field(
         "module names to adapt; ['all-linear'] = every linear layer but the output head", default_factory=lambda: ["all-linear"]
     )
-    export: str = _help("merged (plain model, LoRA folded in) | adapter (adapter files + base path)", default="merged")
+    export: str = config_field("merged (plain model, LoRA folded in) | adapter (adapter files + base path)", default="merged")
 
     def __post_init__(self) -> None:
         check_choice("lora.export", self.export, ("merged", "adapter"))
@@ -224,10 +224,10 @@ class LoraSettings:
 class InputConfig:
     """What to do with bad input rows (see :mod:`distributed_ir.data.intake`)."""
 
-    on_error: str = _help("raise: stop at the first bad row (FILE:LINE: field); skip: write it to the "
+    on_error: str = config_field("raise: stop at the first bad row (FILE:LINE: field); skip: write it to the "
                           "rejects file and go on", default="raise")
-    rejects_path: str = _help("rejects JSONL ('' = <output dir>/rejects.jsonl)", default="")
-    max_text_bytes: int = _help("longest accepted text field in UTF-8 bytes (default 1 MiB)", default=1 << 20)
+    rejects_path: str = config_field("rejects JSONL ('' = <output dir>/rejects.jsonl)", default="")
+    max_text_bytes: int = config_field("longest accepted text field in UTF-8 bytes (default 1 MiB)", default=1 << 20)
 
     def __post_init__(self) -> None:
         check_choice("input.on_error", self.on_error, ("raise", "skip"))
@@ -242,69 +242,61 @@ class InputConfig:
 
 
 @dataclass
-class RerankerConfig:
-    """Reranker settings (tasks cross_encoder | colbert | llm_reranker); saved with the model."""
+class RerankerConfig(RerankerSettings):
+    """The ``reranker:`` section (tasks cross_encoder | colbert | llm_reranker): the model's own
+    :class:`~distributed_ir.models.settings.RerankerSettings` (saved with it) plus how its head trains."""
 
-    max_length: int = _help("cross-encoder / LLM: max tokens of the whole (query, document) input", default=512)
-    query_max_length: int = _help("max query tokens (ColBERT; others cut long queries to this when chunking)",
-                                  default=64)
-    document_max_length: int = _help("ColBERT: max document tokens per chunk", default=256)
-    max_chunks: int = _help("1 = truncate long documents; N > 1 = score up to N overlapping chunks, keep the max",
-                            default=1)
-    chunk_overlap: int = _help("tokens shared by consecutive chunks", default=64)
-    colbert_dim: int = _help("ColBERT head width (a colbert_linear.pt in the model folder decides instead)",
-                             default=128)
-    head_lr: float = _help("learning rate of the new head (ColBERT linear; cross-encoder classifier + pooler); "
-                            "0 = optim.lr", default=0.0)
-    prompt: str = _help("LLM reranker instruction ('' = the default Yes/No prompt)", default="")
+    head_lr: float = config_field("learning rate of the new head (ColBERT linear; cross-encoder classifier + pooler); "
+                           "0 = optim.lr (task llm_reranker: must stay 0, its LM head is not new)", default=0.0)
 
     def __post_init__(self) -> None:
-        for name in ("max_length", "query_max_length", "document_max_length", "max_chunks", "colbert_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"reranker.{name} must be >= 1")
-        if self.chunk_overlap < 0 or self.head_lr < 0:
-            raise ConfigError("reranker.chunk_overlap and reranker.head_lr must be >= 0")
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.head_lr < 0:
+            raise ConfigError("reranker.head_lr must be >= 0", key="head_lr")
 
 
 @dataclass
 class TrainConfig:
     """Everything one embedder fine-tune needs; passed to every worker as a plain dict."""
 
-    train_path: str = _help("training records (JSONL or Parquet): pair, triplet or scored; in a pipeline, set = use "
+    train_path: str = config_field("training records (JSONL or Parquet): pair, triplet or scored; in a pipeline, set = use "
                             "these prepared records instead of qrels pairs or mining", default="")
-    output_dir: str = _help("where checkpoints and the final model go", default="outputs/train")
+    output_dir: str = config_field("where checkpoints and the final model go", default="outputs/train")
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: WorkerScaling = field(default_factory=WorkerScaling)
-    task: str = _help("what is trained: embedder | cross_encoder | colbert | llm_reranker", default="embedder")
+    task: str = config_field("what is trained: embedder | cross_encoder | colbert | llm_reranker", default="embedder")
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    gradient_checkpointing: bool = _help("recompute activations in backward (less memory, ~30% slower)", default=False)
-    grad_cache_chunk: int = _help(
+    gradient_checkpointing: bool = config_field("recompute activations in backward (less memory, ~30% slower)", default=False)
+    grad_cache_chunk: int = config_field(
         "GradCache (cached in-batch negatives, task embedder): 0 = off; N = encode each worker's batch in chunks of "
         "N texts and back-propagate through cached embedding gradients, so batch_size can exceed what fits in "
         "activation memory (equal gradients, ~1 extra forward)", default=0)
     input: InputConfig = field(default_factory=InputConfig)
-    epochs: int = _help("passes over the training records", default=1)
-    max_steps: int = _help("stop after this many optimizer steps; -1 = epochs decide", default=-1)
-    batch_size: int = _help("records per worker per micro-step; elastic scaling.num_workers [min, max]: at max "
+    epochs: int = config_field("passes over the training records", default=1)
+    max_steps: int = config_field("stop after this many optimizer steps; -1 = epochs decide", default=-1)
+    batch_size: int = config_field("records per worker per micro-step; elastic scaling.num_workers [min, max]: at max "
                             "workers (with w workers each takes batch_size x max / w, so the global batch, data "
                             "order and in-batch negatives stay the max-size run's)", default=32)
-    grad_accum_steps: int = _help("micro-steps per optimizer step", default=1)
-    num_negatives: int = _help("hard negatives per query taken from triplet records", default=1)
-    bf16: bool = _help("bf16 autocast (CPU with AMX/avx512_bf16, or GPU)", default=False)
-    fp16: bool = _help("fp16 mixed precision (GPU; deepspeed uses dynamic loss scaling)", default=False)
-    seed: int = _help("seed for init, shuffling and negative sampling", default=42)
-    log_every: int = _help("report metrics every N optimizer steps", default=10)
-    checkpoint_every: int = _help("checkpoint every N optimizer steps; 0 = final only", default=0)
-    resume_from: str = _help("checkpoint dir to resume from ('' = none); must be trusted: the DeepSpeed engine "
+    grad_accum_steps: int = config_field("micro-steps per optimizer step", default=1)
+    num_negatives: int = config_field("hard negatives per query taken from triplet records", default=1)
+    bf16: bool = config_field("bf16 autocast (CPU with AMX/avx512_bf16, or GPU)", default=False)
+    fp16: bool = config_field("fp16 mixed precision (GPU; deepspeed uses dynamic loss scaling)", default=False)
+    seed: int = config_field("seed for init, shuffling and negative sampling", default=42)
+    log_every: int = config_field("report metrics every N optimizer steps", default=10)
+    checkpoint_every: int = config_field("checkpoint every N optimizer steps; 0 = final only", default=0)
+    resume_from: str = config_field("checkpoint dir to resume from ('' = none); must be trusted: the DeepSpeed engine "
                              "unpickles it, which can run code", default="")
-    storage_path: str = _help("Ray Train storage path ('' = <output_dir>/ray)", default="")
-    max_failures: int = _help("Ray Train worker-failure retries (a lost node counts as one); -1 = unlimited",
+    storage_path: str = config_field("Ray Train storage path ('' = <output_dir>/ray)", default="")
+    max_failures: int = config_field("Ray Train worker-failure retries (a lost node counts as one); -1 = unlimited",
                               default=0)
-    ray_train_metrics: bool = _help(
+    ray_train_metrics: bool = config_field(
         "export Ray Train's own Prometheus metrics (extra controller/worker callbacks; off saves CPU on small nodes)", default=False
     )
 
@@ -376,14 +368,14 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = _help("encode batch size", default=64)
-    top_k: int = _help("documents retrieved per query", default=100)
-    bf16: bool = _help("bf16 autocast while encoding", default=False)
-    max_queries: int = _help("evaluate only the first N queries (0 = all)", default=0)
-    num_shards: int = _help("corpus shards the Ray Data encode actors write (the unit of work one actor takes)",
+    batch_size: int = config_field("encode batch size", default=64)
+    top_k: int = config_field("documents retrieved per query", default=100)
+    bf16: bool = config_field("bf16 autocast while encoding", default=False)
+    max_queries: int = config_field("evaluate only the first N queries (0 = all)", default=0)
+    num_shards: int = config_field("corpus shards the Ray Data encode actors write (the unit of work one actor takes)",
                             default=4)
-    actors: int = _help("encode/search actors (0 = size from the cluster, as `distributed-ir index` does)", default=0)
-    use_gpu: bool = _help("encode and search on GPU actors (one GPU each)", default=False)
+    actors: int = config_field("encode/search actors (0 = size from the cluster, as `distributed-ir index` does)", default=0)
+    use_gpu: bool = config_field("encode and search on GPU actors (one GPU each)", default=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.top_k < 1 or self.max_queries < 0:
@@ -394,10 +386,10 @@ class EvalConfig:
 
 @dataclass
 class MiningConfig:
-    enabled: bool = _help("mine hard negatives with the base model before training", default=False)
-    rank_start: int = _help("first rank (0-based) eligible as a negative", default=10)
-    rank_end: int = _help("ranks before this are eligible", default=100)
-    per_query: int = _help("negatives kept per query", default=8)
+    enabled: bool = config_field("mine hard negatives with the base model before training", default=False)
+    rank_start: int = config_field("first rank (0-based) eligible as a negative", default=10)
+    rank_end: int = config_field("ranks before this are eligible", default=100)
+    per_query: int = config_field("negatives kept per query", default=8)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank_start < self.rank_end:
@@ -419,9 +411,9 @@ _RERANKER_TRAIN_DEFAULTS = {"task": "cross_encoder", "model": {"name_or_path": "
 
 @dataclass
 class PipelineRerankerMiningConfig:
-    rank_start: int = _help("first rank (0-based) of the fine-tuned model's run eligible as a negative", default=0)
-    rank_end: int = _help("ranks before this are eligible (the candidates the reranker will see)", default=30)
-    per_query: int = _help("negatives kept per training query", default=7)
+    rank_start: int = config_field("first rank (0-based) of the fine-tuned model's run eligible as a negative", default=0)
+    rank_end: int = config_field("ranks before this are eligible (the candidates the reranker will see)", default=30)
+    per_query: int = config_field("negatives kept per training query", default=7)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank_start < self.rank_end:
@@ -435,25 +427,25 @@ class PipelineRerankerConfig:
     """Pipeline stage after the fine-tuned eval: mine with the fine-tuned embedder -> train a
     reranker on Ray Train -> rerank the fine-tuned run's top_k with Ray Data (-> fuse)."""
 
-    enabled: bool = _help("run the reranker stage", default=False)
-    train: TrainConfig = _help(
+    enabled: bool = config_field("run the reranker stage", default=False)
+    train: TrainConfig = config_field(
         "the reranker's training config (task cross_encoder | colbert | llm_reranker; loss listwise | bce); "
         "model.name_or_path 'finetuned' = the embedder this pipeline just fine-tuned; train_path and "
         "output_dir are set by the pipeline", defaults=_RERANKER_TRAIN_DEFAULTS,
         default_factory=lambda: from_dict(TrainConfig, _RERANKER_TRAIN_DEFAULTS, "reranker.train"))
     mining: PipelineRerankerMiningConfig = field(default_factory=PipelineRerankerMiningConfig)
-    top_k: int = _help("candidates of the fine-tuned run reranked per eval query", default=100)
-    batch_size: int = _help("reranker batch size (pairs) per actor", default=32)
-    precision: str = _help("auto (the fastest of fp32 / bf16 / int8, or fp16 / bf16 on GPU, measured on the host "
+    top_k: int = config_field("candidates of the fine-tuned run reranked per eval query", default=100)
+    batch_size: int = config_field("reranker batch size (pairs) per actor", default=32)
+    precision: str = config_field("auto (the fastest of fp32 / bf16 / int8, or fp16 / bf16 on GPU, measured on the host "
                            "and passing min_cosine) | fp32 | bf16 | fp16 (GPU) | int8 (CPU; cross-encoder, ColBERT) "
                            "while reranking", default="auto")
-    min_cosine: float = _help("auto's quality gate: agreement of the scores with fp32's on the calibration pairs "
+    min_cosine: float = config_field("auto's quality gate: agreement of the scores with fp32's on the calibration pairs "
                               "(cosine of the mean-centred scores)", default=0.99)
-    actors: int = _help("reranker actors (0 = from cluster resources); GPUs when train.scaling.use_gpu",
+    actors: int = config_field("reranker actors (0 = from cluster resources); GPUs when train.scaling.use_gpu",
                         default=0)
-    fuse: float | None = _help("also a 'fused' row: w * z(reranker) + (1 - w) * z(fine-tuned); null = off",
+    fuse: float | None = config_field("also a 'fused' row: w * z(reranker) + (1 - w) * z(fine-tuned); null = off",
                                default=None)
-    compile: bool = _help("torch.compile the reranker in each actor (pays a compile first; faster on large "
+    compile: bool = config_field("torch.compile the reranker in each actor (pays a compile first; faster on large "
                           "reranks)", default=False)
 
     def __post_init__(self) -> None:
@@ -478,14 +470,14 @@ class HybridConfig:
     """BM25 (bm25s) as a first stage of its own (row ``bm25``) and fused with the fine-tuned dense
     run (row ``hybrid``)."""
 
-    enabled: bool = _help("add the bm25 and hybrid rows", default=False)
-    weight: float = _help("dense weight in the fusion: 1 = dense only, 0 = BM25 only", default=0.5)
-    method: str = _help("convex (min-max normalised scores) | rrf (reciprocal rank fusion)", default="convex")
-    rrf_k: int = _help("RRF constant k in 1 / (k + rank)", default=60)
-    k1: float = _help("BM25 k1 (Pyserini's BEIR baseline: 0.9)", default=0.9)
-    b: float = _help("BM25 b (Pyserini's BEIR baseline: 0.4)", default=0.4)
-    shards: int = _help("BM25 index shards (contiguous parts of the corpus, each its own index)", default=1)
-    rerank: bool = _help("the reranker stage reranks the hybrid run's top_k instead of the dense run's",
+    enabled: bool = config_field("add the bm25 and hybrid rows", default=False)
+    weight: float = config_field("dense weight in the fusion: 1 = dense only, 0 = BM25 only", default=0.5)
+    method: str = config_field("convex (min-max normalised scores) | rrf (reciprocal rank fusion)", default="convex")
+    rrf_k: int = config_field("RRF constant k in 1 / (k + rank)", default=60)
+    k1: float = config_field("BM25 k1 (Pyserini's BEIR baseline: 0.9)", default=0.9)
+    b: float = config_field("BM25 b (Pyserini's BEIR baseline: 0.4)", default=0.4)
+    shards: int = config_field("BM25 index shards (contiguous parts of the corpus, each its own index)", default=1)
+    rerank: bool = config_field("the reranker stage reranks the hybrid run's top_k instead of the dense run's",
                          default=True)
 
     def __post_init__(self) -> None:
@@ -500,13 +492,13 @@ class HybridConfig:
 class PipelineConfig:
     """train -> encode -> search -> evaluate on a BEIR dataset (-> mine -> train reranker -> rerank)."""
 
-    data_dir: str = _help("folder holding BEIR datasets ('' = $IR_DATA_DIR)", default="")
-    dataset: str = _help("BEIR dataset folder name under data_dir (one plain name: for cqadupstack/<x>, "
+    data_dir: str = config_field("folder holding BEIR datasets ('' = $IR_DATA_DIR)", default="")
+    dataset: str = config_field("BEIR dataset folder name under data_dir (one plain name: for cqadupstack/<x>, "
                          "point data_dir at the cqadupstack folder)", default="scifact")
-    train_split: str = _help("qrels split used for training", default="train")
-    eval_split: str = _help("qrels split used for evaluation", default="test")
-    output_dir: str = _help("where metrics.json, run.trec and the model go", default="outputs/pipeline")
-    skip_base_eval: bool = _help("do not evaluate the base model", default=False)
+    train_split: str = config_field("qrels split used for training", default="train")
+    eval_split: str = config_field("qrels split used for evaluation", default="test")
+    output_dir: str = config_field("where metrics.json, run.trec and the model go", default="outputs/pipeline")
+    skip_base_eval: bool = config_field("do not evaluate the base model", default=False)
     input: InputConfig = field(default_factory=InputConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

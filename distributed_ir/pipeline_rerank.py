@@ -33,7 +33,6 @@ def run_reranker_stage(cfg: PipelineConfig, out: Path, train_ds: BeirDataset, ev
     from distributed_ir.eval.rerank import rerank_run
     from distributed_ir.models.precision import PrecisionPolicy
     from distributed_ir.train.launch import init_ray, run_training
-    from distributed_ir.train.reranker_task import reranker_train_config
 
     rr, m, ev = cfg.reranker, cfg.reranker.mining, cfg.eval
     print(f"[pipeline] reranker: mining ranks {m.rank_start}..{m.rank_end} of the fine-tuned model for "
@@ -46,8 +45,7 @@ def run_reranker_stage(cfg: PipelineConfig, out: Path, train_ds: BeirDataset, ev
     model = rr.train.model
     if model.name_or_path == "finetuned":
         model = replace(model, name_or_path=str(embedder_path))
-    train_cfg = reranker_train_config(replace(rr.train, model=model, train_path=str(records_path),
-                                              output_dir=str(out / "reranker")))
+    train_cfg = replace(rr.train, model=model, train_path=str(records_path), output_dir=str(out / "reranker"))
     print(f"[pipeline] reranker: training a {train_cfg.task} from {model.name_or_path}", flush=True)
     result = run_training(train_cfg, records=handed_on(records))  # this stage's own records: not read back
     report["reranker_train"] = {"seconds": round(result.seconds, 1), "records": len(records), "task": train_cfg.task,

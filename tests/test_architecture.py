@@ -6,6 +6,8 @@ functions: an import deferred to call time still ties the two modules together."
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import distributed_ir
@@ -83,8 +85,19 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 def test_package_import_graph_has_no_cycles():
     graph = import_graph()
-    assert "distributed_ir.models.reranking" in graph and graph["distributed_ir.cli"]  # the walk sees modules
+    assert "distributed_ir.models.reranker_base" in graph and graph["distributed_ir.cli"]  # the walk sees modules
     found = cycles(graph)
     detail = "; ".join(" <-> ".join(c) + " (" + ", ".join(f"{a} -> {sorted(graph[a] & set(c))}" for a in c) + ")"
                        for c in found)
     assert not found, f"import cycles: {detail}"
+
+
+def test_the_config_imports_the_models_settings_alone():
+    """config -> models.settings (the `reranker:` section is the models' RerankerSettings): importing the
+    config first, in a fresh interpreter, must not pull torch in, nor run models.embedder (which imports
+    the config back) while the config is half-initialised."""
+    code = ("import sys, distributed_ir.config\n"
+            "assert 'torch' not in sys.modules and 'distributed_ir.models.embedder' not in sys.modules\n"
+            "import distributed_ir.models.embedder, distributed_ir.train.tasks")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -148,12 +148,9 @@ def test_pipeline_reranker_errors_name_file_and_line(tmp_path):
 def test_loss_defaults_follow_the_task_in_train_and_pipeline_alike(tmp_path, task, name, temperature):
     """One rule (LOSS_DEFAULTS): a config without a `loss` section gets the task's loss and temperature,
     whether it is run by `train reranker` / `train embedder` or as the pipeline's reranker stage."""
-    from distributed_ir.train.reranker_task import reranker_train_config
-
     (tmp_path / "train.yaml").write_text(f"task: {task}\nbatch_size: 4\n")
     train = load_config(TrainConfig, tmp_path / "train.yaml")
     if task != "embedder":
-        train = reranker_train_config(train)
         (tmp_path / "pipe.yaml").write_text(f"reranker:\n  enabled: true\n  train:\n    task: {task}\n")
         piped = load_config(PipelineConfig, tmp_path / "pipe.yaml").reranker.train
     else:

@@ -71,7 +71,7 @@ def test_pipeline_with_reranker_stage(tmp_path, tiny_bert, ray_cluster):
     assert train["task"] == "cross_encoder" and train["step"] == 3 and train["records"] == 8
     assert train["init_from"] == str(out / "train" / "model")
     reranker = load_reranker(out / "reranker" / "model")
-    assert reranker.settings.kind == "cross_encoder" and reranker.settings.max_length == 48
+    assert reranker.kind == "cross_encoder" and reranker.settings.max_length == 48
     assert np.all(np.isfinite(reranker.score("what about cats", ["cats purr fact 0", "rockets fly fact 1"])))
 
     # rerank + fuse: the fine-tuned run's top_k of every eval query

@@ -14,8 +14,8 @@ from distributed_ir.data.records import write_records
 from distributed_ir.models.rerankers import load_reranker
 from distributed_ir.train.batching import TextBatch
 from distributed_ir.train.loop import train_loop
-from distributed_ir.train.reranker_task import group_pairs
 from distributed_ir.train.tasks import get_task
+from distributed_ir.train.tasks.reranker import group_pairs
 from tests.conftest import build_tiny_model
 from tests.test_ray_train import _cli
 from tests.test_train_loop import _triplets
@@ -56,7 +56,7 @@ def test_reranker_loss_falls_and_export_scores(tiny_bert, tmp_path, task, loss):
     losses = [m["loss"] for m in result["history"]]
     assert len(losses) == epochs * 4 and sum(losses[-4:]) < sum(losses[:4])
     model = load_reranker(tmp_path / "out" / "checkpoints" / "final" / "model")
-    assert model.settings.kind == task
+    assert model.kind == task
     # trained: positives outrank their negatives on the training triplets
     recs = _triplets(16)
     pos = model.score_pairs([r.query for r in recs], [r.positive[0] for r in recs])
@@ -107,6 +107,31 @@ def test_wrong_loss_or_format_is_refused(tiny_bert, tmp_path):
     write_records(tmp_path / "train.jsonl", [r.__class__(r.query, r.positive) for r in _triplets(8)])
     with pytest.raises(ValueError, match="needs triplet records"):
         train_loop(_cfg(tiny_bert, tmp_path, "cross_encoder"))
+
+
+def test_one_task_class_per_task_and_the_config_knows_them_all():
+    from distributed_ir.config import LOSS_DEFAULTS, RERANKER_TASKS, TASK_LOSSES
+    from distributed_ir.models.rerankers import RERANKER_CLASSES
+    from distributed_ir.train.tasks import TASKS
+
+    assert set(TASKS) == set(LOSS_DEFAULTS) == set(TASK_LOSSES) == {"embedder", *RERANKER_TASKS}
+    assert tuple(RERANKER_CLASSES) == RERANKER_TASKS
+    assert [TASKS[name].model_class for name in RERANKER_TASKS] == [RERANKER_CLASSES[n] for n in RERANKER_TASKS]
+    assert len({TASKS[name] for name in TASKS}) == len(TASKS)
+
+
+@pytest.mark.parametrize("task, kw, key", [
+    ("cross_encoder", {"lora": {"enabled": True}}, "lora.enabled"),
+    ("colbert", {"lora": {"enabled": True}}, "lora.enabled"),
+    ("llm_reranker", {"lora": {"enabled": True, "export": "adapter"}}, "lora.export"),
+    ("llm_reranker", {"reranker": {"head_lr": 1e-3}}, "reranker.head_lr"),
+])
+def test_a_setting_the_task_cannot_use_is_refused_by_key(tiny_bert, tmp_path, task, kw, key):
+    from distributed_ir.config_loader import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        get_task(from_dict(TrainConfig, _cfg(tiny_bert, tmp_path, task, **kw)))
+    assert err.value.key == key
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,9 @@ import torch
 from distributed_ir.models.colbert import ColBERTReranker, maxsim
 from distributed_ir.models.cross_encoder import CrossEncoderReranker
 from distributed_ir.models.llm_reranker import LLMReranker
+from distributed_ir.models.reranker_base import window_starts
 from distributed_ir.models.rerankers import load_reranker
-from distributed_ir.models.reranking import Reranker, window_starts
+from distributed_ir.rag.reranker import Reranker
 from tests.conftest import build_tiny_model
 
 QUERIES = ["what do cats do", "how do rockets fly", "why is the sky blue"]
@@ -46,6 +49,46 @@ def test_cross_encoder_matches_sentence_transformers(tiny_bert, tmp_path):
     np.testing.assert_allclose(again.score(QUERIES[0], DOCS), model.score(QUERIES[0], DOCS), atol=1e-6)
     # the batch order (length sorting) does not change a score
     np.testing.assert_allclose(model.score_pairs(QUERIES[::-1], DOCS[::-1], batch_size=1), ours[::-1], atol=1e-5)
+
+
+def test_settings_belong_to_the_models_and_the_config_extends_them(tiny_bert, tmp_path):
+    """One RerankerSettings (models): ValueError on bad values, which the config reports as a ConfigError;
+    the config's `reranker:` section adds head_lr, which a saved model never carries."""
+    from distributed_ir.config import TrainConfig
+    from distributed_ir.config_loader import ConfigError, load_config, to_dict
+    from distributed_ir.models.settings import DEFAULT_LLM_PROMPT, SETTINGS_FILE, RerankerSettings
+
+    with pytest.raises(ValueError, match=r"reranker\.max_chunks=0: must be >= 1"):
+        RerankerSettings(max_chunks=0)
+    with pytest.raises(ConfigError, match=r"reranker\.chunk_overlap=-1: must be >= 0"):
+        load_config(TrainConfig, None, ["task=colbert", "reranker.chunk_overlap=-1"])
+    # the YAML keys of the `reranker:` section
+    assert set(to_dict(TrainConfig())["reranker"]) == {"max_length", "query_max_length", "document_max_length",
+                                                       "max_chunks", "chunk_overlap", "colbert_dim", "prompt",
+                                                       "head_lr"}
+    cfg = load_config(TrainConfig, None, ["task=cross_encoder", "reranker.max_length=48", "reranker.head_lr=1e-3",
+                                          "reranker.prompt="])
+    assert cfg.reranker.prompt == DEFAULT_LLM_PROMPT  # '' = the default prompt
+    model = CrossEncoderReranker.from_pretrained(str(tiny_bert), settings=cfg.reranker)
+    assert type(model.settings) is RerankerSettings and model.settings.max_length == 48
+    saved = json.loads((model.save(tmp_path / "ce") / SETTINGS_FILE).read_text())["reranker"]
+    assert saved["kind"] == "cross_encoder" and saved["max_length"] == 48 and "head_lr" not in saved
+    assert load_reranker(tmp_path / "ce").settings == model.settings
+
+
+def test_load_reranker_refuses_an_embedder_and_an_unknown_kind(tiny_bert, tmp_path):
+    from distributed_ir.models.embedder import Embedder
+    from distributed_ir.models.settings import SETTINGS_FILE
+
+    Embedder.load(str(tiny_bert)).save(tmp_path / "emb")
+    with pytest.raises(ValueError, match="not a reranker checkpoint"):
+        load_reranker(tmp_path / "emb")
+    path = CrossEncoderReranker.from_pretrained(str(tiny_bert), max_length=48).save(tmp_path / "ce")
+    saved = json.loads((path / SETTINGS_FILE).read_text())
+    saved["reranker"]["kind"] = "splade"
+    (path / SETTINGS_FILE).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="reranker kind 'splade'; expected one of cross_encoder, colbert, llm_reranker"):
+        load_reranker(path)
 
 
 def test_cross_encoder_long_document_is_max_over_chunks(tiny_bert):

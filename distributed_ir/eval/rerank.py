@@ -53,7 +53,7 @@ class RerankStage:
         self.batch_size = batch_size
         self.policy = PrecisionPolicy.of(precision)
         self.choice = PrecisionChoice(reranker, model_dir, self.device, self.policy,
-                                      {"role": f"reranker-{reranker.settings.kind}", "batch_size": batch_size,
+                                      {"role": f"reranker-{reranker.kind}", "batch_size": batch_size,
                                        "compile": compile})
         self.report_precision = report_precision
 

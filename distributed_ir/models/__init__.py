@@ -1,12 +1,11 @@
-"""Models: pooling, the bi-encoder embedder and the three rerankers."""
+"""Models: pooling, the bi-encoder embedder and the three rerankers.
 
-from distributed_ir.models.colbert import ColBERTReranker
-from distributed_ir.models.cross_encoder import CrossEncoderReranker
-from distributed_ir.models.embedder import Embedder, EmbedderSettings
-from distributed_ir.models.llm_reranker import LLMReranker
-from distributed_ir.models.pooling import pool
-from distributed_ir.models.rerankers import RERANKER_CLASSES, load_reranker
-from distributed_ir.models.reranking import Reranker, RerankerSettings
+- :mod:`~distributed_ir.models.embedder`: :class:`Embedder` and its ``EmbedderSettings``.
+- :mod:`~distributed_ir.models.rerankers`: ``load_reranker(path)`` and ``RERANKER_CLASSES``
+  (:mod:`~distributed_ir.models.cross_encoder`, :mod:`~distributed_ir.models.colbert`,
+  :mod:`~distributed_ir.models.llm_reranker`, on :mod:`~distributed_ir.models.reranker_base`).
+- :mod:`~distributed_ir.models.settings`: ``RerankerSettings`` and the settings file's name.
 
-__all__ = ["ColBERTReranker", "CrossEncoderReranker", "Embedder", "EmbedderSettings", "LLMReranker", "RERANKER_CLASSES", "Reranker",
-           "RerankerSettings", "load_reranker", "pool"]
+Nothing is imported here: the app's config imports :mod:`distributed_ir.models.settings`, which
+must not pull in torch or the modules that read the config.
+"""

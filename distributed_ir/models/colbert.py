@@ -25,14 +25,8 @@ import torch
 from torch import nn
 
 from distributed_ir.models.pooling import prepare_backbone
-from distributed_ir.models.reranking import (
-    RerankerBase,
-    RerankerSettings,
-    autocast_for,
-    load_hf,
-    pad_batch,
-    write_settings,
-)
+from distributed_ir.models.reranker_base import RerankerBase, autocast_for, load_hf, pad_batch, write_settings
+from distributed_ir.models.settings import RerankerSettings
 
 HEAD_FILE = "colbert_linear.pt"
 
@@ -61,6 +55,8 @@ def maxsim(q: torch.Tensor, q_mask: torch.Tensor, d: torch.Tensor, d_mask: torch
 class ColBERTReranker(RerankerBase):
     """``encode(ids, mask) -> (vectors, mask)``; ``forward(query, document) -> [B, N]`` MaxSim."""
 
+    kind = "colbert"
+
     def __init__(self, backbone: nn.Module, tokenizer: Any, settings: RerankerSettings,
                  head: nn.Linear | None = None):
         super().__init__()
@@ -72,7 +68,7 @@ class ColBERTReranker(RerankerBase):
         if head.in_features != hidden:
             raise ValueError(f"colbert head takes {head.in_features} inputs, the encoder gives {hidden}")
         self.colbert_linear = head
-        self.settings = replace(settings, kind="colbert", colbert_dim=head.out_features)
+        self.settings = replace(settings, colbert_dim=head.out_features)
         prepare_backbone(backbone, tokenizer)
 
     # ------------------------------------------------------------------ construction
@@ -83,8 +79,8 @@ class ColBERTReranker(RerankerBase):
         """Encoder + tokenizer from a folder; ``colbert_linear.pt`` there is loaded, else a new head."""
         from transformers import AutoModel
 
-        path, settings, tokenizer, backbone = load_hf(AutoModel, name_or_path, "colbert", settings, dtype,
-                                                      trust_remote_code, overrides)
+        path, settings, tokenizer, backbone = load_hf(AutoModel, name_or_path, settings, dtype, trust_remote_code,
+                                                      overrides)
         head = load_head(Path(path) / HEAD_FILE, int(backbone.config.hidden_size))
         if head is None:
             head = new_head(int(backbone.config.hidden_size), settings.colbert_dim)
@@ -96,7 +92,7 @@ class ColBERTReranker(RerankerBase):
         self.backbone.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         torch.save({k: v.detach().cpu() for k, v in self.colbert_linear.state_dict().items()}, path / HEAD_FILE)
-        write_settings(path, self.settings, {"similarity": "maxsim"})
+        write_settings(path, self.kind, self.settings, {"similarity": "maxsim"})
         return path
 
     def head_parameters(self) -> list[nn.Parameter]:

@@ -20,18 +20,16 @@ from typing import Any
 
 import torch
 
-from distributed_ir.models.reranking import (
-    RerankerBase,
-    RerankerSettings,
-    load_hf,
-    write_settings,
-)
+from distributed_ir.models.reranker_base import RerankerBase, load_hf, write_settings
+from distributed_ir.models.settings import RerankerSettings
 
 ST_IDENTITY = "torch.nn.modules.linear.Identity"
 
 
 class CrossEncoderReranker(RerankerBase):
     """``forward(**features) -> [batch]`` logits; ``score(query, documents)`` for inference."""
+
+    kind = "cross_encoder"
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: RerankerSettings):
         super().__init__()
@@ -49,8 +47,8 @@ class CrossEncoderReranker(RerankerBase):
         """A HF encoder (a new head is initialised) or a saved cross-encoder (its settings apply)."""
         from transformers import AutoModelForSequenceClassification
 
-        _, settings, tokenizer, model = load_hf(AutoModelForSequenceClassification, name_or_path, "cross_encoder",
-                                                settings, dtype, trust_remote_code, overrides, num_labels=1)
+        _, settings, tokenizer, model = load_hf(AutoModelForSequenceClassification, name_or_path, settings, dtype,
+                                                trust_remote_code, overrides, num_labels=1)
         return cls(model, tokenizer, settings)
 
     def save(self, path: str | Path) -> Path:
@@ -65,7 +63,7 @@ class CrossEncoderReranker(RerankerBase):
         self.tokenizer.model_max_length = self.settings.max_length  # CrossEncoder truncates at this
         self.tokenizer.save_pretrained(path)
         self.tokenizer.model_max_length = max_len
-        write_settings(path, self.settings, {"similarity": "logit"})
+        write_settings(path, self.kind, self.settings, {"similarity": "logit"})
         return path
 
     def head_parameters(self) -> list[torch.nn.Parameter]:

@@ -24,8 +24,8 @@ from distributed_ir.config_loader import ConfigError
 from distributed_ir.models.eos import tokenizer_appends_eos
 from distributed_ir.models.lora import adapter_base_path, is_adapter_dir, load_adapter
 from distributed_ir.models.pooling import pool, prepare_backbone
+from distributed_ir.models.settings import SETTINGS_FILE
 
-SETTINGS_FILE = "distributed_ir.json"
 # Settings that change what a vector means: a conflict with the checkpoint is an error.
 SEMANTIC = ("pooling", "normalize", "query_instruction", "document_instruction", "append_eos")
 

@@ -17,7 +17,6 @@ Long documents are cut into overlapping token windows; score = max over windows.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,8 @@ import torch
 from torch import nn
 
 from distributed_ir.models.pooling import last_token_index
-from distributed_ir.models.reranking import (
-    RerankerBase,
-    RerankerSettings,
-    chunk_ids,
-    load_hf,
-    pad_batch,
-    write_settings,
-)
+from distributed_ir.models.reranker_base import RerankerBase, chunk_ids, load_hf, pad_batch, write_settings
+from distributed_ir.models.settings import RerankerSettings
 
 
 def first_token(tokenizer: Any, word: str) -> int:
@@ -46,11 +39,13 @@ def first_token(tokenizer: Any, word: str) -> int:
 class LLMReranker(RerankerBase):
     """``forward(input_ids, attention_mask) -> [batch]`` Yes-log-probabilities."""
 
+    kind = "llm_reranker"
+
     def __init__(self, lm: nn.Module, tokenizer: Any, settings: RerankerSettings):
         super().__init__()
         self.lm = lm
         self.tokenizer = tokenizer
-        self.settings = replace(settings, kind="llm_reranker")
+        self.settings = settings
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.yes_id = first_token(tokenizer, "Yes")
@@ -66,7 +61,7 @@ class LLMReranker(RerankerBase):
                         **overrides: Any) -> LLMReranker:
         from transformers import AutoModelForCausalLM
 
-        _, settings, tokenizer, lm = load_hf(AutoModelForCausalLM, name_or_path, "llm_reranker", settings, dtype,
+        _, settings, tokenizer, lm = load_hf(AutoModelForCausalLM, name_or_path, settings, dtype,
                                              trust_remote_code, overrides)
         return cls(lm, tokenizer, settings)
 
@@ -117,7 +112,7 @@ class LLMReranker(RerankerBase):
         else:
             self.lm.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
-        write_settings(path, self.settings, {"similarity": "log_p_yes", "yes_token": self.yes_id,
+        write_settings(path, self.kind, self.settings, {"similarity": "log_p_yes", "yes_token": self.yes_id,
                                              "no_token": self.no_id})
         return path
 

@@ -1,16 +1,9 @@
-"""Training tasks: what is trained, independent of how (the engine) and where (Ray Train).
-
-A task builds the *train module* — an ``nn.Module`` whose ``forward(**inputs)`` returns the scalar
-loss, so DDP and DeepSpeed see exactly one forward per backward — turns a
-:class:`~distributed_ir.train.batching.TextBatch` into that forward's inputs, and exports the
-user-facing model from the train module's full state dict (gathered on rank 0 under ZeRO-3).
-
-Tasks register by name (``TrainConfig.task``); rerankers add theirs with :func:`register_task`.
-"""
+"""Bi-encoder fine-tuning (task ``embedder``): queries and documents encoded by one
+:class:`~distributed_ir.models.embedder.Embedder`, InfoNCE / triplet on pairs and triplets, CoSENT
+on scored pairs, and distillation from teacher scores."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,71 +14,11 @@ from torch import nn
 from distributed_ir.config import ModelConfig, TrainConfig
 from distributed_ir.config_loader import ConfigError
 from distributed_ir.losses import build_distillation, build_loss
-from distributed_ir.models.embedder import Embedder
+from distributed_ir.models.embedder import Embedder, resolve_model_path
+from distributed_ir.models.lora import apply_lora
 from distributed_ir.train.batching import TextBatch
+from distributed_ir.train.tasks.base import TrainTask, enable_gradient_checkpointing
 
-
-class TrainTask:
-    """Base class: subclasses set ``formats`` and implement ``build``, ``inputs`` and ``export``."""
-
-    name = ""
-    formats: tuple[str, ...] = ()
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-
-    def check_format(self, fmt: str, path: str) -> None:
-        if fmt not in self.formats:
-            raise ValueError(f"{path}: task {self.name!r} with loss {self.cfg.loss.name!r} needs "
-                             f"{' or '.join(self.formats)} records, the file holds {fmt} records")
-
-    def build(self, weights_from: str | None = None) -> nn.Module:
-        """The train module; ``weights_from`` = a previously exported model to start from."""
-        raise NotImplementedError
-
-    def inputs(self, module: nn.Module, batch: TextBatch) -> dict[str, Any]:
-        """Tokenised CPU tensors (and plain values) for ``train_module(**inputs)``; ``module`` unwrapped."""
-        raise NotImplementedError
-
-    def export(self, module: nn.Module, path: Path) -> Path:
-        """Write the user-facing model from a CPU train module holding the trained weights."""
-        raise NotImplementedError
-
-    def check_records(self, records: list, path: str) -> None:
-        """Refuse records this task's loss cannot train on (beyond their format)."""
-
-    def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
-        """Optimizer parameter groups (a task may give a head its own learning rate)."""
-        return [{"params": [p for p in module.parameters() if p.requires_grad]}]
-
-
-_TASKS: dict[str, Callable[[TrainConfig], TrainTask]] = {}
-
-
-def register_task(name: str, factory: Callable[[TrainConfig], TrainTask]) -> None:
-    _TASKS[name] = factory
-
-
-def get_task(cfg: TrainConfig) -> TrainTask:
-    _load_plugins()
-    if cfg.task not in _TASKS:
-        raise ConfigError(f"task={cfg.task!r}: expected one of {', '.join(sorted(_TASKS))}")
-    return _TASKS[cfg.task](cfg)
-
-
-def _load_plugins() -> None:
-    """Import modules that register further tasks (rerankers) when they are installed."""
-    import importlib
-
-    for module in ("distributed_ir.train.reranker_task",):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-
-
-# ----------------------------------------------------------------------------- embedder
 
 class EmbedderTrainModule(nn.Module):
     """Bi-encoder + loss in one forward (queries and documents encoded together): the contrastive
@@ -145,12 +78,8 @@ class EmbedderTask(TrainTask):
             model_cfg = replace(model_cfg, name_or_path=weights_from)
         embedder = Embedder.from_config(model_cfg)
         if self.cfg.gradient_checkpointing:
-            embedder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            embedder.backbone.config.use_cache = False
+            enable_gradient_checkpointing(embedder.backbone)
         if self.cfg.lora.enabled:
-            from distributed_ir.models.embedder import resolve_model_path
-            from distributed_ir.models.lora import apply_lora
-
             embedder.backbone = apply_lora(embedder.backbone, self.cfg.lora, resolve_model_path(model_cfg.name_or_path))
         return embedder
 
@@ -193,6 +122,3 @@ class EmbedderTask(TrainTask):
             embedder.backbone = embedder.backbone.merge_and_unload()
         return embedder.save(path, extra={"trained_with": {"task": self.name, "engine": self.cfg.engine.name,
                                                            "lora": self.cfg.lora.enabled}})
-
-
-register_task("embedder", EmbedderTask)

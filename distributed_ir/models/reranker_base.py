@@ -1,10 +1,14 @@
-"""What the three rerankers share: settings, the ``score`` API, length-aware batching, chunking.
+"""What the three rerankers share: the base class (``score`` API, length-aware batching),
+chunking, and reading / writing their settings.
 
 Every reranker turns (query, document) pairs into *units*: one token sequence per document
 chunk (cross-encoder, LLM) or one (query, chunk) sequence pair (ColBERT).  A short document is
 one unit; a long one, with ``max_chunks > 1``, is split into overlapping token windows and its
 score is the max over its chunks (MaxP, Dai & Callan 2019).  Units are sorted by length and
 batched so a forward pass pads little, then scores go back to input order.
+
+The registry of the three (kind -> class, :func:`~distributed_ir.models.rerankers.load_reranker`)
+lives in :mod:`distributed_ir.models.rerankers`, so this base never imports its subclasses.
 """
 
 from __future__ import annotations
@@ -13,74 +17,37 @@ import json
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
 
-from distributed_ir.config import RERANKER_TASKS
-from distributed_ir.config_loader import ConfigError
-
-SETTINGS_FILE = "distributed_ir.json"
-KINDS = RERANKER_TASKS
-DEFAULT_LLM_PROMPT = (
-    "Given a query with a relevant body, determine whether the document is pertinent to the query by "
-    "providing a prediction of either 'Yes' or 'No'."
-)
+from distributed_ir.models.settings import SETTINGS_FILE, RerankerSettings
 
 
-@runtime_checkable
-class Reranker(Protocol):
-    """The one method a caller needs (the LangChain compressor is written against it)."""
-
-    def score(self, query: str, documents: list[str]) -> list[float]: ...
-
-
-@dataclass
-class RerankerSettings:
-    """Saved beside the weights so scoring always matches training."""
-
-    kind: str = "cross_encoder"
-    max_length: int = 512  # cross-encoder / LLM: tokens of the whole (query, document) input
-    query_max_length: int = 64  # ColBERT queries; cross-encoder/LLM truncate long queries to this when chunking
-    document_max_length: int = 256  # ColBERT documents (per chunk)
-    max_chunks: int = 1  # 1 = truncate long documents; N > 1 = up to N overlapping chunks, score = max
-    chunk_overlap: int = 64  # tokens shared by consecutive chunks
-    colbert_dim: int = 128
-    prompt: str = DEFAULT_LLM_PROMPT
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"reranker kind {self.kind!r}: expected one of {', '.join(KINDS)}")
-        for name in ("max_length", "query_max_length", "document_max_length", "max_chunks", "colbert_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"reranker.{name} must be >= 1")
-        if self.chunk_overlap < 0:
-            raise ConfigError("reranker.chunk_overlap must be >= 0")
-
-
-def write_settings(path: Path, settings: RerankerSettings, extra: dict[str, Any] | None = None) -> None:
+def write_settings(path: Path, kind: str, settings: RerankerSettings, extra: dict[str, Any] | None = None) -> None:
+    """``distributed_ir.json``: ``{"reranker": {"kind", settings...}, "versions", **extra}``."""
     import transformers
 
     from distributed_ir import __version__
 
-    obj = {"reranker": asdict(settings), "versions": {"distributed_ir": __version__, "pytorch": torch.__version__,
-                                                      "transformers": transformers.__version__}, **(extra or {})}
+    versions = {"distributed_ir": __version__, "pytorch": torch.__version__, "transformers": transformers.__version__}
+    obj = {"reranker": {"kind": kind, **asdict(RerankerSettings.of(settings))}, "versions": versions, **(extra or {})}
     (Path(path) / SETTINGS_FILE).write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def read_settings(path: str | Path) -> RerankerSettings | None:
-    """The reranker settings saved in ``path``, or None for a plain Hugging Face folder."""
+def read_settings(path: str | Path) -> tuple[str, RerankerSettings] | None:
+    """``(kind, settings)`` saved in ``path``, or None for a plain Hugging Face folder."""
     file = Path(path) / SETTINGS_FILE
     if not file.is_file():
         return None
-    saved = json.loads(file.read_text())
-    if "reranker" not in saved:
-        raise ConfigError(f"{file}: not a reranker checkpoint (no 'reranker' section; an embedder?)")
+    saved = json.loads(file.read_text()).get("reranker")
+    if not isinstance(saved, dict) or "kind" not in saved:
+        raise ValueError(f"{file}: not a reranker checkpoint (no 'reranker' section with a 'kind'; an embedder?)")
     known = {f.name for f in fields(RerankerSettings)}
-    return RerankerSettings(**{k: v for k, v in saved["reranker"].items() if k in known})
+    return saved["kind"], RerankerSettings(**{k: v for k, v in saved.items() if k in known})
 
 
 def window_starts(length: int, size: int, overlap: int, max_chunks: int) -> list[int]:
@@ -110,6 +77,7 @@ class RerankerBase(torch.nn.Module):
     ``score_units(units, device) -> Tensor[n]``.
     """
 
+    kind: ClassVar[str]
     settings: RerankerSettings
 
     @classmethod
@@ -198,14 +166,15 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[
     return ids, mask
 
 
-def load_hf(auto_cls: Any, name_or_path: str, kind: str, settings: RerankerSettings | None,
+def load_hf(auto_cls: Any, name_or_path: str, settings: RerankerSettings | None,
             dtype: torch.dtype | None, trust_remote_code: bool, overrides: dict[str, Any],
             **model_kwargs: Any) -> tuple[str, RerankerSettings, Any, torch.nn.Module]:
     """What every reranker's ``from_pretrained`` starts with: ``(path, settings, tokenizer, model)``.
 
     The path is resolved offline (``HF_HUB_OFFLINE=1`` unless set); the settings are the given
-    ones, else those saved in the folder, else the defaults, with ``kind`` and ``overrides``
-    applied; the model is ``auto_cls.from_pretrained(path, **model_kwargs)`` in ``dtype``.
+    ones (only the :class:`RerankerSettings` fields of an app config that extends them), else those
+    saved in the folder, else the defaults, with ``overrides`` applied; the model is
+    ``auto_cls.from_pretrained(path, **model_kwargs)`` in ``dtype``.
     """
     from transformers import AutoTokenizer
 
@@ -213,7 +182,10 @@ def load_hf(auto_cls: Any, name_or_path: str, kind: str, settings: RerankerSetti
     from distributed_ir.models.embedder import resolve_model_path
 
     path = resolve_model_path(name_or_path)
-    settings = replace(settings or read_settings(path) or RerankerSettings(kind=kind), kind=kind, **overrides)
+    if settings is None:
+        saved = read_settings(path)
+        settings = saved[1] if saved else RerankerSettings()
+    settings = replace(RerankerSettings.of(settings), **overrides)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {**model_kwargs, "trust_remote_code": trust_remote_code}
     if dtype is not None:
