@@ -54,9 +54,19 @@ class ActorPlan:
         return {"compute": strategy, "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
                 **({"resources": dict(self.resources)} if self.resources else {})}
 
+    def actor_options(self) -> dict[str, Any]:
+        """Resource arguments for ``ray.remote(cls).options(...)`` (actors outside Ray Data)."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                **({"resources": dict(self.resources)} if self.resources else {})}
+
     def missing(self, cluster: dict[str, float]) -> dict[str, float]:
         """The part of one actor's request that ``cluster`` (its total resources) does not have yet."""
-        return {k: v for k, v in self.request().items() if v > 0 and cluster.get(k, 0) < v}
+        return absent(self.request(), cluster)
+
+
+def absent(request: dict[str, float], cluster: dict[str, float]) -> dict[str, float]:
+    """The part of ``request`` that ``cluster`` (its total resources) does not have yet."""
+    return {k: v for k, v in request.items() if v > 0 and cluster.get(k, 0) < v}
 
 
 def actor_plan(use_gpu: bool = False, actors: int = 0, min_actors: int = 0, max_actors: int = 0, units: int = 0,
@@ -107,11 +117,7 @@ def starting_actors(plan: ActorPlan, timeout_s: float, what: str = "actors") -> 
     import ray
     from ray.data import DataContext
 
-    missing = plan.missing(ray.cluster_resources())
-    if missing:
-        print(f"[{what}] the Ray cluster does not have {missing} yet: waiting up to {timeout_s:g} s for "
-              f"{plan.min_size} actor(s) asking for {plan.request()} (an autoscaler adds such nodes)",
-              file=sys.stderr, flush=True)
+    announce_wait(plan.request(), plan.min_size, timeout_s, what)
     ctx = DataContext.get_current()
     saved, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, max(1, int(timeout_s))
     # Ray Data grows a pool only above 175% utilisation (tasks in flight / actor slots); with one
@@ -131,12 +137,68 @@ def starting_actors(plan: ActorPlan, timeout_s: float, what: str = "actors") -> 
         ctx.wait_for_min_actors_s, ctx.autoscaling_config = saved, saved_scaling
     if timed_out:  # raised outside the except: the new error holds no traceback of the failed pool
         release_failed_pool()
-        now = plan.missing(ray.cluster_resources())
-        raise ActorStartTimeout(
-            f"{what}: {plan.min_size} actor(s) asking for {plan.request()} each did not start within {timeout_s:g} s"
-            + (f"; the cluster still does not have {now}" if now else "; the cluster lacks free room for them")
-            + ". Add nodes with these resources (or an autoscaler node type that has them), lower the request, "
-              "or raise the start timeout")
+        raise start_timeout(plan.request(), plan.min_size, timeout_s, what)
+
+
+def announce_wait(request: dict[str, float], count: int, timeout_s: float, what: str, kind: str = "actor(s)") -> bool:
+    """Say on stderr that ``count`` actors (or tasks) wait for a resource the cluster does not have
+    yet; whether it lacks one."""
+    import ray
+
+    missing = absent(request, ray.cluster_resources())
+    if missing:
+        print(f"[{what}] the Ray cluster does not have {missing} yet: waiting up to {timeout_s:g} s for "
+              f"{count} {kind} asking for {request} (an autoscaler adds such nodes)", file=sys.stderr, flush=True)
+    return bool(missing)
+
+
+def start_timeout(request: dict[str, float], count: int, timeout_s: float, what: str,
+                  kind: str = "actor(s)") -> ActorStartTimeout:
+    """The error for ``count`` actors (or tasks) asking for ``request`` that did not start in time."""
+    import ray
+
+    now = absent(request, ray.cluster_resources())
+    return ActorStartTimeout(
+        f"{what}: {count} {kind} asking for {request} each did not start within {timeout_s:g} s"
+        + (f"; the cluster still does not have {now}" if now else "; the cluster lacks free room for them")
+        + ". Add nodes with these resources (or an autoscaler node type that has them), lower the request, "
+          "or raise the start timeout")
+
+
+def wait_started(ready: list, request: dict[str, float], timeout_s: float, what: str) -> list:
+    """``ray.get(ready)`` for calls on actors just created with ``request`` each (their first call
+    runs once the actor is placed and constructed), waiting at most ``timeout_s``; on timeout
+    :class:`ActorStartTimeout` names the request and what the cluster still lacks."""
+    import ray
+
+    announce_wait(request, len(ready), timeout_s, what)
+    try:
+        return ray.get(ready, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        pass
+    raise start_timeout(request, len(ready), timeout_s, what)
+
+
+def wait_for_resources(request: dict[str, float], pending: list, timeout_s: float, what: str,
+                       poll_s: float = 1.0) -> None:
+    """Tasks ``pending`` ask for ``request`` each: while the cluster lacks part of it (an autoscaler
+    adds nodes for pending demand), wait up to ``timeout_s`` for it to appear; then cancel them and
+    raise :class:`ActorStartTimeout`. Returns at once when the cluster has every resource (busy
+    resources are not waited for here: the tasks queue for them)."""
+    import time
+
+    import ray
+
+    if not announce_wait(request, len(pending), timeout_s, what, "task(s)"):
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(poll_s)
+        if not absent(request, ray.cluster_resources()):
+            return
+    for ref in pending:
+        ray.cancel(ref, force=True)
+    raise start_timeout(request, len(pending), timeout_s, what, "task(s)")
 
 
 def release_failed_pool() -> None:

@@ -4,13 +4,15 @@ and searched by Ray Data actors, hits ordered by the one ranking rule.
     index_corpus(model, corpus, out)  -> CorpusIndex   (``distributed-ir index``'s path: encode actors
                                                         write their own shards, FAISS parts built in Ray tasks)
     search_queries(index, queries, k) -> Run           (query batches over an actor pool; each actor
-                                                        holds the query encoder and the index parts)
+                                                        holds the query encoder and either the index
+                                                        parts or handles to per-part searcher actors)
 
-Used by the pipeline (base eval, mining, fine-tuned eval, the reranker stage's mining) and by
-``distributed-ir mine``; the ``search`` command runs the same searcher
-(:func:`distributed_ir.index.parts.search_loaded`). The driver builds no model and receives no
-vector: it gets shard metadata from the encoders and each query's top-k ids and scores from the
-searchers. A :class:`CorpusIndex` is what stages hand on (a folder and facts, never vectors).
+Used by the pipeline (base eval, mining, fine-tuned eval, the reranker stage's mining), by
+``distributed-ir mine`` and ``distributed-ir search``; the LangChain retriever searches in its own
+process with the same searcher (:class:`distributed_ir.index.parts.PartSearcher`). The driver
+builds no model and receives no vector: it gets shard metadata from the encoders and each query's
+top-k ids and scores from the query actors. A :class:`CorpusIndex` is what stages hand on (a
+folder and facts, never vectors).
 """
 
 from __future__ import annotations
@@ -59,29 +61,35 @@ def index_corpus(model: str, corpus: str | list[str], out: str, batch_size: int 
 class QuerySearchStage:
     """``__call__({"query_id", "text"}) -> Arrow table (query_id, doc_ids, scores)`` (no Ray imports).
 
-    Loads the index parts and the model that built the index once per actor (the query settings
-    saved with it); each row's hits are ordered by :func:`distributed_ir.eval.metrics.rank`
-    (fewer than ``top_k`` when the index is smaller).
+    Loads the model that built the index once per actor (the query settings saved with it) and
+    either the index parts themselves or, given ``searchers`` (per-part searcher actor handles,
+    :mod:`distributed_ir.index.searchers`), none: each encoded batch then goes to every searcher and
+    their top-k lists are merged. Either way each row's hits are what
+    :func:`distributed_ir.index.parts.search_hits` gives over every part, ordered by
+    :func:`distributed_ir.eval.metrics.rank` (fewer than ``top_k`` when the index is smaller).
     """
 
     def __init__(self, index_dir: str, top_k: int, batch_size: int = 64, precision: str | PrecisionPolicy = "auto",
-                 device: str = "cpu", threads: int = 0, report_precision: bool = False):
+                 device: str = "cpu", threads: int = 0, report_precision: bool = False, searchers: list | None = None):
         from distributed_ir.index.encode import EncodeStage
-        from distributed_ir.index.parts import iter_parts
+        from distributed_ir.index.parts import PartSearcher
         from distributed_ir.index.pipeline import MANIFEST
+        from distributed_ir.index.searchers import RemoteParts
 
         root = Location(index_dir)
         manifest = root.read_json(MANIFEST)
         self.encoder = EncodeStage(manifest["model"], kind="query", batch_size=batch_size, precision=precision,
                                    device=device, threads=threads)
-        self.parts = list(iter_parts(root.child("index")))
+        self.searcher = RemoteParts(searchers) if searchers else PartSearcher(root.child("index"),
+                                                                              use_gpu=device != "cpu")
         self.top_k = top_k
         self.report_precision = report_precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from distributed_ir.index.parts import search_loaded
+        from distributed_ir.index.parts import hit_dicts
 
-        hits = search_loaded(self.parts, self.encoder.encode([str(t) for t in batch["text"]]), self.top_k)
+        vectors = self.encoder.encode([str(t) for t in batch["text"]])
+        hits = hit_dicts(self.searcher.search(vectors, self.top_k))
         ids = [rank(h) for h in hits]
         # list<string> / list<double> Arrow columns: Ray stores them natively (object arrays are pickled)
         columns = {"query_id": pa.array([str(q) for q in batch["query_id"]], pa.string()),
@@ -94,28 +102,41 @@ class QuerySearchStage:
 
 def search_queries(index_dir: str, queries: dict[str, str], top_k: int, batch_size: int = 64,
                    precision: str | PrecisionPolicy = "auto", actors: int = 0, use_gpu: bool = False,
-                   decisions: list[dict[str, Any]] | None = None, actor_start_timeout_s: float = 600) -> Run:
-    """``{qid: {doc_id: score}}``: the top ``top_k`` of every query, query batches spread over a Ray
+                   decisions: list[dict[str, Any]] | None = None, actor_start_timeout_s: float = 600,
+                   searchers: int = 0, searcher_gpus: float = 0.0,
+                   searcher_stats: list[dict[str, Any]] | None = None) -> Run:
+    """``{qid: {doc_id: score}}``: the top ``top_k`` of every query, query batches encoded by a Ray
     Data actor pool (:func:`distributed_ir.index.actors.actor_plan`: ``actors`` fixed, else one
     up to one per query batch, waiting up to ``actor_start_timeout_s`` for resources an autoscaler
-    may add); the actors' precision decisions are appended to ``decisions`` when given. Raises when
-    a query comes back without its row."""
+    may add) and searched on the index parts.
+
+    ``searchers``: per-part searcher actors (:mod:`distributed_ir.index.searchers`), each holding
+    a group of consecutive parts; 0 = one per part. An index of one part (or ``searchers=1``) is
+    held by each query actor instead. ``searcher_gpus``: GPUs each searcher asks for (0: CPU FAISS).
+    The query actors' precision decisions are appended to ``decisions`` and each searcher's
+    :meth:`~distributed_ir.index.parts.PartSearcher.held` to ``searcher_stats`` when given.
+    Raises when a query comes back without its row."""
     import ray
 
     from distributed_ir.index.actors import actor_plan, starting_actors
+    from distributed_ir.index.searchers import part_searchers, searcher_groups
 
     qids = list(queries)
     if not qids:
         return {}
     plan = actor_plan(use_gpu, actors, units=math.ceil(len(qids) / batch_size))
     table = pa.table({"query_id": qids, "text": [queries[q] for q in qids]})
+    # blocks cut here, not by repartition: no Ray Data task has to find a CPU beside the actors
+    step = math.ceil(len(qids) / max(1, min(len(qids), 4 * plan.max_size)))
+    blocks = [table.slice(i, step) for i in range(0, len(qids), step)]
+    groups = searcher_groups(index_dir, searchers)
     run: Run = {}
-    with starting_actors(plan, actor_start_timeout_s, "query search"):
-        ds = ray.data.from_arrow(table).repartition(max(1, min(len(qids), 4 * plan.max_size)))
-        ds = ds.map_batches(QuerySearchStage, fn_constructor_kwargs={
+    with (part_searchers(index_dir, groups, searcher_gpus, actor_start_timeout_s, searcher_stats) as handles,
+          starting_actors(plan, actor_start_timeout_s, "query search")):
+        ds = ray.data.from_arrow(blocks).map_batches(QuerySearchStage, fn_constructor_kwargs={
             "index_dir": str(index_dir), "top_k": top_k, "batch_size": batch_size, "precision": precision,
-            "device": plan.device, "threads": plan.threads, "report_precision": decisions is not None},
-            batch_size=batch_size, batch_format="numpy", **plan.map_kwargs())
+            "device": plan.device, "threads": plan.threads, "report_precision": decisions is not None,
+            "searchers": handles}, batch_size=batch_size, batch_format="numpy", **plan.map_kwargs())
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             rows = batch.to_pydict()
             for qid, ids, scores in zip(rows["query_id"], rows["doc_ids"], rows["scores"]):

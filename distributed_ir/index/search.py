@@ -1,8 +1,10 @@
-"""Search a built index with the model that built it; write a TREC run."""
+"""Search a built index with the model that built it (queries encoded and searched on Ray); write a TREC run."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from distributed_ir.config_loader import ConfigError
@@ -10,9 +12,9 @@ from distributed_ir.data.beir import load_qrels, load_queries
 from distributed_ir.data.errors import DataError
 from distributed_ir.data.intake import InputCheck
 from distributed_ir.eval.metrics import Run, write_run
-from distributed_ir.index.encode import EncodeStage
-from distributed_ir.index.parts import INDEX_JSON, search_parts
+from distributed_ir.index.parts import INDEX_JSON
 from distributed_ir.index.pipeline import MANIFEST
+from distributed_ir.index.retrieve import search_queries
 from distributed_ir.index.storage import Location
 from distributed_ir.models.precision import PrecisionPolicy, flat_summary, summarize_decisions
 
@@ -33,12 +35,32 @@ def check_search_inputs(index_dir: str | Path, queries_path: str | Path,
     return root
 
 
+@contextmanager
+def ray_session() -> Iterator[None]:
+    """The Ray cluster this process is connected to, else one started (or joined, ``$RAY_ADDRESS``)
+    for the block and shut down after it."""
+    import ray
+
+    from distributed_ir.train.launch import init_ray
+
+    started = not ray.is_initialized()
+    init_ray()
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def search_index(index_dir: str | Path, queries_path: str | Path, out: str | Path, top_k: int = 100,
                  qrels_path: str | Path | None = None, batch_size: int = 64,
                  precision: str | PrecisionPolicy = "auto",
-                 use_gpu: bool = False, progress: bool = True, check: InputCheck | None = None) -> tuple[Run, dict]:
-    """Encode queries (the model's saved query settings), search the index shards one at a time,
-    merge their top-k by the ranking rule, write the run. ``index_dir`` may be a URI."""
+                 use_gpu: bool = False, progress: bool = True, check: InputCheck | None = None,
+                 actors: int = 0, searchers: int = 0, searcher_gpus: float = 0.0,
+                 actor_start_timeout_s: float = 600) -> tuple[Run, dict]:
+    """Encode the queries (the model's saved query settings) and search the index on Ray
+    (:func:`distributed_ir.index.retrieve.search_queries`: query actors, per-part searcher actors
+    when the index has several parts), write the run. ``index_dir`` may be a URI."""
     root = check_search_inputs(index_dir, queries_path, qrels_path)
     manifest = root.read_json(MANIFEST)
     index = root.child("index")
@@ -48,17 +70,16 @@ def search_index(index_dir: str | Path, queries_path: str | Path, out: str | Pat
     if qrels_path:
         qrels = load_qrels(qrels_path, queries=queries, check=check)
         queries = {q: t for q, t in queries.items() if q in qrels}
-    t0 = time.perf_counter()
-    stage = EncodeStage(manifest["model"], kind="query", batch_size=batch_size, precision=precision,
-                        device="cuda" if use_gpu else "cpu")
-    qids = list(queries)
-    vectors = stage.encode([queries[q] for q in qids])
-    hits = search_parts(index, vectors, top_k)
-    run: Run = dict(zip(qids, hits))
+    policy = PrecisionPolicy.of(precision)
+    decisions: list[dict] = []
+    with ray_session():
+        t0 = time.perf_counter()
+        run = search_queries(root.uri, queries, top_k, batch_size, policy, actors, use_gpu, decisions,
+                             actor_start_timeout_s, searchers, searcher_gpus)
+        seconds = time.perf_counter() - t0
     write_run(out, run)
-    seconds = time.perf_counter() - t0
-    summary = {"queries": len(qids), "top_k": top_k, "seconds": round(seconds, 2),
-               "queries_per_s": round(len(qids) / seconds, 1),
+    summary = {"queries": len(run), "top_k": top_k, "seconds": round(seconds, 2),
+               "queries_per_s": round(len(run) / seconds, 1) if seconds else 0.0,
                "index_docs": meta.get("ntotal", manifest.get("num_docs")), "run": str(out), "input": check.summary(),
-               **flat_summary(summarize_decisions(stage.policy.precision, [stage.decision.to_dict()]))}
+               **flat_summary(summarize_decisions(policy.precision, decisions))}
     return run, summary

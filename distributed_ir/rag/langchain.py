@@ -3,8 +3,9 @@
 - :class:`EmbedderEmbeddings`: ``Embeddings`` backed by :class:`~distributed_ir.models.embedder.Embedder`
   (queries get the model's query instruction, documents its document instruction).
 - :class:`IndexRetriever`: ``BaseRetriever`` over an index folder built by ``distributed-ir index``;
-  it encodes and searches exactly as ``distributed-ir search`` does (same EncodeStage, same
-  sharded FAISS merge), so ids and scores agree with the CLI's TREC run.
+  it encodes and searches as ``distributed-ir search`` does, in its own process (same EncodeStage,
+  same searcher :class:`~distributed_ir.index.parts.PartSearcher`, same ranking rule), so ids and
+  scores agree with the CLI's TREC run.
 - :class:`RerankerCompressor`: ``BaseDocumentCompressor`` re-ordering documents with any
   :class:`~distributed_ir.rag.reranker.Reranker`.
 - :func:`build_rag_chain`: question -> retrieve -> rerank -> prompt -> LLM -> str.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +86,9 @@ class IndexRetriever(BaseRetriever):
     model_config = ConfigDict(arbitrary_types_allowed=True)
     k: int = 10
     index_dir: str
-    _index: Any = PrivateAttr(default=None)
+    _searcher: Any = PrivateAttr(default=None)
     _stage: Any = PrivateAttr(default=None)
     _docs: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)
-    _use_gpu: bool = PrivateAttr(default=False)
 
     @classmethod
     def from_index_dir(cls, index_dir: str | Path, k: int = 10, corpus: Sequence[str | Path] | None = None,
@@ -98,7 +99,7 @@ class IndexRetriever(BaseRetriever):
         held in memory, so pass a smaller lookup set for very large corpora.
         """
         from distributed_ir.index.encode import EncodeStage
-        from distributed_ir.index.parts import load_sharded
+        from distributed_ir.index.parts import PartSearcher
         from distributed_ir.index.pipeline import MANIFEST
 
         root = Path(index_dir)
@@ -107,24 +108,23 @@ class IndexRetriever(BaseRetriever):
             raise DataError(root, None, f"no {MANIFEST}: not an index folder built by `distributed-ir index`")
         manifest = json.loads(manifest_path.read_text())
         retriever = cls(k=k, index_dir=str(root))
-        retriever._index = load_sharded(root / "index")
+        retriever._searcher = PartSearcher(root / "index", use_gpu=use_gpu)
         retriever._stage = EncodeStage(manifest["model"], kind="query", batch_size=batch_size, precision=precision,
                                        device="cuda" if use_gpu else "cpu")
         retriever._docs = load_corpus_fields(corpus or manifest["corpus"])
-        retriever._use_gpu = use_gpu
-        missing = [d for d in retriever._index.doc_ids[:1000] if d not in retriever._docs]
+        missing = [d for d in islice(retriever._searcher.doc_ids(), 1000) if d not in retriever._docs]
         if missing:
             raise DataError(root, None, f"corpus lacks indexed documents, e.g. {missing[:3]}: pass the corpus the "
                                         "index was built from")
         return retriever
 
     def search(self, queries: list[str], k: int | None = None) -> list[list[Document]]:
-        """Batched retrieval (one encode and one FAISS search for all queries)."""
-        vectors = self._stage.encode(queries)
-        scores, positions = self._index.search(vectors, k or self.k, use_gpu=self._use_gpu)
+        """Batched retrieval: one encode and one search of the parts for all queries, in this
+        process, by the retrieval core's searcher (what ``search``'s actors run)."""
+        from distributed_ir.index.parts import hit_dicts
+
         out = []
-        for row_scores, row_positions in zip(scores, positions):
-            hits = {self._index.doc_ids[p]: float(s) for s, p in zip(row_scores, row_positions) if p >= 0}
+        for hits in hit_dicts(self._searcher.search(self._stage.encode(queries), k or self.k)):
             docs = []
             for position, doc_id in enumerate(rank(hits), 1):  # the project's one ranking rule (ties too)
                 title, text = self._docs[doc_id]
