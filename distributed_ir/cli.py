@@ -115,7 +115,7 @@ def _cmd_index(cfg: IndexCommandConfig) -> int:
     manifest = encode_corpus(opts)
     _print_input(manifest["input"])
     index = build_faiss(opts.out, manifest, factory=opts.index_type, index_shards=opts.index_shards,
-                        use_gpu=opts.use_gpu)
+                        use_gpu=opts.use_gpu, start_timeout_s=opts.actor_start_timeout_s)
     run = {k: v for k, v in manifest["last_run"].items() if k != "precision"}  # details: manifest.json
     precision = flat_summary(manifest["last_run"]["precision"]) if "precision" in manifest["last_run"] else {}
     summary = {"docs": manifest["num_docs"], "indexed": index["ntotal"], **run, **precision,
@@ -133,7 +133,8 @@ def _cmd_search(cfg: SearchCommandConfig) -> int:
     check = InputCheck(cfg.on_error, cfg.rejects_path or Path(cfg.out).resolve().parent / "rejects.jsonl")
     _, summary = search_index(index_dir=cfg.index, queries_path=cfg.queries, out=cfg.out, top_k=cfg.top_k,
                               qrels_path=cfg.qrels or None, batch_size=cfg.batch_size, precision=_policy(cfg),
-                              use_gpu=cfg.use_gpu, check=check)
+                              use_gpu=cfg.use_gpu, check=check, actors=cfg.actors, searchers=cfg.searchers,
+                              searcher_gpus=cfg.searcher_gpus, actor_start_timeout_s=cfg.actor_start_timeout_s)
     counts = summary.pop("input")
     _print_input(counts)
     print(json.dumps(summary | _flat_input(counts), indent=2))

@@ -121,11 +121,20 @@ class SearchCommandConfig:
     precision_cache: str = _precision_cache()
     calibration_texts: int = _calibration_texts()
     use_gpu: bool = flag_field("encode the queries and search on GPU", default=False)
+    actors: int = flag_field("query encode actors (0 = one per query batch, as the cluster has room)", default=0)
+    searchers: int = flag_field("searcher actors, each holding a group of the index's parts (0 = one per part; "
+                                "1 = the query actors hold every part)", default=0)
+    searcher_gpus: float = flag_field("GPU share each searcher actor requests (0 = CPU FAISS)", default=0.0)
+    actor_start_timeout_s: int = flag_field(
+        "wait this long for the first actors when the cluster lacks what they ask for (an autoscaler can add "
+        "nodes); then fail (default 600)", flag="--actor-start-timeout", metavar="SECONDS", default=600)
     on_error: str = _on_error()
     rejects_path: str = _rejects("rejects.jsonl beside --out")
 
     def __post_init__(self) -> None:
         _check(self, positive=("top_k",))
+        if self.actors < 0 or self.searchers < 0 or self.searcher_gpus < 0:
+            raise ConfigError("actors, searchers and searcher_gpus must be >= 0", key="searchers")
 
 
 @dataclass

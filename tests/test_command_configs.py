@@ -26,9 +26,11 @@ TODAY = {
     },
     "search": {
         "flags": ["--index", "--queries", "--qrels", "--out", "--top-k", "--batch-size", "--precision", "--min-cosine",
-                  "--precision-cache", "--calibration-texts", "--use-gpu", "--on-error", "--rejects"],
+                  "--precision-cache", "--calibration-texts", "--use-gpu", "--actors", "--searchers",
+                  "--searcher-gpus", "--actor-start-timeout", "--on-error", "--rejects"],
         "required": ["--index", "idx", "--queries", "q.jsonl", "--out", "run.trec"],
-        "defaults": {"qrels": "", "top_k": 100, "batch_size": 64, **PRECISION, "use_gpu": False, "on_error": "raise",
+        "defaults": {"qrels": "", "top_k": 100, "batch_size": 64, **PRECISION, "use_gpu": False, "actors": 0,
+                     "searchers": 0, "searcher_gpus": 0.0, "actor_start_timeout_s": 600, "on_error": "raise",
                      "rejects_path": ""},
     },
     "mine": {
@@ -63,10 +65,12 @@ EVERY_FLAG = {
                "max_actors": 5, "actor_resources": {"encoder": 1.0, "pool": 0.5}, "actor_start_timeout_s": 30,
                "max_text_bytes": 100, "on_error": "skip", "rejects_path": "bad.jsonl"}),
     "search": (["--index", "idx", "--queries", "q.jsonl", "--qrels", "qrels/test.tsv", "--out", "run.trec",
-                "--top-k", "5", "--batch-size", "8", *PRECISION_FLAGS, "--use-gpu", "--on-error", "skip",
+                "--top-k", "5", "--batch-size", "8", *PRECISION_FLAGS, "--use-gpu", "--actors", "2", "--searchers",
+                "3", "--searcher-gpus", "0.5", "--actor-start-timeout", "30", "--on-error", "skip",
                 "--rejects", "bad.jsonl"],
                {"index": "idx", "queries": "q.jsonl", "qrels": "qrels/test.tsv", "out": "run.trec", "top_k": 5,
-                "batch_size": 8, **PRECISION_SET, "use_gpu": True, "on_error": "skip", "rejects_path": "bad.jsonl"}),
+                "batch_size": 8, **PRECISION_SET, "use_gpu": True, "actors": 2, "searchers": 3, "searcher_gpus": 0.5,
+                "actor_start_timeout_s": 30, "on_error": "skip", "rejects_path": "bad.jsonl"}),
     "mine": (["--index", "idx", "--dataset", "beir", "--split", "dev", "--out", "m.jsonl", "--rank-start", "2",
               "--rank-end", "20", "--per-query", "4", "--seed", "7", "--batch-size", "8", *PRECISION_FLAGS,
               "--actors", "2"],
@@ -203,7 +207,8 @@ def test_handlers_get_the_config_as_keywords(tmp_path, monkeypatch, capsys):
     check = calls["search"].pop("check")
     assert (check.on_error, str(check.rejects_path)) == ("skip", "bad.jsonl")
     assert calls["search"] == {"index_dir": "idx", "queries_path": "q.jsonl", "out": "run.trec", "top_k": 5,
-                               "qrels_path": "qrels/test.tsv", "batch_size": 8, "use_gpu": True}
+                               "qrels_path": "qrels/test.tsv", "batch_size": 8, "use_gpu": True, "actors": 2,
+                               "searchers": 3, "searcher_gpus": 0.5, "actor_start_timeout_s": 30}
     assert calls["mine"] == {"index_dir": "idx", "dataset_dir": "beir", "split": "dev", "out": "m.jsonl",
                              "rank_start": 2, "rank_end": 20, "per_query": 4, "seed": 7, "batch_size": 8, "actors": 2}
     assert calls["rerank"] == {"model": "ce", "run_path": "run.trec", "dataset_dir": "beir", "out": "rr", "top_k": 10,

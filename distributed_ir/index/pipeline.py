@@ -295,7 +295,7 @@ def verify_exact(manifest: dict, staged: list[StagedShard]) -> None:
 
 
 def build_faiss(out: Path | str | Location, manifest: dict, factory: str, index_shards: int = 1,
-                use_gpu: bool = False) -> dict[str, Any]:
+                use_gpu: bool = False, start_timeout_s: float = 600) -> dict[str, Any]:
     """Build ``index_shards`` FAISS indexes in Ray tasks from the embedding shard files; return ``index/index.json``.
 
     No process holds all vectors: a task reads its own embedding shards row group by row group;
@@ -307,4 +307,4 @@ def build_faiss(out: Path | str | Location, manifest: dict, factory: str, index_
     for e in entries:
         loc.path(e["file"])  # a crafted manifest must not make a worker read elsewhere
     return build_parts(loc, entries, factory, int(manifest["dim"]), index_shards, use_gpu,
-                       extra={"model": manifest["model"]})
+                       extra={"model": manifest["model"]}, start_timeout_s=start_timeout_s)
