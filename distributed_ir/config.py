@@ -14,50 +14,19 @@ from pathlib import Path
 
 from distributed_ir.config_loader import ConfigError, check_choice, config_field, from_dict
 from distributed_ir.data.beir import name_problem
-from distributed_ir.models.settings import RerankerSettings
-
-
-def check_template(name: str, template: str) -> None:
-    """An instruction template must contain exactly one ``{}`` where the text goes."""
-    if template.count("{}") != 1:
-        raise ConfigError(
-            f"{name}={template!r}: an instruction template needs exactly one '{{}}' "
-            "marking where the text goes (e.g. 'query: {}')", key=name,
-        )
+from distributed_ir.models.settings import LoraSettings, ModelSettings, RerankerSettings
 
 
 @dataclass
-class ModelConfig:
-    """Which backbone and how it embeds.
-
-    Fields left at ``None`` are read from the checkpoint (pooling, normalisation, instructions,
-    EOS, max lengths saved beside the weights) or fall back to the defaults in
-    :class:`distributed_ir.models.embedder.EmbedderSettings`.  Setting pooling, normalize,
-    instructions or append_eos to a value that contradicts the checkpoint is an error: the
-    #1 cause of "my fine-tuned model got worse" is encoding differently from training.
-    """
-
-    name_or_path: str = config_field(
-        "HF model dir or saved checkpoint; 'default' = bundled all-MiniLM-L6-v2", default="default"
-    )
-    pooling: str | None = config_field("cls | mean | last (last real token, any padding side)", default=None)
-    normalize: bool | None = config_field("L2-normalise embeddings", default=None)
-    query_instruction: str | None = config_field("template applied to queries, '{}' = the text", default=None)
-    document_instruction: str | None = config_field("template applied to documents", default=None)
-    query_max_length: int | None = config_field("max tokens for queries", default=None)
-    document_max_length: int | None = config_field("max tokens for documents", default=None)
-    append_eos: bool | None = config_field("append the tokenizer's EOS token (LLM embedders)", default=None)
-    trust_remote_code: bool = config_field("allow model repos to run their own code", default=False)
+class ModelConfig(ModelSettings):
+    """The ``model:`` section: the models' own :class:`~distributed_ir.models.settings.ModelSettings`
+    (which backbone and how it embeds), its ``ValueError`` reported as a config error."""
 
     def __post_init__(self) -> None:
-        if self.pooling is not None:
-            check_choice("model.pooling", self.pooling, ("cls", "mean", "last"))
-        for name in ("query_instruction", "document_instruction"):
-            if getattr(self, name) is not None:
-                check_template(f"model.{name}", getattr(self, name))
-        for name in ("query_max_length", "document_max_length"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be >= 1")
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            raise ConfigError(str(e), key=getattr(e, "key", None)) from None
 
 
 # The one defaults rule for ``loss`` (train embedder, train reranker and the pipeline alike): by
@@ -197,27 +166,6 @@ class EngineConfig:
             raise ConfigError("engine.offload_params needs engine.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1")
-
-
-@dataclass
-class LoraSettings:
-    """Low-rank adapters (peft) on the backbone; only adapter weights train."""
-
-    enabled: bool = config_field("train LoRA adapters instead of all weights", default=False)
-    r: int = config_field("adapter rank", default=16)
-    alpha: int = config_field("adapter scaling numerator (scale = alpha / r)", default=32)
-    dropout: float = config_field("dropout on the adapter input", default=0.05)
-    target_modules: list[str] = config_field(
-        "module names to adapt; ['all-linear'] = every linear layer but the output head", default_factory=lambda: ["all-linear"]
-    )
-    export: str = config_field("merged (plain model, LoRA folded in) | adapter (adapter files + base path)", default="merged")
-
-    def __post_init__(self) -> None:
-        check_choice("lora.export", self.export, ("merged", "adapter"))
-        if self.r < 1 or self.alpha < 1 or not 0 <= self.dropout < 1:
-            raise ConfigError("lora: need r >= 1, alpha >= 1 and 0 <= dropout < 1")
-        if not self.target_modules:
-            raise ConfigError("lora.target_modules must name at least one module (or 'all-linear')")
 
 
 @dataclass

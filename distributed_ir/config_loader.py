@@ -123,7 +123,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             value = deep_merge(defaults, value)
         kwargs[key] = _coerce(value, hints[key], path)
     try:
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as e:  # a model-owned settings class (ValueError, optional .key): a config error
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(str(e), key=getattr(e, "key", None)) from None
     except ConfigError as e:
         # __post_init__ names its field relative to its own section ("model.pooling") or, for a
         # key inside one of its own sub-sections, relative to itself ("train.task"): make it absolute

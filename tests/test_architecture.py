@@ -101,3 +101,12 @@ def test_the_config_imports_the_models_settings_alone():
             "import distributed_ir.models.embedder, distributed_ir.train.tasks")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_models_never_import_the_app_config():
+    """Models own their settings (``models/settings.py``); the app's config builds on them, never
+    the other way round (DESIGN.md: models never import recipe config)."""
+    graph = import_graph()
+    offenders = sorted(m for m, deps in graph.items()
+                       if m.startswith("distributed_ir.models") and "distributed_ir.config" in deps)
+    assert offenders == []

@@ -19,12 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from distributed_ir.config import ModelConfig, check_template
 from distributed_ir.config_loader import ConfigError
 from distributed_ir.models.eos import tokenizer_appends_eos
 from distributed_ir.models.lora import adapter_base_path, is_adapter_dir, load_adapter
 from distributed_ir.models.pooling import pool, prepare_backbone
-from distributed_ir.models.settings import SETTINGS_FILE
+from distributed_ir.models.settings import SETTINGS_FILE, ModelSettings, check_template
 
 # Settings that change what a vector means: a conflict with the checkpoint is an error.
 SEMANTIC = ("pooling", "normalize", "query_instruction", "document_instruction", "append_eos")
@@ -123,7 +122,7 @@ def read_checkpoint_settings(path: str | Path) -> dict[str, Any]:
     return found
 
 
-def resolve_settings(cfg: ModelConfig, path: str) -> EmbedderSettings:
+def resolve_settings(cfg: ModelSettings, path: str) -> EmbedderSettings:
     """Checkpoint settings, overridden by explicit config; semantic conflicts are refused."""
     saved = read_checkpoint_settings(path)
     known = {f.name for f in fields(EmbedderSettings)}
@@ -160,7 +159,7 @@ class Embedder(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: ModelConfig, dtype: torch.dtype | None = None) -> Embedder:
+    def from_config(cls, cfg: ModelSettings, dtype: torch.dtype | None = None) -> Embedder:
         """Load backbone + tokenizer from a local folder and resolve settings against it."""
         from transformers import AutoModel, AutoTokenizer
 
@@ -179,8 +178,8 @@ class Embedder(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> Embedder:
-        """Load a saved embedder; ``overrides`` are ModelConfig fields (conflicts refused)."""
-        return cls.from_config(ModelConfig(name_or_path=str(path), **overrides))
+        """Load a saved embedder; ``overrides`` are ModelSettings fields (conflicts refused)."""
+        return cls.from_config(ModelSettings(name_or_path=str(path), **overrides))
 
     # ------------------------------------------------------------------ int8 (ONNX Runtime) body
     onnx_body = ("backbone", "last_hidden_state")  # what models.onnx_int8 exports: the body and its output

@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from distributed_ir.config import LoraSettings
 from distributed_ir.config_loader import ConfigError
+from distributed_ir.models.settings import LoraSettings
 
 ADAPTER_CONFIG = "adapter_config.json"
 

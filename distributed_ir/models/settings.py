@@ -1,9 +1,10 @@
-"""What a saved model folder says about itself: the settings file name (embedders and rerankers
-alike) and the rerankers' settings.
+"""What a model is configured with and what a saved model folder says about itself: the settings
+file name (embedders and rerankers alike), the embedder's :class:`ModelSettings`, the LoRA
+adapters' :class:`LoraSettings` and the rerankers' :class:`RerankerSettings`.
 
 Standard library only: the app's config (:mod:`distributed_ir.config`) builds its ``reranker:``
-section on :class:`RerankerSettings` and imports this module, so it must stay light and never
-import the config back.  Bad values raise ``ValueError``.
+sections on these classes and imports this module, so it must stay light and never import the
+config back.  Bad values raise :class:`SettingsError` (a ``ValueError`` naming the key).
 """
 
 from __future__ import annotations
@@ -18,8 +19,85 @@ DEFAULT_LLM_PROMPT = (
 )
 
 
-def _help(text: str, default: Any) -> Any:
+def _help(text: str, default: Any = None, **kw: Any) -> Any:
+    if "default_factory" in kw:
+        return field(metadata={"help": text}, **kw)
     return field(default=default, metadata={"help": text})
+
+
+class SettingsError(ValueError):
+    """A setting is out of range; ``key`` is its dotted name (``model.pooling``)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SettingsError(f"{name}={value!r}: expected one of {', '.join(choices)}", key=name)
+
+
+def check_template(name: str, template: str) -> None:
+    """An instruction template must contain exactly one ``{}`` where the text goes."""
+    if template.count("{}") != 1:
+        raise SettingsError(
+            f"{name}={template!r}: an instruction template needs exactly one '{{}}' "
+            "marking where the text goes (e.g. 'query: {}')", key=name,
+        )
+
+
+@dataclass
+class ModelSettings:
+    """Which backbone and how it embeds.
+
+    Fields left at ``None`` are read from the checkpoint (pooling, normalisation, instructions,
+    EOS, max lengths saved beside the weights) or fall back to the defaults in
+    :class:`distributed_ir.models.embedder.EmbedderSettings`.  Setting pooling, normalize,
+    instructions or append_eos to a value that contradicts the checkpoint is an error: the
+    #1 cause of "my fine-tuned model got worse" is encoding differently from training.
+    """
+
+    name_or_path: str = _help("HF model dir or saved checkpoint; 'default' = bundled all-MiniLM-L6-v2", "default")
+    pooling: str | None = _help("cls | mean | last (last real token, any padding side)")
+    normalize: bool | None = _help("L2-normalise embeddings")
+    query_instruction: str | None = _help("template applied to queries, '{}' = the text")
+    document_instruction: str | None = _help("template applied to documents")
+    query_max_length: int | None = _help("max tokens for queries")
+    document_max_length: int | None = _help("max tokens for documents")
+    append_eos: bool | None = _help("append the tokenizer's EOS token (LLM embedders)")
+    trust_remote_code: bool = _help("allow model repos to run their own code", False)
+
+    def __post_init__(self) -> None:
+        if self.pooling is not None:
+            _check_choice("model.pooling", self.pooling, ("cls", "mean", "last"))
+        for name in ("query_instruction", "document_instruction"):
+            if getattr(self, name) is not None:
+                check_template(f"model.{name}", getattr(self, name))
+        for name in ("query_max_length", "document_max_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SettingsError(f"model.{name} must be >= 1", key=f"model.{name}")
+
+
+@dataclass
+class LoraSettings:
+    """Low-rank adapters (peft) on the backbone; only adapter weights train."""
+
+    enabled: bool = _help("train LoRA adapters instead of all weights", False)
+    r: int = _help("adapter rank", 16)
+    alpha: int = _help("adapter scaling numerator (scale = alpha / r)", 32)
+    dropout: float = _help("dropout on the adapter input", 0.05)
+    target_modules: list[str] = _help("module names to adapt; ['all-linear'] = every linear layer but the output head",
+                                      default_factory=lambda: ["all-linear"])
+    export: str = _help("merged (plain model, LoRA folded in) | adapter (adapter files + base path)", "merged")
+
+    def __post_init__(self) -> None:
+        _check_choice("lora.export", self.export, ("merged", "adapter"))
+        if self.r < 1 or self.alpha < 1 or not 0 <= self.dropout < 1:
+            raise SettingsError("lora: need r >= 1, alpha >= 1 and 0 <= dropout < 1", key="lora.r")
+        if not self.target_modules:
+            raise SettingsError("lora.target_modules must name at least one module (or 'all-linear')",
+                                key="lora.target_modules")
 
 
 @dataclass
