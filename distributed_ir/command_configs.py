@@ -132,9 +132,7 @@ class SearchCommandConfig:
     rejects_path: str = _rejects("rejects.jsonl beside --out")
 
     def __post_init__(self) -> None:
-        _check(self, positive=("top_k",))
-        if self.actors < 0 or self.searchers < 0 or self.searcher_gpus < 0:
-            raise ConfigError("actors, searchers and searcher_gpus must be >= 0", key="searchers")
+        _check(self, positive=("top_k",), non_negative=("actors", "searchers", "searcher_gpus", "actor_start_timeout_s"))
 
 
 @dataclass
