@@ -191,30 +191,41 @@ def prepare_nq(input_dir: str | Path, out_dir: str | Path, num_shards: int = 16,
     src, out = Path(input_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Any] = {"input_dir": str(src), "corpus_limit": corpus_limit}
+    splits = [s for s in DPR_FILES if s == "train" or dpr_file(src, s).is_file()]
+    queries, positives, named = _read_dpr_splits(src, out, splits, negatives_per_query, stats)
+    kept = _stream_passages(src / passages, out, num_shards, corpus_limit, named, stats)
+    _write_judged(out, splits, queries, positives, kept, stats)
+    (out / "prepare_stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+    return stats
+
+
+def _read_dpr_splits(src: Path, out: Path, splits: list[str], negatives_per_query: int, stats: dict[str, Any],
+                     ) -> tuple[dict[str, str], dict[str, dict[str, list[str]]], set[str]]:
+    """Every split's questions and positives; train's hard negatives go to ``train_triplets.jsonl``.
+    Returns (queries, positives by split, every passage id a question names)."""
     queries: dict[str, str] = {}
     positives: dict[str, dict[str, list[str]]] = {}
     named: set[str] = set()
-    splits = [s for s in DPR_FILES if s == "train" or dpr_file(src, s).is_file()]
     for split in splits:
         c = {"questions": 0, "without_positive": 0, "negatives": 0}
-        records = RecordWriter(out / "train_triplets.jsonl", "triplet") if split == "train" else None
-        try:
-            q, positives[split], names = read_questions(dpr_file(src, split), split, records, negatives_per_query, c)
-        except BaseException:
-            if records:
-                records.abort()
-            raise
-        if records:
-            records.close()
+        if split == "train":
+            with RecordWriter(out / "train_triplets.jsonl", "triplet") as records:
+                q, positives[split], names = read_questions(dpr_file(src, split), split, records,
+                                                            negatives_per_query, c)
             stats["train_triplets"] = records.count
+        else:
+            q, positives[split], names = read_questions(dpr_file(src, split), split, None, negatives_per_query, c)
         queries.update(q)
         named |= names
         stats[f"dpr_{split}"] = c
+    return queries, positives, named
 
-    # Stream the passages: corpus.jsonl + Parquet shards, and a bitmap of the ids kept.
+
+def _stream_passages(psgs: Path, out: Path, num_shards: int, corpus_limit: int, named: set[str],
+                     stats: dict[str, Any]) -> SeenIds:
+    """Stream the passages into corpus.jsonl + Parquet shards; returns the ids kept."""
     kept = SeenIds()
     seen = SeenIds()
-    psgs = src / passages
     writer = CorpusWriter(out, num_shards)
     rows = 0
     try:
@@ -235,8 +246,12 @@ def prepare_nq(input_dir: str | Path, out_dir: str | Path, num_shards: int = 16,
     stats["shards"] = [str(p) for p in writer.close()]
     stats["passages_read"] = rows
     stats["corpus_rows"] = writer.count
+    return kept
 
-    # qrels: each question's positives that are in the corpus; the rest are counted.
+
+def _write_judged(out: Path, splits: list[str], queries: dict[str, str], positives: dict[str, dict[str, list[str]]],
+                  kept: SeenIds, stats: dict[str, Any]) -> None:
+    """qrels: each question's positives that are in the corpus (the rest counted); the questions kept."""
     kept_queries: dict[str, str] = {}
     for split in splits:
         qrels: dict[str, dict[str, int]] = {}
@@ -255,5 +270,3 @@ def prepare_nq(input_dir: str | Path, out_dir: str | Path, num_shards: int = 16,
         stats[f"qrels_{split}"] = c
     write_queries(out / "queries.jsonl", kept_queries)
     stats["queries_written"] = len(kept_queries)
-    (out / "prepare_stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
-    return stats
