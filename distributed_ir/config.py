@@ -437,8 +437,40 @@ class HybridConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Pipeline stage between mining and training: a saved reranker (the teacher) scores every
+    training record's positives and negatives on a Ray Data actor pool; the embedder then trains
+    on those scores (``train.loss.name: distill`` or ``train.loss.distill_weight > 0``)."""
+
+    enabled: bool = config_field("score the training records with the teacher before training", default=False)
+    teacher: str = config_field("the teacher: a saved reranker folder (cross_encoder | colbert | llm_reranker; what "
+                                "`distributed-ir rerank --model` loads); required when enabled", default="")
+    rescore: bool = config_field("score records that already hold `scores` (prepared train.train_path records) "
+                                 "again; false = keep the given scores", default=False)
+    batch_size: int = config_field("teacher batch size (pairs) per actor", default=32)
+    precision: str = config_field("auto (the fastest precision measured on the host that passes min_cosine) | fp32 | "
+                                  "bf16 | fp16 (GPU) | int8 (CPU; cross-encoder, ColBERT) while scoring", default="auto")
+    min_cosine: float = config_field("auto's quality gate: agreement of the scores with fp32's on the calibration pairs",
+                                     default=0.99)
+    actors: int = config_field("teacher actors (0 = from cluster resources)", default=0)
+    use_gpu: bool = config_field("score on GPU actors (one GPU each)", default=False)
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.teacher.strip():
+            raise ConfigError("distill.teacher: distill.enabled needs a teacher, a saved reranker folder (what "
+                              "`distributed-ir rerank --model` loads)", key="distill.teacher")
+        check_choice("distill.precision", self.precision, PRECISION_CHOICES)
+        if not 0.0 < self.min_cosine <= 1.0:
+            raise ConfigError(f"distill.min_cosine={self.min_cosine}: expected a value in (0, 1]",
+                              key="distill.min_cosine")
+        if self.batch_size < 1 or self.actors < 0:
+            raise ConfigError("distill: batch_size must be >= 1, actors >= 0", key="distill.batch_size")
+
+
+@dataclass
 class PipelineConfig:
-    """train -> encode -> search -> evaluate on a BEIR dataset (-> mine -> train reranker -> rerank)."""
+    """(mine -> distill) -> train -> encode -> search -> evaluate on a BEIR dataset (-> mine -> train
+    reranker -> rerank)."""
 
     data_dir: str = config_field("folder holding BEIR datasets ('' = $IR_DATA_DIR)", default="")
     dataset: str = config_field("BEIR dataset folder name under data_dir (one plain name: for cqadupstack/<x>, "
@@ -453,6 +485,7 @@ class PipelineConfig:
     mining: MiningConfig = field(default_factory=MiningConfig)
     reranker: PipelineRerankerConfig = field(default_factory=PipelineRerankerConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         for key in ("dataset", "train_split", "eval_split"):  # joined into paths under data_dir
@@ -462,3 +495,17 @@ class PipelineConfig:
         if self.reranker.enabled and self.reranker.top_k > self.eval.top_k:
             raise ConfigError(f"reranker.top_k={self.reranker.top_k} > eval.top_k={self.eval.top_k}: the reranker "
                               "can only rerank what the fine-tuned model retrieved", key="reranker.top_k")
+        if self.distill.enabled:
+            self._check_distill()
+
+    def _check_distill(self) -> None:
+        """The teacher's scores need records with negatives to score and a loss that reads them."""
+        loss = self.train.loss
+        if loss.name != "distill" and not loss.distill_weight:
+            raise ConfigError(f"distill.enabled scores the training records, but train.loss (name={loss.name}, "
+                              "distill_weight=0) does not use the scores: set train.loss.distill_weight > 0 "
+                              "(InfoNCE + KL) or train.loss.name=distill", key="train.loss.distill_weight")
+        if not self.mining.enabled and not self.train.train_path:
+            raise ConfigError("distill.enabled: the teacher scores each query's positives against its hard "
+                              "negatives; set mining.enabled=true (or train.train_path to triplet records)",
+                              key="mining.enabled")

@@ -1,7 +1,10 @@
-"""The whole retrieval pipeline on a BEIR dataset: (mine) -> train -> encode -> search -> evaluate
+"""The whole retrieval pipeline on a BEIR dataset: (mine -> distill) -> train -> encode -> search -> evaluate
 (-> mine with the fine-tuned model -> train a reranker -> rerank -> fuse), a chain of the stages
 in :mod:`distributed_ir.stages`: every corpus and query pass runs on Ray actors (the retrieval
 core); this process orchestrates and holds no model and no vector.
+
+With ``distill.enabled`` the stage in :mod:`distributed_ir.pipeline_distill` scores the mined records
+with a teacher reranker before training (``OUT/distill_records.jsonl``, ``report["distill"]``).
 
 Writes ``OUT/metrics.json`` (rows ``base`` and ``finetuned`` plus training facts),
 ``OUT/run.trec`` (the fine-tuned model's run), ``OUT/train/model`` (the checkpoint) and
@@ -49,6 +52,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run the chain of stages (see :mod:`distributed_ir.stages`); return the report (``metrics.json``)."""
     if cfg.train.train_path and cfg.mining.enabled:
         raise ConfigError("train.train_path (prepared records) and mining.enabled are exclusive: pick one")
+    if cfg.distill.enabled:  # a teacher that is not a reranker fails before any stage runs
+        from distributed_ir.pipeline_distill import check_teacher
+
+        check_teacher(cfg.distill.teacher)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     folder = ensure_beir(resolve_data_dir(cfg.data_dir), cfg.dataset)
@@ -80,12 +87,16 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             rows["base"] = base.row
             print(metrics_table(rows), flush=True)
     train_path = out / "train_records.jsonl"
-    if cfg.train.train_path:  # prepared records (e.g. DPR's own hard negatives), read and checked by run_training
+    if cfg.train.train_path and not cfg.distill.enabled:  # prepared records, read and checked by run_training
         train_path = Path(cfg.train.train_path).resolve()
         print(f"[pipeline] training on prepared records {train_path}", flush=True)
         result = run_training(replace(cfg.train, train_path=str(train_path), output_dir=str(out / "train")))
     else:
-        if cfg.mining.enabled:
+        if cfg.train.train_path:  # prepared records the teacher scores: read and checked here
+            from distributed_ir.pipeline_distill import prepared_records
+
+            records, report["train_input"] = prepared_records(cfg.train, out / "train")
+        elif cfg.mining.enabled:
             m = cfg.mining
             mined = mine_stage(base_index, train_ds, m.rank_start, m.rank_end, m.per_query, cfg.train.seed, ev,
                                train_path)
@@ -95,6 +106,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         else:
             records = pairs_from_qrels(train_ds)
             write_records(train_path, records)
+        if cfg.distill.enabled:  # the teacher's scores on every record's positives + negatives (Ray Data)
+            from distributed_ir.pipeline_distill import distill_stage
+
+            records, train_path = distill_stage(cfg.distill, records, out, report)
         result = train_stage(cfg.train, records, train_path, out / "train")
     report["train"] = {"seconds": round(result.seconds, 1), "records": result.input["accepted"], **{
         k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
