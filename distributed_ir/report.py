@@ -138,7 +138,8 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], history: list[dic
     if rows and names:
         lines += ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         lines += [f"| {row} | " + " | ".join(f"{v[m]:.4f}" for m in names) + " |" for row, v in rows.items()]
-        for base, other in (("base", "finetuned"), ("finetuned", "reranked"), ("finetuned", "fused")):
+        for base, other in (("base", "finetuned"), ("finetuned", "hybrid"), ("finetuned", "reranked"),
+                            ("finetuned", "fused")):
             if base in rows and other in rows:
                 lines.append(f"\n{other} vs {base}: " + ", ".join(
                     f"{m} {rows[other][m] - rows[base][m]:+.4f}" for m in names))
@@ -153,6 +154,12 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], history: list[dic
         train = metrics.get("train") or {}
         if _number(train.get("seconds")):
             lines.append(f"Training took {train['seconds']:.0f} s on {train.get('records', '?')} records.")
+        distill = metrics.get("distill") or {}
+        if distill:
+            lines.append(f"Distillation: the teacher {distill.get('teacher', '?')} scored "
+                         f"{distill.get('scored_records', '?')} records ({distill.get('pairs', '?')} pairs at "
+                         f"{distill.get('pairs_per_s', '?')} pairs/s); {distill.get('kept_scores', 0)} kept their given "
+                         f"scores, {distill.get('dropped_without_negatives', 0)} without negatives were dropped.")
         plot_history(steps, out / LOSS_PNG)
         lines += ["", f"![training loss and learning rate]({LOSS_PNG})", ""]
     else:

@@ -65,3 +65,15 @@ def test_report_with_fused_row_and_reranker_section(tmp_path):
     # a pipeline without the reranker stage has no such section or plot
     assert "## Reranker" not in write_report(tmp_path / "plain", {"finetuned": row}, _history(2)).read_text()
     assert not (tmp_path / "plain" / RERANKER_LOSS_PNG).exists()
+
+
+def test_report_with_hybrid_row_and_distillation_line(tmp_path):
+    row = {"ndcg@10": 0.70, "mrr@10": 0.66, "recall@100": 0.95, "map@100": 0.65, "num_queries": 300}
+    metrics = {"metrics": {"bm25": {**row, "ndcg@10": 0.676}, "finetuned": row, "hybrid": {**row, "ndcg@10": 0.7698}},
+               "train": {"seconds": 60.0, "records": 809},
+               "distill": {"teacher": "/m/ce", "scored_records": 800, "kept_scores": 9, "pairs": 7200,
+                           "pairs_per_s": 120.5, "dropped_without_negatives": 0}}
+    text = write_report(tmp_path, metrics, _history(4)).read_text()
+    assert "| bm25 | 0.6760 |" in text and "hybrid vs finetuned: ndcg@10 +0.0698" in text
+    assert ("Distillation: the teacher /m/ce scored 800 records (7200 pairs at 120.5 pairs/s); 9 kept their given "
+            "scores, 0 without negatives were dropped.") in text
