@@ -25,7 +25,7 @@ from distributed_ir.config import TrainConfig
 from distributed_ir.config_loader import ConfigError, from_dict, load_config
 from distributed_ir.data.records import write_records
 from distributed_ir.train.batching import epoch_batches
-from tests.test_train_loop import _triplets
+from tests.conftest import triplets
 
 # ----------------------------------------------------------------------------- unit (no Ray)
 
@@ -79,7 +79,7 @@ def test_every_world_size_trains_on_the_same_global_micro_batches():
     """Elastic [1, 4], batch 3: at 1, 2, 3 and 4 workers each global micro-step holds the same 12
     records in the same order, with the same hard negatives."""
     cfg = from_dict(TrainConfig, {"scaling": {"num_workers": [1, 4]}, "batch_size": 3, "max_failures": 1})
-    recs = _triplets(40)
+    recs = triplets(40)
 
     def global_steps(world: int, start: int = 0) -> list[tuple[list[str], list[str]]]:
         b = cfg.worker_batch_size(world)
@@ -178,7 +178,7 @@ def test_elastic_run_that_loses_and_regains_a_node_equals_the_fixed_run(elastic_
     from distributed_ir.train.launch import run_training
 
     cluster, nodes, common = elastic_cluster
-    records = _triplets(48)  # 8 records per global micro-step: 6 steps per epoch, 12 steps = 2 epochs
+    records = triplets(48)  # 8 records per global micro-step: 6 steps per epoch, 12 steps = 2 epochs
     write_records(tmp_path / "train.jsonl", records)
     # a failed start (a reservation that still counts the lost node) is retried after this long
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
@@ -292,7 +292,7 @@ def test_preemption_notice_takes_a_just_in_time_checkpoint_and_the_restart_loses
     cluster, _, common = elastic_cluster
     while len(cluster.worker_nodes) < 2:  # the module's other test may have left one node
         cluster.add_node(num_cpus=1, **common)
-    records = _triplets(48)
+    records = triplets(48)
     write_records(tmp_path / "train.jsonl", records)
     holds = tmp_path / "holds"
     holds.mkdir()

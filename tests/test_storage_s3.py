@@ -20,7 +20,7 @@ from distributed_ir.config import TrainConfig
 from distributed_ir.config_loader import from_dict
 from distributed_ir.data.records import write_records
 from distributed_ir.train import checkpoint as ckpt
-from tests.test_train_loop import _triplets
+from tests.conftest import triplets
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -81,7 +81,7 @@ def test_checkpoints_and_model_on_s3_and_resume_from_there(s3_and_ray, tiny_bert
     from distributed_ir.train.launch import run_training
 
     fs = s3_and_ray
-    write_records(tmp_path / "train.jsonl", _triplets(16))  # 8 per step: 2 steps per epoch
+    write_records(tmp_path / "train.jsonl", triplets(16))  # 8 per step: 2 steps per epoch
     first = run_training(_cfg(tmp_path, tiny_bert, "first", max_steps=4, storage_path=f"s3://{BUCKET}/runs"))
     run = first.model_uri.removesuffix("/model")
     assert run.startswith(f"s3://{BUCKET}/runs/train-")
