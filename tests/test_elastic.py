@@ -25,7 +25,7 @@ from distributed_ir.config import TrainConfig
 from distributed_ir.config_loader import ConfigError, from_dict, load_config
 from distributed_ir.data.records import write_records
 from distributed_ir.train.batching import epoch_batches
-from tests.conftest import triplets
+from tests.conftest import free_ports, triplets
 
 # ----------------------------------------------------------------------------- unit (no Ray)
 
@@ -113,36 +113,28 @@ def test_surviving_counts_each_step_once_across_resizes():
 @pytest.fixture(scope="module")
 def elastic_cluster():
     """A head with no CPUs for work (the Ray Train controller runs there) and two 1-CPU nodes."""
-    import os
-    import socket
-
     import ray
     from ray.cluster_utils import Cluster
 
     tmp = tempfile.mkdtemp(prefix="ray-el-", dir="/tmp")
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    # Ray Train's placement-group cleaner asks the State API about the controller at the default
-    # address; with other Ray clusters on this machine it would pick "the latest one". Every
-    # process of this cluster inherits RAY_ADDRESS = this head, so it asks this cluster only.
-    old = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
-    # No node_ip_address: Ray 2.60 rewrites 127.0.0.1 to the machine's IP for the GCS address, and
-    # a driver given the loopback head then dials an address nothing listens on (a hang).
-    common = {"temp_dir": tmp, "object_store_memory": 100 * 2**20}
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 0, "include_dashboard": False, "gcs_server_port": port, **common})
-    assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
-    nodes = [cluster.add_node(num_cpus=1, **common) for _ in range(2)]
-    ray.init(address=cluster.address)
-    yield cluster, nodes, common
-    ray.shutdown()
-    cluster.shutdown()
-    if old is None:
-        os.environ.pop("RAY_ADDRESS", None)
-    else:
-        os.environ["RAY_ADDRESS"] = old
+    port = free_ports(1)[0]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        # Ray Train's placement-group cleaner asks the State API about the controller at the default
+        # address; with other Ray clusters on this machine it would pick "the latest one". Every
+        # process of this cluster inherits RAY_ADDRESS = this head, so it asks this cluster only.
+        env.setenv("RAY_ADDRESS", address)
+        # No node_ip_address: Ray 2.60 rewrites 127.0.0.1 to the machine's IP for the GCS address, and
+        # a driver given the loopback head then dials an address nothing listens on (a hang).
+        common = {"temp_dir": tmp, "object_store_memory": 100 * 2**20}
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={"num_cpus": 0, "include_dashboard": False, "gcs_server_port": port, **common})
+        assert cluster.address == address, (cluster.address, address)
+        nodes = [cluster.add_node(num_cpus=1, **common) for _ in range(2)]
+        ray.init(address=cluster.address)
+        yield cluster, nodes, common
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def _config(tmp_path: Path, model: Path, name: str, num_workers) -> TrainConfig:
