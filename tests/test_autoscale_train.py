@@ -18,8 +18,7 @@ from distributed_ir import faults
 from distributed_ir.config import TrainConfig
 from distributed_ir.config_loader import from_dict
 from distributed_ir.data.records import write_records
-from tests.conftest import fake_autoscaling_cluster
-from tests.test_train_loop import _triplets
+from tests.conftest import fake_autoscaling_cluster, triplets
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -48,7 +47,7 @@ def test_elastic_training_makes_the_autoscaler_launch_nodes_and_they_go_when_idl
     from distributed_ir.train.launch import run_training
 
     assert _worker_nodes() == []  # nothing to train on yet: the run must ask for it
-    write_records(tmp_path / "train.jsonl", _triplets(32))
+    write_records(tmp_path / "train.jsonl", triplets(32))
     trace = tmp_path / "trace"
     monkeypatch.setenv(faults.TRACE, str(trace))
     cfg = from_dict(TrainConfig, {

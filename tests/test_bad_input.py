@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -16,6 +13,7 @@ from distributed_ir.config_loader import ConfigError, load_config
 from distributed_ir.data import DataError, load_beir, load_corpus, load_queries, read_records
 from distributed_ir.data.intake import InputCheck
 from distributed_ir.index.corpus import stage_corpus
+from tests.conftest import run_cli
 
 GOOD_DOCS = [{"_id": f"d{i}", "title": f"T{i}", "text": f"doc {i}"} for i in range(4)]
 GOOD_QUERIES = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(3)]
@@ -187,21 +185,14 @@ def test_invalid_yaml_names_line(tmp_path):
 
 # ---------------------------------------------------------------- CLI
 
-def _cli(*args, cwd):
-    env = {**os.environ}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "distributed_ir.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=120)
-
-
 def test_cli_evaluate_raise_then_skip(tmp_path):
     (tmp_path / "run.trec").write_text("q0 Q0 d0 1 1.0 x\nq1 Q0 d1 1 1.0 x\n")
     (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\tyes\n\nq1\td1\t1\n")
-    res = _cli("evaluate", "--run", "run.trec", "--qrels", "qrels.tsv", cwd=tmp_path)
+    res = run_cli("evaluate", "--run", "run.trec", "--qrels", "qrels.tsv", cwd=tmp_path)
     assert res.returncode == 2 and "qrels.tsv:3: field 'score': relevance 'yes' is not an integer" in res.stderr
     assert "Traceback" not in res.stderr
-    res = _cli("evaluate", "--run", "run.trec", "--qrels", "qrels.tsv", "--on-error", "skip", "--out",
-               "m/metrics.json", cwd=tmp_path)
+    res = run_cli("evaluate", "--run", "run.trec", "--qrels", "qrels.tsv", "--on-error", "skip", "--out",
+                  "m/metrics.json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "[input] 3 rows = 2 accepted + 1 rejected" in res.stderr
     entry = json.loads((tmp_path / "m" / "rejects.jsonl").read_text())
@@ -211,6 +202,6 @@ def test_cli_evaluate_raise_then_skip(tmp_path):
 
 def test_cli_config_error_names_file_line_field(tmp_path):
     (tmp_path / "cfg.yaml").write_text("train_path: x.jsonl\nmodel:\n  document_instruction: 'passage'\n")
-    res = _cli("train", "embedder", "--config", "cfg.yaml", cwd=tmp_path)
+    res = run_cli("train", "embedder", "--config", "cfg.yaml", cwd=tmp_path)
     assert res.returncode == 2
     assert "cfg.yaml:3: field 'model.document_instruction'" in res.stderr and "Traceback" not in res.stderr

@@ -23,8 +23,7 @@ from distributed_ir.data.records import write_records
 from distributed_ir.models.embedder import LLM_QUERY_INSTRUCTION, Embedder
 from distributed_ir.train.loop import train_loop
 from distributed_ir.train.tasks import get_task
-from tests.conftest import build_tiny_model
-from tests.test_train_loop import _triplets
+from tests.conftest import REPO, build_tiny_model, reranker_loop_config, run_cli, triplets
 
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
 
@@ -58,7 +57,7 @@ def test_llm_embedder_defaults_come_from_the_backbone(tiny_qwen2, tiny_bert):
 def test_ddp_zero2_zero3_same_lora_trajectory_on_two_ray_workers(tiny_qwen2, tmp_path, ray_cluster):
     from distributed_ir.train.launch import run_training
 
-    write_records(tmp_path / "train.jsonl", _triplets(32))
+    write_records(tmp_path / "train.jsonl", triplets(32))
     runs = {}
     for name, engine in [("ddp", {"name": "ddp"}), ("zero2", {"name": "deepspeed", "zero_stage": 2}),
                          ("zero3", {"name": "deepspeed", "zero_stage": 3})]:
@@ -94,15 +93,13 @@ def test_zero3_export_equals_gathered_parameters(tiny_qwen2, tiny_tied_lm, tmp_p
 
     from distributed_ir.train.engines import DeepSpeedEngine, deepspeed_config, init_deepspeed_distributed
 
-    write_records(tmp_path / "train.jsonl", _triplets(16))
+    write_records(tmp_path / "train.jsonl", triplets(16))
     if task_name == "embedder":  # LoRA on a Qwen2Model, adapter export
         cfg = _cfg(tiny_qwen2, tmp_path, tmp_path / "out", engine={"name": "deepspeed", "zero_stage": 3},
                    lora={**LORA, "export": "adapter"})
     else:  # full fine-tune of a causal LM whose head is tied to its input embeddings
-        from tests.test_reranker_train import _cfg as reranker_cfg
-
-        cfg = from_dict(TrainConfig, reranker_cfg(tiny_tied_lm, tmp_path, "llm_reranker",
-                                                  engine={"name": "deepspeed", "zero_stage": 3}))
+        cfg = from_dict(TrainConfig, reranker_loop_config(tiny_tied_lm, tmp_path, "llm_reranker",
+                                                          engine={"name": "deepspeed", "zero_stage": 3}))
     task = get_task(cfg)
     plain_keys = set(task.build().state_dict())
     ds = deepspeed_config(cfg, 1)
@@ -146,7 +143,7 @@ def _batches(task, engine, n):
 
 
 def test_adapter_export_loads_merged_and_encodes_like_the_trained_model(tiny_qwen2, tmp_path):
-    write_records(tmp_path / "train.jsonl", _triplets(16))
+    write_records(tmp_path / "train.jsonl", triplets(16))
     cfg = _cfg(tiny_qwen2, tmp_path, tmp_path / "out", max_steps=3, lora={**LORA, "export": "adapter"})
     train_loop(to_dict(cfg))
     final = tmp_path / "out" / "checkpoints" / "final"
@@ -171,7 +168,7 @@ def test_adapter_export_loads_merged_and_encodes_like_the_trained_model(tiny_qwe
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_checkpoint_resumes_exactly(tiny_qwen2, tmp_path, stage):
-    write_records(tmp_path / "train.jsonl", _triplets(16))
+    write_records(tmp_path / "train.jsonl", triplets(16))
     ds = {"name": "deepspeed", "zero_stage": stage}
     straight = train_loop(to_dict(_cfg(tiny_qwen2, tmp_path, tmp_path / "a", engine=ds, max_steps=6,
                                        checkpoint_every=3)))
@@ -193,22 +190,16 @@ def test_deepspeed_checkpoint_resumes_exactly(tiny_qwen2, tmp_path, stage):
 @pytest.mark.ray
 def test_tiny_llm_lora_config_runs_the_pipeline(scifact_dir, tmp_path):
     """jobs/configs/scifact_tiny_llm_lora.yaml as shipped (fewer steps/queries): ZeRO-2 + LoRA + eval."""
-    import os
     import subprocess
     import sys
-
-    from tests.conftest import REPO
 
     model = tmp_path / "tiny_qwen2"
     subprocess.run([sys.executable, str(REPO / "jobs" / "make_tiny_llm.py"), "--out", str(model)], check=True,
                    capture_output=True)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["IR_DATA_DIR"] = str(scifact_dir.parent)
-    res = subprocess.run([sys.executable, "-m", "distributed_ir.cli", "pipeline", "--config",
-                          str(REPO / "jobs" / "configs" / "scifact_tiny_llm_lora.yaml"),
-                          f"train.model.name_or_path={model}", f"output_dir={tmp_path / 'out'}", "train.max_steps=4",
-                          "train.scaling.cpus_per_worker=0.5", "eval.max_queries=20", "skip_base_eval=true"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = run_cli("pipeline", "--config", str(REPO / "jobs" / "configs" / "scifact_tiny_llm_lora.yaml"),
+                  f"train.model.name_or_path={model}", f"output_dir={tmp_path / 'out'}", "train.max_steps=4",
+                  "train.scaling.cpus_per_worker=0.5", "eval.max_queries=20", "skip_base_eval=true",
+                  cwd=tmp_path, env={"IR_DATA_DIR": str(scifact_dir.parent)})
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
     assert "engine deepspeed ZeRO-2" in log and "step 4/4" in log
@@ -226,12 +217,11 @@ def test_zero3_llm_reranker_exports_its_tied_head(tiny_tied_lm, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from distributed_ir.models.rerankers import load_reranker
-    from tests.test_reranker_train import _cfg as reranker_cfg
 
     lm = tiny_tied_lm
-    write_records(tmp_path / "train.jsonl", _triplets(8))
-    cfg = reranker_cfg(lm, tmp_path, "llm_reranker", max_steps=2, checkpoint_every=1, batch_size=2,
-                       engine={"name": "deepspeed", "zero_stage": 3}, optim={"lr": 1e-2, "warmup_ratio": 0.0})
+    write_records(tmp_path / "train.jsonl", triplets(8))
+    cfg = reranker_loop_config(lm, tmp_path, "llm_reranker", max_steps=2, checkpoint_every=1, batch_size=2,
+                               engine={"name": "deepspeed", "zero_stage": 3}, optim={"lr": 1e-2, "warmup_ratio": 0.0})
     train_loop(cfg)
     initial = load_file(lm / "model.safetensors")["model.embed_tokens.weight"]
     for name in ("step_0000001", "final"):
@@ -278,7 +268,7 @@ def test_a_clashing_config_file_fails_on_the_driver_with_its_relative_path(tmp_p
     from distributed_ir.config_loader import ConfigError
     from distributed_ir.train.launch import run_training
 
-    write_records(tmp_path / "train.jsonl", _triplets(8))
+    write_records(tmp_path / "train.jsonl", triplets(8))
     (tmp_path / "ds.json").write_text(json.dumps({"gradient_clipping": 5.0}))
     monkeypatch.chdir(tmp_path)
     cfg = _cfg("m", tmp_path, tmp_path / "out", engine={"name": "deepspeed", "config_file": "ds.json"})
@@ -308,7 +298,7 @@ def ddp_reference(tiny_qwen2, tmp_path_factory):
     """The fp32 DDP run the DeepSpeed settings are compared with: 3 optimizer steps of 2 accumulated
     micro-batches (gradient clipping at 1.0 active: the norms are ~1.5-2), LoRA, world size 1."""
     tmp = tmp_path_factory.mktemp("ddp_reference")
-    write_records(tmp / "train.jsonl", _triplets(16))
+    write_records(tmp / "train.jsonl", triplets(16))
     result = train_loop(to_dict(_cfg(tiny_qwen2, tmp, tmp / "out", max_steps=3, grad_accum_steps=2)))
     return tmp, result["history"], _final_weights(tmp / "out")
 

@@ -12,7 +12,7 @@ from distributed_ir.data.errors import DataError
 from distributed_ir.data.records import TrainRecord, read_records, write_records
 from distributed_ir.models.embedder import Embedder
 from distributed_ir.train.loop import train_loop
-from tests.test_train_loop import TOPICS, _cfg
+from tests.conftest import TRAIN_TOPICS, loop_config
 
 
 def _records(n=16):
@@ -20,10 +20,10 @@ def _records(n=16):
     (the opposite of word overlap for half of them), so its order is not the lexical one."""
     out = []
     for i in range(n):
-        topic = TOPICS[i % 8]
+        topic = TRAIN_TOPICS[i % 8]
         out.append(TrainRecord(query=f"what about {topic.split()[0]} {i}", positive=[f"{topic} fact {i}"],
-                               negative=[f"{topic.split()[0]} unrelated {TOPICS[(i + 3) % 8]} {i}",
-                                         f"{TOPICS[(i + 5) % 8]} more {i}"],
+                               negative=[f"{topic.split()[0]} unrelated {TRAIN_TOPICS[(i + 3) % 8]} {i}",
+                                         f"{TRAIN_TOPICS[(i + 5) % 8]} more {i}"],
                                scores=[5.0, 0.0, 2.5]))
     return out
 
@@ -59,7 +59,7 @@ def test_records_without_scores_are_refused_for_distillation(tiny_bert, tmp_path
     recs[5].scores = None
     write_records(tmp_path / "train.jsonl", recs)
     with pytest.raises(ValueError, match="record 6 has no scores"):
-        train_loop(_cfg(tiny_bert, tmp_path, num_negatives=2, loss={"name": "distill"}))
+        train_loop(loop_config(tiny_bert, tmp_path, num_negatives=2, loss={"name": "distill"}))
 
 
 @pytest.mark.parametrize("loss", [{"name": "distill", "temperature": 0.1}, {"name": "infonce", "distill_weight": 1.0},
@@ -67,8 +67,8 @@ def test_records_without_scores_are_refused_for_distillation(tiny_bert, tmp_path
 def test_distillation_trains_a_tiny_model_toward_the_teachers_order(tiny_bert, tmp_path, loss):
     records = _records(16)
     write_records(tmp_path / "train.jsonl", records)
-    train_loop(_cfg(tiny_bert, tmp_path, epochs=10, num_negatives=2, loss=loss,
-                    optim={"lr": 3e-3, "warmup_ratio": 0.0}))
+    train_loop(loop_config(tiny_bert, tmp_path, epochs=10, num_negatives=2, loss=loss,
+                           optim={"lr": 3e-3, "warmup_ratio": 0.0}))
     before = _teacher_order_agreement(tiny_bert, records)
     after = _teacher_order_agreement(tmp_path / "out" / "checkpoints" / "final" / "model", records)
     if loss == {"name": "infonce"}:
@@ -82,10 +82,12 @@ def test_distillation_on_deepspeed_follows_ddp(tiny_bert, tmp_path):
     write_records(tmp_path / "train.jsonl", _records(16))
     losses = {}
     for name, engine in (("ddp", {"name": "ddp"}), ("zero2", {"name": "deepspeed", "zero_stage": 2})):
-        result = train_loop(_cfg(tiny_bert, tmp_path, max_steps=3, num_negatives=2, engine=engine,
-                                 output_dir=str(tmp_path / name), loss={"name": "infonce", "distill_weight": 0.5}))
+        result = train_loop(loop_config(tiny_bert, tmp_path, max_steps=3, num_negatives=2, engine=engine,
+                                        output_dir=str(tmp_path / name),
+                                        loss={"name": "infonce", "distill_weight": 0.5}))
         losses[name] = [m["loss"] for m in result["history"]]
     np.testing.assert_allclose(losses["zero2"], losses["ddp"], atol=1e-4)
     # and the KL term is really in it: a run without it differs
-    plain = train_loop(_cfg(tiny_bert, tmp_path, max_steps=3, num_negatives=2, output_dir=str(tmp_path / "plain")))
+    plain = train_loop(loop_config(tiny_bert, tmp_path, max_steps=3, num_negatives=2,
+                                   output_dir=str(tmp_path / "plain")))
     assert abs(plain["history"][0]["loss"] - losses["ddp"][0]) > 1e-3

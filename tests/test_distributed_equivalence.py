@@ -1,8 +1,9 @@
 """2 workers with gathered negatives == 1 worker on the union batch (loss and gradients, 1e-5).
 
-Runs the real training step (the embedder task's train module + DDP) in 2 gloo processes.  Query 5
-(rank 1) shares query 1's positive (rank 0): the false-negative mask must see the gathered columns.
-A distillation term (teacher scores of each query's own candidates) is added to the InfoNCE loss.
+Runs the real training step (the embedder task's train module + DDP) in 2 gloo processes on
+conftest's ``shared_positive_batch``.  Query 5 (rank 1) shares query 1's positive (rank 0): the
+false-negative mask must see the gathered columns.  A distillation term (teacher scores of each
+query's own candidates) is added to the InfoNCE loss.
 """
 
 from __future__ import annotations
@@ -17,22 +18,8 @@ import torch.multiprocessing as mp
 from distributed_ir.config import TrainConfig
 from distributed_ir.config_loader import from_dict
 from distributed_ir.models.embedder import Embedder
-from distributed_ir.train.batching import TextBatch, text_key
 from distributed_ir.train.tasks import get_task
-
-QUERIES = [f"query number {i} about topic {i % 3}" for i in range(8)]
-POSITIVES = [f"relevant document {i} on topic {i % 3} with extra words {'w ' * i}" for i in range(8)]
-POSITIVES[5] = POSITIVES[1]
-NEGATIVES = [f"hard negative {i} " + "filler " * (i % 4) for i in range(16)]  # 2 per query
-
-
-TEACHER = [[3.0, 0.5 * (i % 3), 1.0] for i in range(8)]  # scores of each query's positive and 2 negatives
-
-
-def _batch(sl: slice, negatives: list[str]) -> TextBatch:
-    return TextBatch(QUERIES[sl], POSITIVES[sl], negatives,
-                     doc_keys=[text_key(d) for d in POSITIVES[sl] + negatives],
-                     positive_keys=[[text_key(d)] for d in POSITIVES[sl]], teacher_scores=TEACHER[sl])
+from tests.conftest import free_ports, shared_positive_batch
 
 
 def _grads(embedder: Embedder) -> torch.Tensor:
@@ -48,10 +35,7 @@ def _step(model_path: str, rank: int, world: int, gather: bool = True, mask: boo
     inner = task.build()
     embedder = inner.embedder
     module = torch.nn.parallel.DistributedDataParallel(inner) if world > 1 else inner
-    per = len(QUERIES) // world
-    sl = slice(rank * per, (rank + 1) * per)
-    batch = _batch(sl, NEGATIVES[2 * rank * per: 2 * (rank + 1) * per])
-    loss = module(**task.inputs(inner, batch))
+    loss = module(**task.inputs(inner, shared_positive_batch(rank, world)))
     loss.backward()
     return float(loss), _grads(embedder)
 
@@ -68,20 +52,12 @@ def _worker(rank: int, world: int, model_path: str, port: int, out: str, gather:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_workers_equal_one_worker_on_union_batch(tiny_bert, tmp_path):
     loss_1, grads_1 = _step(str(tiny_bert), 0, 1)
     assert abs(_step(str(tiny_bert), 0, 1, mask=False)[0] - loss_1) > 1e-4  # the shared positive is masked
     out = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(2, str(tiny_bert), _free_port(), str(out), True), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tiny_bert), free_ports(1)[0], str(out), True), nprocs=2, join=True)
     res = torch.load(out, weights_only=True)
     # the union loss is the mean over all 8 queries = mean of the two ranks' means (equal halves)
     assert abs(sum(res["losses"]) / 2 - loss_1) < 1e-5
@@ -89,7 +65,7 @@ def test_two_workers_equal_one_worker_on_union_batch(tiny_bert, tmp_path):
     torch.testing.assert_close(res["grads"], grads_1, atol=1e-5, rtol=1e-4)
     assert grads_1.abs().max() > 1e-3  # not trivially zero
     # control: without cross-worker negatives each rank sees half the documents -> different maths
-    mp.spawn(_worker, args=(2, str(tiny_bert), _free_port(), str(out), False), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tiny_bert), free_ports(1)[0], str(out), False), nprocs=2, join=True)
     local = torch.load(out, weights_only=True)
     assert abs(sum(local["losses"]) / 2 - loss_1) > 1e-3
     assert (local["grads"] - grads_1).abs().max() > 1e-4

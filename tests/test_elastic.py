@@ -25,7 +25,7 @@ from distributed_ir.config import TrainConfig
 from distributed_ir.config_loader import ConfigError, from_dict, load_config
 from distributed_ir.data.records import write_records
 from distributed_ir.train.batching import epoch_batches
-from tests.test_train_loop import _triplets
+from tests.conftest import free_ports, triplets
 
 # ----------------------------------------------------------------------------- unit (no Ray)
 
@@ -79,7 +79,7 @@ def test_every_world_size_trains_on_the_same_global_micro_batches():
     """Elastic [1, 4], batch 3: at 1, 2, 3 and 4 workers each global micro-step holds the same 12
     records in the same order, with the same hard negatives."""
     cfg = from_dict(TrainConfig, {"scaling": {"num_workers": [1, 4]}, "batch_size": 3, "max_failures": 1})
-    recs = _triplets(40)
+    recs = triplets(40)
 
     def global_steps(world: int, start: int = 0) -> list[tuple[list[str], list[str]]]:
         b = cfg.worker_batch_size(world)
@@ -113,36 +113,28 @@ def test_surviving_counts_each_step_once_across_resizes():
 @pytest.fixture(scope="module")
 def elastic_cluster():
     """A head with no CPUs for work (the Ray Train controller runs there) and two 1-CPU nodes."""
-    import os
-    import socket
-
     import ray
     from ray.cluster_utils import Cluster
 
     tmp = tempfile.mkdtemp(prefix="ray-el-", dir="/tmp")
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    # Ray Train's placement-group cleaner asks the State API about the controller at the default
-    # address; with other Ray clusters on this machine it would pick "the latest one". Every
-    # process of this cluster inherits RAY_ADDRESS = this head, so it asks this cluster only.
-    old = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
-    # No node_ip_address: Ray 2.60 rewrites 127.0.0.1 to the machine's IP for the GCS address, and
-    # a driver given the loopback head then dials an address nothing listens on (a hang).
-    common = {"temp_dir": tmp, "object_store_memory": 100 * 2**20}
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 0, "include_dashboard": False, "gcs_server_port": port, **common})
-    assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
-    nodes = [cluster.add_node(num_cpus=1, **common) for _ in range(2)]
-    ray.init(address=cluster.address)
-    yield cluster, nodes, common
-    ray.shutdown()
-    cluster.shutdown()
-    if old is None:
-        os.environ.pop("RAY_ADDRESS", None)
-    else:
-        os.environ["RAY_ADDRESS"] = old
+    port = free_ports(1)[0]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        # Ray Train's placement-group cleaner asks the State API about the controller at the default
+        # address; with other Ray clusters on this machine it would pick "the latest one". Every
+        # process of this cluster inherits RAY_ADDRESS = this head, so it asks this cluster only.
+        env.setenv("RAY_ADDRESS", address)
+        # No node_ip_address: Ray 2.60 rewrites 127.0.0.1 to the machine's IP for the GCS address, and
+        # a driver given the loopback head then dials an address nothing listens on (a hang).
+        common = {"temp_dir": tmp, "object_store_memory": 100 * 2**20}
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={"num_cpus": 0, "include_dashboard": False, "gcs_server_port": port, **common})
+        assert cluster.address == address, (cluster.address, address)
+        nodes = [cluster.add_node(num_cpus=1, **common) for _ in range(2)]
+        ray.init(address=cluster.address)
+        yield cluster, nodes, common
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def _config(tmp_path: Path, model: Path, name: str, num_workers) -> TrainConfig:
@@ -178,7 +170,7 @@ def test_elastic_run_that_loses_and_regains_a_node_equals_the_fixed_run(elastic_
     from distributed_ir.train.launch import run_training
 
     cluster, nodes, common = elastic_cluster
-    records = _triplets(48)  # 8 records per global micro-step: 6 steps per epoch, 12 steps = 2 epochs
+    records = triplets(48)  # 8 records per global micro-step: 6 steps per epoch, 12 steps = 2 epochs
     write_records(tmp_path / "train.jsonl", records)
     # a failed start (a reservation that still counts the lost node) is retried after this long
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
@@ -292,7 +284,7 @@ def test_preemption_notice_takes_a_just_in_time_checkpoint_and_the_restart_loses
     cluster, _, common = elastic_cluster
     while len(cluster.worker_nodes) < 2:  # the module's other test may have left one node
         cluster.add_node(num_cpus=1, **common)
-    records = _triplets(48)
+    records = triplets(48)
     write_records(tmp_path / "train.jsonl", records)
     holds = tmp_path / "holds"
     holds.mkdir()

@@ -17,7 +17,7 @@ from distributed_ir.config import ModelConfig, TrainConfig
 from distributed_ir.config_loader import from_dict
 from distributed_ir.data.records import write_records
 from distributed_ir.models.embedder import Embedder
-from tests.test_train_loop import _triplets
+from tests.conftest import triplets
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -51,7 +51,7 @@ def _key(e: dict) -> tuple:
 
 def test_worker_sigkill_restores_from_checkpoint_and_matches_uninterrupted(tiny_bert, tmp_path, ray_cluster,
                                                                            monkeypatch):
-    records = _triplets(24)  # 2 workers x batch 4 = 8 records per step: 3 steps per epoch, 2 epochs
+    records = triplets(24)  # 2 workers x batch 4 = 8 records per step: 3 steps per epoch, 2 epochs
     write_records(tmp_path / "train.jsonl", records)
     with (tmp_path / "train.jsonl").open("a") as fh:  # one bad row: the driver rejects it once
         fh.write(json.dumps({"query": "q", "positive": "not a list"}) + "\n")

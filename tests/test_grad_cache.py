@@ -1,7 +1,8 @@
 """GradCache (cached in-batch negatives): the chunked step's gradients equal the whole batch's.
 
-The batch is test_distributed_equivalence's: 8 queries, 2 hard negatives each, query 5 sharing
-query 1's positive (the false-negative mask), teacher scores (a distillation term beside InfoNCE).
+The batch is conftest's ``shared_positive_batch`` (as in test_distributed_equivalence): 8 queries,
+2 hard negatives each, query 5 sharing query 1's positive (the false-negative mask), teacher scores
+(a distillation term beside InfoNCE).
 Chunks of 3 rows split queries 3+3+2 and documents 3x7+3, so no chunk lines up with a query's
 candidates.
 
@@ -29,7 +30,7 @@ from distributed_ir.train import grad_cache
 from distributed_ir.train.engines import DDPEngine
 from distributed_ir.train.grad_cache import split_features
 from distributed_ir.train.tasks import get_task
-from tests.test_distributed_equivalence import NEGATIVES, QUERIES, _batch
+from tests.conftest import PINNED, loop_config, shared_positive_batch, triplets
 
 CHUNK = 3
 
@@ -40,15 +41,6 @@ def _cfg(model, chunk: int = 0, **kw) -> TrainConfig:
             "loss": {"temperature": 0.05, "mask_shared_positives": True, "distill_weight": 0.5}}
     base.update(kw)
     return from_dict(TrainConfig, base)
-
-
-def _union_batch():
-    return _batch(slice(0, 8), NEGATIVES)
-
-
-def _rank_batch(rank: int, world: int):
-    per = len(QUERIES) // world
-    return _batch(slice(rank * per, (rank + 1) * per), NEGATIVES[2 * rank * per: 2 * (rank + 1) * per])
 
 
 def _grads(module: torch.nn.Module) -> torch.Tensor:
@@ -96,14 +88,14 @@ def _count_forwards(module: torch.nn.Module) -> list[tuple[bool, int]]:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_cached_equals_uncached_on_one_worker(tiny_bert, device):
-    loss, grads, _ = _ddp_step(_cfg(tiny_bert), _union_batch(), device=device)
+    loss, grads, _ = _ddp_step(_cfg(tiny_bert), shared_positive_batch(), device=device)
     assert grads.abs().max() > 1e-3  # not trivially zero
     cfg = _cfg(tiny_bert, CHUNK)
     task = get_task(cfg)
     module = task.build()
     calls = _count_forwards(module)
     engine = DDPEngine(cfg, module, task.param_groups(module), torch.device(device), 1, 10)
-    cached = float(engine.forward_backward(_to(task.inputs(module, _union_batch()), device), boundary=True))
+    cached = float(engine.forward_backward(_to(task.inputs(module, shared_positive_batch()), device), boundary=True))
     assert abs(cached - loss) < 1e-5
     torch.testing.assert_close(_grads(module).cpu(), grads, atol=1e-5, rtol=1e-5)
     # the cache is used: 8 queries + 24 documents in chunks of 3 = 3 + 8 chunks, each encoded once
@@ -111,7 +103,7 @@ def test_cached_equals_uncached_on_one_worker(tiny_bert, device):
     chunks = [3, 3, 2] + [3] * 8
     assert calls == [(False, n) for n in chunks] + [(True, n) for n in chunks]
     # one chunk as large as the batch is the plain step
-    _, single, _ = _ddp_step(_cfg(tiny_bert, 64), _union_batch(), device=device)
+    _, single, _ = _ddp_step(_cfg(tiny_bert, 64), shared_positive_batch(), device=device)
     torch.testing.assert_close(single, grads, atol=1e-5, rtol=1e-5)
 
 
@@ -121,8 +113,8 @@ def test_cached_equals_uncached_on_one_worker(tiny_bert, device):
 def test_other_losses_cache_alike(tiny_bert, loss):
     """Any loss of the embeddings caches: triplet margin, distillation alone, plain InfoNCE."""
     loss = {"temperature": 0.05, **loss}
-    ref_loss, ref, _ = _ddp_step(_cfg(tiny_bert, loss=loss), _union_batch())
-    cached_loss, cached, _ = _ddp_step(_cfg(tiny_bert, CHUNK, loss=loss), _union_batch())
+    ref_loss, ref, _ = _ddp_step(_cfg(tiny_bert, loss=loss), shared_positive_batch())
+    cached_loss, cached, _ = _ddp_step(_cfg(tiny_bert, CHUNK, loss=loss), shared_positive_batch())
     assert ref.abs().max() > 1e-4 and abs(cached_loss - ref_loss) < 1e-5
     torch.testing.assert_close(cached, ref, atol=1e-5, rtol=1e-5)
 
@@ -132,12 +124,9 @@ def test_training_loop_reproduces_the_pinned_trajectory(tiny_bert, tmp_path):
     norms of the uncached embedder (batch 4 in chunks of 3: queries 3+1, documents 3+3+2)."""
     from distributed_ir.data.records import write_records
     from distributed_ir.train.loop import train_loop
-    from tests.test_pinned_losses import PINNED
-    from tests.test_train_loop import _cfg as loop_cfg
-    from tests.test_train_loop import _triplets
 
-    write_records(tmp_path / "train.jsonl", _triplets(16))
-    result = train_loop(loop_cfg(tiny_bert, tmp_path, max_steps=3, num_negatives=1, grad_cache_chunk=CHUNK))
+    write_records(tmp_path / "train.jsonl", triplets(16))
+    result = train_loop(loop_config(tiny_bert, tmp_path, max_steps=3, num_negatives=1, grad_cache_chunk=CHUNK))
     got = {k: [m[k] for m in result["history"]] for k in ("loss", "grad_norm")}
     assert got["loss"] == pytest.approx(PINNED["embedder"]["loss"], abs=1e-4)
     assert got["grad_norm"] == pytest.approx(PINNED["embedder"]["grad_norm"], rel=1e-4)
@@ -176,19 +165,19 @@ def _chunked_reference(cfg: TrainConfig, batch, seed: int, device: str):
 def test_dropout_masks_are_replayed(dropout_bert, monkeypatch, device):
     """On a GPU the dropout masks come from the device's generator: its state is replayed too."""
     cfg = _cfg(dropout_bert, CHUNK)
-    ref_loss, ref_grads, ref_rng = _chunked_reference(cfg, _union_batch(), 7, device)
-    loss, grads, _ = _ddp_step(cfg, _union_batch(), seed=7, device=device)
+    ref_loss, ref_grads, ref_rng = _chunked_reference(cfg, shared_positive_batch(), 7, device)
+    loss, grads, _ = _ddp_step(cfg, shared_positive_batch(), seed=7, device=device)
     assert abs(loss - ref_loss) < 1e-5
     torch.testing.assert_close(grads, ref_grads, atol=1e-5, rtol=1e-5)
     # the replay is forked: training's RNG stream moves as if each chunk had been encoded once
     assert torch.equal(_rng_state(device), ref_rng)
     # dropout is really on: another seed gives other gradients ...
-    _, other, _ = _ddp_step(cfg, _union_batch(), seed=8, device=device)
+    _, other, _ = _ddp_step(cfg, shared_positive_batch(), seed=8, device=device)
     assert (other - ref_grads).abs().max() > 1e-4
     # ... and re-encoding without the saved RNG state (fresh masks) gives wrong ones
     monkeypatch.setattr(grad_cache.RandContext, "__enter__", lambda self: None)
     monkeypatch.setattr(grad_cache.RandContext, "__exit__", lambda self, *exc: None)
-    _, unreplayed, _ = _ddp_step(cfg, _union_batch(), seed=7, device=device)
+    _, unreplayed, _ = _ddp_step(cfg, shared_positive_batch(), seed=7, device=device)
     assert (unreplayed - ref_grads).abs().max() > 1e-4
 
 
@@ -218,7 +207,7 @@ def test_cached_equals_uncached_on_deepspeed_with_accumulation(tiny_bert, stage)
     """Two micro-batches of 4 queries, accumulated: every chunk's ``engine.backward`` but the
     last micro-batch's last one is off the accumulation boundary (ZeRO-1 reduces there; ZeRO-2/3
     reduce-scatter every backward; ZeRO-3 also gathers parameters for every chunk's forward)."""
-    batches = [_rank_batch(0, 2), _rank_batch(1, 2)]
+    batches = [shared_positive_batch(0, 2), shared_positive_batch(1, 2)]
     engine = {"name": "deepspeed", "zero_stage": stage}
     ref_losses, ref = _deepspeed_grads(_cfg(tiny_bert, batch_size=4, grad_accum_steps=2, engine=engine), batches)
     losses, grads = _deepspeed_grads(_cfg(tiny_bert, CHUNK, batch_size=4, grad_accum_steps=2, engine=engine), batches)
@@ -239,7 +228,7 @@ def _ray_worker(config: dict) -> None:
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    batch = _rank_batch(rank, world)
+    batch = shared_positive_batch(rank, world)
     out: dict = {}
     for name, chunk in (("ddp", 0), ("ddp_cached", CHUNK)):
         cfg = from_dict(TrainConfig, {**config["cfg"], "grad_cache_chunk": chunk})
@@ -269,7 +258,7 @@ def test_cached_equals_uncached_on_two_ray_workers(tiny_bert, tmp_path, ray_clus
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ref_loss, ref, _ = _ddp_step(_cfg(tiny_bert), _union_batch())
+    ref_loss, ref, _ = _ddp_step(_cfg(tiny_bert), shared_positive_batch())
     cfg = to_dict(_cfg(tiny_bert, batch_size=4))
     out = tmp_path / "rank0.pt"
     trainer = TorchTrainer(

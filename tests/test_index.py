@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +14,7 @@ from distributed_ir.index.encode import EncodeStage
 from distributed_ir.index.faiss_index import ShardedIndex, build_index, merge_topk
 from distributed_ir.index.parts import load_sharded
 from distributed_ir.models.embedder import Embedder
+from tests.conftest import last_json, run_cli
 
 
 def _corpus(path, n, start=0):
@@ -99,13 +97,6 @@ def test_merge_topk_puts_missing_last():
     assert ids.tolist() == [[1, 3, 2]]
 
 
-def _cli(*args, env=None, cwd=None):
-    env = {**os.environ, **(env or {})}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "distributed_ir.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600)
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 def test_index_pipeline_exact_resumable_and_searchable(tiny_bert, tmp_path):
@@ -115,15 +106,15 @@ def test_index_pipeline_exact_resumable_and_searchable(tiny_bert, tmp_path):
     args = ["index", "--model", str(tiny_bert), "--corpus", str(tmp_path / "c*.jsonl"), "--out", str(out),
             "--num-shards", "4", "--batch-size", "8", "--precision", "fp32"]
     # 1. a job killed after 2 of 4 shards (real process death mid-pipeline)
-    died = _cli(*args, env={"DIR_FAIL_AFTER_SHARDS": "2"})
+    died = run_cli(*args, env={"DIR_FAIL_AFTER_SHARDS": "2"})
     assert died.returncode == 17, died.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["shards"]) == 2
     first = {k: (out / v["file"]).stat().st_mtime_ns for k, v in manifest["shards"].items()}
     # 2. rerun resumes: the finished shards are not re-encoded
-    ok = _cli(*args)
+    ok = run_cli(*args)
     assert ok.returncode == 0, ok.stderr[-3000:]
-    summary = json.loads(ok.stdout[ok.stdout.rindex("{\n"):])
+    summary = last_json(ok.stdout)
     assert summary["skipped_shards"] == 2 and summary["indexed"] == summary["docs"] == 100
     manifest = json.loads((out / "manifest.json").read_text())
     assert {k: (out / manifest["shards"][k]["file"]).stat().st_mtime_ns for k in first} == first
@@ -147,15 +138,15 @@ def test_index_pipeline_exact_resumable_and_searchable(tiny_bert, tmp_path):
     # 3. a corrupted shard is detected and re-encoded, never indexed
     victim = out / manifest["shards"]["1"]["file"]
     victim.write_bytes(victim.read_bytes()[:100])
-    again = _cli(*args)
+    again = run_cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    summary = json.loads(again.stdout[again.stdout.rindex("{\n"):])
+    summary = last_json(again.stdout)
     assert summary["skipped_shards"] == 3 and summary["encoded_docs"] == manifest["shards"]["1"]["count"]
     # 4. search writes a run whose top hit for a document's own text is that document
     (tmp_path / "q.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": texts[f"doc{i}"]}) + "\n"
                                               for i in (3, 50, 99)))
-    res = _cli("search", "--index", str(out), "--queries", str(tmp_path / "q.jsonl"), "--out",
-               str(tmp_path / "run.trec"), "--top-k", "5", "--precision", "fp32")
+    res = run_cli("search", "--index", str(out), "--queries", str(tmp_path / "q.jsonl"), "--out",
+                  str(tmp_path / "run.trec"), "--top-k", "5", "--precision", "fp32")
     assert res.returncode == 0, res.stderr[-3000:]
     lines = (tmp_path / "run.trec").read_text().splitlines()
     assert len(lines) == 15

@@ -13,7 +13,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,24 +25,12 @@ import pytest
 import pytrec_eval
 import yaml
 
-from tests.conftest import pytrec_means
+from tests.conftest import REPO, free_ports, pytrec_means, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: `ray` and the `python` the job entrypoint runs
 HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
               "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
               "metrics-export-port")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _head_processes(temp_dir: str) -> list:
@@ -68,7 +55,7 @@ class Head:
         token_file.write_text(secrets.token_hex(32))
         token_file.chmod(0o600)
         self.token = token_file.read_text()
-        ports = dict(zip(HEAD_PORTS, _free_ports(len(HEAD_PORTS))))
+        ports = dict(zip(HEAD_PORTS, free_ports(len(HEAD_PORTS))))
         self.dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONPATH"}
         # no PYTHONPATH on the cluster: the job must import the code it uploads, nothing else
@@ -273,10 +260,8 @@ def test_relative_outputs_go_under_ir_output_root(tmp_path, monkeypatch):
     # the CLI applies it to --out (here: evaluate's metrics file), run from another directory
     (tmp_path / "run.trec").write_text("q1 Q0 d1 1 2.0 t\nq1 Q0 d2 2 1.0 t\n")
     (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")
-    env = {**os.environ, "IR_OUTPUT_ROOT": str(tmp_path / "root")}
-    res = subprocess.run([sys.executable, "-m", "distributed_ir.cli", "evaluate", "--run", str(tmp_path / "run.trec"),
-                          "--qrels", str(tmp_path / "qrels.tsv"), "--out", "eval/metrics.json"],
-                         cwd=REPO / "jobs", env=env, capture_output=True, text=True, timeout=120)
+    res = run_cli("evaluate", "--run", str(tmp_path / "run.trec"), "--qrels", str(tmp_path / "qrels.tsv"),
+                  "--out", "eval/metrics.json", cwd=REPO / "jobs", env={"IR_OUTPUT_ROOT": str(tmp_path / "root")})
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((tmp_path / "root" / "eval" / "metrics.json").read_text())["mrr@10"] == 0.5
     assert not (REPO / "jobs" / "eval").exists()

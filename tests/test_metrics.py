@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import pytrec_eval
 
 from distributed_ir.eval.metrics import evaluate, evaluate_per_query, rank, read_run, write_run
 from tests.conftest import PYTREC_MEASURES as TREC
-from tests.conftest import pytrec_means
+from tests.conftest import pytrec_means, run_cli
 
 
 def _random_case(seed: int, decimals: int | None = 1):
@@ -71,8 +69,9 @@ def test_run_file_roundtrip_and_cli(tmp_path):
             for d, r in rels.items():
                 fh.write(f"{q}\t{d}\t{r}\n")
     out = tmp_path / "m.json"
-    subprocess.run([sys.executable, "-m", "distributed_ir.cli", "evaluate", "--run", str(tmp_path / "run.trec"),
-                    "--qrels", str(tmp_path / "qrels.tsv"), "--out", str(out)], check=True, capture_output=True)
+    res = run_cli("evaluate", "--run", str(tmp_path / "run.trec"), "--qrels", str(tmp_path / "qrels.tsv"),
+                  "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
     metrics = json.loads(out.read_text())
     theirs = pytrec_means(run, qrels)  # pytrec_eval on the in-memory run, not our own evaluate
     assert theirs["num_queries"] == metrics["num_queries"] == 49  # 60 - 6 without qrels - 6 without run + q_zero

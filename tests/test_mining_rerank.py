@@ -9,8 +9,7 @@ import pytest
 
 from distributed_ir.data.beir import BeirDataset
 from distributed_ir.mining import count_qrels_positives, mine_negatives
-
-TOPICS = ["cats purr", "rockets fly", "bread rises", "rivers flow", "chess games", "bees buzz"]
+from tests.conftest import last_json, write_tiny_beir
 
 
 def test_mined_negatives_skip_judged_docs_and_duplicate_texts():
@@ -67,41 +66,17 @@ def test_mining_ranks_ties_as_evaluation_does(tiny_bert, tmp_path):
     assert found["scores"][0] == [evaluated[d] for d in found["doc_ids"][0]]  # the scores `search` wrote
 
 
-def _beir(folder, n_docs=48):
-    (folder / "qrels").mkdir(parents=True)
-    with (folder / "corpus.jsonl").open("w") as fh:
-        for i in range(n_docs):
-            fh.write(json.dumps({"_id": f"doc{i}", "title": TOPICS[i % 6],
-                                 "text": f"{TOPICS[i % 6]} fact {i} " + "detail " * (i % 13)}) + "\n")
-    with (folder / "queries.jsonl").open("w") as fh:
-        for i in range(12):
-            fh.write(json.dumps({"_id": f"q{i}", "text": f"what about {TOPICS[i % 6]} {i}"}) + "\n")
-    for split, qids in (("train", range(0, 8)), ("test", range(8, 12))):
-        with (folder / "qrels" / f"{split}.tsv").open("w") as fh:
-            fh.write("query-id\tcorpus-id\tscore\n")
-            for i in qids:
-                fh.write(f"q{i}\tdoc{i}\t1\nq{i}\tdoc{i + 6}\t1\n")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def beir_index(ray_cluster, tiny_bert, tmp_path_factory):
     from distributed_ir.index.pipeline import IndexOptions, build_faiss, encode_corpus
 
     root = tmp_path_factory.mktemp("beir")
-    folder = _beir(root / "tiny")
+    folder = write_tiny_beir(root / "tiny")
     opts = IndexOptions(model=str(tiny_bert), corpus=str(folder / "corpus.jsonl"), out=str(root / "index"),
                         num_shards=2, batch_size=16, precision="fp32", actors=2)
     manifest = encode_corpus(opts, progress=False)
     build_faiss(root / "index", manifest, "Flat")
     return folder, root / "index"
-
-
-def _last_json(stdout: str) -> dict:
-    """The summary a command prints last (`json.dumps(indent=2)`: its opening brace alone on a line)."""
-    lines = stdout.splitlines()
-    start = max(i for i, line in enumerate(lines) if line == "{")
-    return json.loads("\n".join(lines[start:]))
 
 
 @pytest.mark.ray
@@ -116,7 +91,7 @@ def test_mine_command_distributed_over_queries(beir_index, tmp_path, capsys):
               "rank_end": 50, "per_query": 8, "precision": "auto", "actors": 2}
     (tmp_path / "mine.yaml").write_text(json.dumps(config))
     assert cli.main(["mine", "--config", str(tmp_path / "mine.yaml"), "rank_end=20", "--per-query", "4"]) == 0
-    summary = _last_json(capsys.readouterr().out)
+    summary = last_json(capsys.readouterr().out)
     assert (summary["rank_start"], summary["rank_end"], summary["per_query"], summary["split"]) == (2, 20, 4, "train")
     # auto measured (or found cached) in the actors; their decision reaches the summary
     assert summary["precision_requested"] == "auto" and summary["precision"] in ("fp32", "bf16", "int8")
@@ -159,7 +134,7 @@ def test_ray_rerank_equals_in_process_scores(beir_index, tiny_bert, tmp_path, ca
               "out": str(tmp_path / "rr"), "top_k": 10, "batch_size": 8, "precision": "fp32"}
     (tmp_path / "rerank.yaml").write_text(json.dumps(config))
     assert cli.main(["rerank", "--config", str(tmp_path / "rerank.yaml"), "actors=2", "--fuse", "0.5"]) == 0
-    report = _last_json(capsys.readouterr().out)
+    report = last_json(capsys.readouterr().out)
     assert report["speed"]["pairs"] == 4 * 10 and report["reranked"]["num_queries"] == 4
     assert 1 <= report["speed"]["actors"] <= report["speed"]["max_actors"] == 2  # actors that ran vs the pool's max
     saved = json.loads((tmp_path / "rr" / "metrics.json").read_text())

@@ -16,7 +16,7 @@ from distributed_ir.data.records import read_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, evaluate, rank, read_run
 from distributed_ir.mining import mine_negatives
 from distributed_ir.models.embedder import Embedder
-from tests.test_mining_rerank import _beir
+from tests.conftest import write_tiny_beir
 
 
 def old_in_process_run(embedder: Embedder, ds: BeirDataset, queries: dict[str, str], top_k: int,
@@ -48,7 +48,7 @@ def test_pipeline_encodes_searches_and_mines_on_ray_actors_as_the_in_process_pat
     from distributed_ir.index import parts, shards
     from distributed_ir.pipeline import run_pipeline
 
-    folder = _beir(tmp_path / "data" / "tiny")
+    folder = write_tiny_beir(tmp_path / "data" / "tiny")
     out = tmp_path / "out"
     top_k, rank_start, rank_end, per_query, seed = 20, 1, 12, 2, 7
     cfg = load_config(PipelineConfig, None, [

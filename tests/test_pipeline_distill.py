@@ -16,8 +16,7 @@ from distributed_ir.config_loader import ConfigError, load_config, to_dict
 from distributed_ir.data.records import TrainRecord, read_records
 from distributed_ir.eval.rerank import RerankStage
 from distributed_ir.pipeline_distill import DISTILL_RECORDS, distill_stage, teacher_pairs
-from tests.conftest import build_tiny_model
-from tests.test_mining_rerank import _beir
+from tests.conftest import build_tiny_model, write_tiny_beir
 
 
 def _overrides(tmp_path, tiny_bert, teacher, *extra: str) -> list[str]:
@@ -50,7 +49,7 @@ def distilled(tmp_path_factory, tiny_bert, teacher, ray_cluster):
     from distributed_ir.pipeline import run_pipeline
 
     tmp_path = tmp_path_factory.mktemp("distill")
-    _beir(tmp_path / "data" / "tiny")
+    write_tiny_beir(tmp_path / "data" / "tiny")
     cfg = load_config(PipelineConfig, None, _overrides(tmp_path, tiny_bert, teacher))
 
     def refuse(*a, **k):

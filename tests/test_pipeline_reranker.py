@@ -19,8 +19,7 @@ from distributed_ir.models.rerankers import load_reranker
 from distributed_ir.pipeline import run_pipeline
 from distributed_ir.pipeline_rerank import FUSED_RUN, RECORDS, RERANKED_RUN
 from distributed_ir.report import LOSS_PNG, METRICS_PNG, RERANKER_LOSS_PNG
-from tests.conftest import pytrec_means
-from tests.test_mining_rerank import _beir
+from tests.conftest import pytrec_means, write_tiny_beir
 
 TOP_K = 10
 
@@ -28,7 +27,7 @@ TOP_K = 10
 @pytest.mark.slow
 @pytest.mark.ray
 def test_pipeline_with_reranker_stage(tmp_path, tiny_bert, ray_cluster):
-    folder = _beir(tmp_path / "data" / "tiny")
+    folder = write_tiny_beir(tmp_path / "data" / "tiny")
     out = tmp_path / "out"
     cfg = load_config(PipelineConfig, None, [
         f"data_dir={tmp_path / 'data'}", "dataset=tiny", "train_split=train", "eval_split=test",

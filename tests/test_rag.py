@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +18,7 @@ from distributed_ir.rag.langchain import (
     build_rag_chain,
 )
 from distributed_ir.rag.reranker import Reranker
-from tests.conftest import minilm_path
+from tests.conftest import minilm_path, run_cli
 from tests.public_fixtures import EN
 
 FILLERS = ["The stock market closed higher on Tuesday.", "Basketball is played by two teams of five.",
@@ -69,13 +66,6 @@ def test_embedder_embeddings_apply_query_and_document_instructions(tiny_bert):
     assert not np.allclose(q, docs[0], atol=1e-3)
 
 
-def _cli(*args):
-    env = {**os.environ}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "distributed_ir.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def built_index(tiny_bert, tmp_path_factory):
     """A 20-document corpus indexed by `distributed-ir index` (Ray Data, 2 FAISS shards)."""
@@ -87,8 +77,9 @@ def built_index(tiny_bert, tmp_path_factory):
             fh.write(json.dumps({"_id": f"fill{i}", "title": "", "text": text}) + "\n")
     (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": q}) + "\n"
                                                 for i, (_, _, q) in enumerate(EN)))
-    res = _cli("index", "--model", str(tiny_bert), "--corpus", str(root / "corpus.jsonl"), "--out",
-               str(root / "idx"), "--num-shards", "2", "--index-shards", "2", "--batch-size", "8", "--precision", "fp32")
+    res = run_cli("index", "--model", str(tiny_bert), "--corpus", str(root / "corpus.jsonl"), "--out",
+                  str(root / "idx"), "--num-shards", "2", "--index-shards", "2", "--batch-size", "8",
+                  "--precision", "fp32")
     assert res.returncode == 0, res.stderr[-3000:]
     return root
 
@@ -96,8 +87,8 @@ def built_index(tiny_bert, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_index_retriever_returns_the_cli_search_top_k(built_index):
-    res = _cli("search", "--index", str(built_index / "idx"), "--queries", str(built_index / "queries.jsonl"),
-               "--out", str(built_index / "run.trec"), "--top-k", "5", "--precision", "fp32")
+    res = run_cli("search", "--index", str(built_index / "idx"), "--queries", str(built_index / "queries.jsonl"),
+                  "--out", str(built_index / "run.trec"), "--top-k", "5", "--precision", "fp32")
     assert res.returncode == 0, res.stderr[-3000:]
     cli: dict[str, list[tuple[str, float]]] = {}
     for line in (built_index / "run.trec").read_text().splitlines():

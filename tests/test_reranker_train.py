@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from distributed_ir.config import TrainConfig
-from distributed_ir.config_loader import from_dict, to_dict
+from distributed_ir.config_loader import from_dict
 from distributed_ir.data.records import write_records
 from distributed_ir.models.rerankers import load_reranker
 from distributed_ir.train.batching import TextBatch
 from distributed_ir.train.loop import train_loop
 from distributed_ir.train.tasks import get_task
 from distributed_ir.train.tasks.reranker import group_pairs
-from tests.conftest import build_tiny_model
-from tests.test_ray_train import _cli
-from tests.test_train_loop import _triplets
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen_rr"), "qwen2")
-
-
-def _cfg(model, tmp_path, task, **kw) -> dict:
-    base = {"task": task, "train_path": str(tmp_path / "train.jsonl"), "output_dir": str(tmp_path / "out"),
-            "model": {"name_or_path": str(model)}, "batch_size": 4, "num_negatives": 2, "log_every": 1,
-            "loss": {"name": "listwise", "temperature": 1.0 if task != "colbert" else 0.05},
-            "optim": {"lr": 1e-3, "warmup_ratio": 0.0}, "seed": 3,
-            "reranker": {"max_length": 64 if task != "llm_reranker" else 320, "query_max_length": 16,
-                         "document_max_length": 24, "colbert_dim": 16}}
-    base.update(kw)
-    return to_dict(from_dict(TrainConfig, base))
+from tests.conftest import last_json, reranker_loop_config, run_cli, triplets
 
 
 def test_group_pairs_layout():
@@ -47,18 +27,18 @@ def test_group_pairs_layout():
 @pytest.mark.parametrize("task, loss", [("cross_encoder", "listwise"), ("cross_encoder", "bce"),
                                         ("colbert", "listwise")])
 def test_reranker_loss_falls_and_export_scores(tiny_bert, tmp_path, task, loss):
-    write_records(tmp_path / "train.jsonl", _triplets(16))
+    write_records(tmp_path / "train.jsonl", triplets(16))
     # pointwise BCE first learns the class prior (1 positive : 2 negatives): it needs a longer schedule
     epochs, lr = (16, 3e-3) if loss == "bce" else (8, 1e-3)
-    cfg = _cfg(tiny_bert, tmp_path, task, epochs=epochs, optim={"lr": lr, "warmup_ratio": 0.0},
-               loss={"name": loss, "temperature": 1.0 if task != "colbert" else 0.05})
+    cfg = reranker_loop_config(tiny_bert, tmp_path, task, epochs=epochs, optim={"lr": lr, "warmup_ratio": 0.0},
+                               loss={"name": loss, "temperature": 1.0 if task != "colbert" else 0.05})
     result = train_loop(cfg)
     losses = [m["loss"] for m in result["history"]]
     assert len(losses) == epochs * 4 and sum(losses[-4:]) < sum(losses[:4])
     model = load_reranker(tmp_path / "out" / "checkpoints" / "final" / "model")
     assert model.kind == task
     # trained: positives outrank their negatives on the training triplets
-    recs = _triplets(16)
+    recs = triplets(16)
     pos = model.score_pairs([r.query for r in recs], [r.positive[0] for r in recs])
     neg = model.score_pairs([r.query for r in recs], [r.negative[0] for r in recs])
     assert (pos > neg).mean() >= 0.75
@@ -75,7 +55,7 @@ def _first_step_moves(cfg: TrainConfig, head_of) -> tuple[float, float]:
     head = {id(p) for p in head_of(module)}
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     engine = build_engine(cfg, module, task.param_groups(module), torch.device("cpu"), 1, total_steps=10)
-    recs = _triplets(4)
+    recs = triplets(4)
     batch = TextBatch([r.query for r in recs], [r.positive[0] for r in recs], [n for r in recs for n in r.negative])
     engine.train_step(task.inputs(module, batch), boundary=True)
     moves = {n: float((p.detach() - before[n]).abs().max()) for n, p in module.named_parameters()}
@@ -85,15 +65,17 @@ def _first_step_moves(cfg: TrainConfig, head_of) -> tuple[float, float]:
 
 
 def test_colbert_head_has_its_own_learning_rate(tiny_bert, tmp_path):
-    cfg = from_dict(TrainConfig, _cfg(tiny_bert, tmp_path, "colbert", reranker={"head_lr": 1e-2, "colbert_dim": 8},
-                                      optim={"lr": 1e-4, "warmup_ratio": 0.0, "max_grad_norm": 0.0}))
+    cfg = from_dict(TrainConfig, reranker_loop_config(
+        tiny_bert, tmp_path, "colbert", reranker={"head_lr": 1e-2, "colbert_dim": 8},
+        optim={"lr": 1e-4, "warmup_ratio": 0.0, "max_grad_norm": 0.0}))
     head, body = _first_step_moves(cfg, lambda m: m.reranker.colbert_linear.parameters())
     assert head == pytest.approx(1e-2, rel=0.05) and body == pytest.approx(1e-4, rel=0.05)
 
 
 def test_cross_encoder_head_has_its_own_learning_rate(tiny_bert, tmp_path):
-    cfg = from_dict(TrainConfig, _cfg(tiny_bert, tmp_path, "cross_encoder", reranker={"head_lr": 1e-3},
-                                      optim={"lr": 1e-5, "warmup_ratio": 0.0, "max_grad_norm": 0.0}))
+    cfg = from_dict(TrainConfig, reranker_loop_config(
+        tiny_bert, tmp_path, "cross_encoder", reranker={"head_lr": 1e-3},
+        optim={"lr": 1e-5, "warmup_ratio": 0.0, "max_grad_norm": 0.0}))
     head, body = _first_step_moves(cfg, lambda m: [p for x in (m.reranker.model.classifier, m.reranker.model.bert.pooler)
                                                    for p in x.parameters()])
     assert head == pytest.approx(1e-3, rel=0.05) and body == pytest.approx(1e-5, rel=0.05)
@@ -103,10 +85,10 @@ def test_wrong_loss_or_format_is_refused(tiny_bert, tmp_path):
     from distributed_ir.config_loader import ConfigError
 
     with pytest.raises(ConfigError, match="is not a loss for task=colbert"):
-        get_task(from_dict(TrainConfig, _cfg(tiny_bert, tmp_path, "colbert", loss={"name": "bce"})))
-    write_records(tmp_path / "train.jsonl", [r.__class__(r.query, r.positive) for r in _triplets(8)])
+        get_task(from_dict(TrainConfig, reranker_loop_config(tiny_bert, tmp_path, "colbert", loss={"name": "bce"})))
+    write_records(tmp_path / "train.jsonl", [r.__class__(r.query, r.positive) for r in triplets(8)])
     with pytest.raises(ValueError, match="needs triplet records"):
-        train_loop(_cfg(tiny_bert, tmp_path, "cross_encoder"))
+        train_loop(reranker_loop_config(tiny_bert, tmp_path, "cross_encoder"))
 
 
 def test_one_task_class_per_task_and_the_config_knows_them_all():
@@ -130,7 +112,7 @@ def test_a_setting_the_task_cannot_use_is_refused_by_key(tiny_bert, tmp_path, ta
     from distributed_ir.config_loader import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        get_task(from_dict(TrainConfig, _cfg(tiny_bert, tmp_path, task, **kw)))
+        get_task(from_dict(TrainConfig, reranker_loop_config(tiny_bert, tmp_path, task, **kw)))
     assert err.value.key == key
 
 
@@ -138,7 +120,7 @@ def test_a_setting_the_task_cannot_use_is_refused_by_key(tiny_bert, tmp_path, ta
 @pytest.mark.ray
 def test_train_rerankers_on_ray_train_and_rerank_with_llm(tiny_bert, tiny_qwen, tmp_path):
     """cross-encoder, ColBERT (2 workers) and a LoRA LLM reranker (1 worker) through the CLI."""
-    write_records(tmp_path / "train.jsonl", _triplets(16))
+    write_records(tmp_path / "train.jsonl", triplets(16))
     common = (f"train_path: {tmp_path / 'train.jsonl'}\n"
               "scaling: {num_workers: 2, cpus_per_worker: 0.5, torch_threads: 1}\n"
               "optim: {lr: 1.0e-3}\nbatch_size: 4\nnum_negatives: 2\nmax_steps: 2\nlog_every: 1\n")
@@ -155,9 +137,9 @@ def test_train_rerankers_on_ray_train_and_rerank_with_llm(tiny_bert, tiny_qwen, 
         if task == "llm_reranker":
             cfg_text = cfg_text.replace("num_workers: 2", "num_workers: 1")
         (tmp_path / f"{task}.yaml").write_text(cfg_text)
-        res = _cli("train", "reranker", "--config", f"{task}.yaml", cwd=tmp_path)
+        res = run_cli("train", "reranker", "--config", f"{task}.yaml", cwd=tmp_path)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        summary = json.loads(res.stdout[res.stdout.rindex("{\n"):])
+        summary = last_json(res.stdout)
         assert summary["step"] == 2
         assert f"task {task}" in res.stdout + res.stderr
         model = load_reranker(tmp_path / task / "model")
@@ -176,12 +158,13 @@ def test_train_rerankers_on_ray_train_and_rerank_with_llm(tiny_bert, tiny_qwen, 
 @pytest.mark.slow
 def test_llm_reranker_on_deepspeed_matches_ddp(tiny_qwen, tmp_path):
     """LoRA LLM reranker, world size 1: the DeepSpeed ZeRO-2 engine follows DDP's fp32 losses."""
-    write_records(tmp_path / "train.jsonl", _triplets(16))
+    write_records(tmp_path / "train.jsonl", triplets(16))
     lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
     losses = {}
     for name, engine in (("ddp", {"name": "ddp"}), ("zero2", {"name": "deepspeed", "zero_stage": 2})):
-        result = train_loop(_cfg(tiny_qwen, tmp_path, "llm_reranker", max_steps=3, lora=lora, engine=engine,
-                                 output_dir=str(tmp_path / name), optim={"lr": 2e-3, "warmup_ratio": 0.0}))
+        result = train_loop(reranker_loop_config(tiny_qwen, tmp_path, "llm_reranker", max_steps=3, lora=lora,
+                                                 engine=engine, output_dir=str(tmp_path / name),
+                                                 optim={"lr": 2e-3, "warmup_ratio": 0.0}))
         losses[name] = [m["loss"] for m in result["history"]]
     assert len(losses["ddp"]) == 3
     np.testing.assert_allclose(losses["zero2"], losses["ddp"], atol=1e-4)

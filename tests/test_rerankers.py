@@ -22,11 +22,6 @@ DOCS = ["cats purr and sleep most of the day " * 3, "rockets burn fuel to reach 
 LONG = " ".join(f"word{i}" for i in range(300)) + " cats purr loudly at the very end"
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen"), "qwen2")
-
-
 def test_window_starts_cover_and_overlap():
     assert window_starts(10, 20, 4, 8) == [0]
     starts = window_starts(100, 30, 10, 8)

@@ -10,7 +10,6 @@ real cluster's nodes do, from their environment.
 from __future__ import annotations
 
 import json
-import socket
 import tempfile
 import threading
 import time
@@ -24,6 +23,7 @@ from distributed_ir.index.actors import ActorStartTimeout, actor_plan
 from distributed_ir.index.parts import build_parts, load_sharded, search_parts
 from distributed_ir.index.shards import write_shard
 from distributed_ir.index.storage import Location
+from tests.conftest import free_ports
 
 
 def _unit(n, d, seed):
@@ -181,9 +181,7 @@ def test_index_on_two_worker_nodes_exact_and_driver_carries_no_data(two_node_clu
 
     _, worker_ids, _ = two_node_cluster
     n = 240
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"_id": f"doc{i}", "text": f"text {i} " + "w " * (i % 11)}) + "\n"
-                              for i in range(n)))
+    corpus = _corpus(tmp_path / "corpus.jsonl", n)
 
     def refuse(*a, **k):
         raise AssertionError("the driver must not build a model or read vectors")
@@ -297,19 +295,13 @@ def test_worker_node_removed_mid_run_still_exactly_once(two_node_cluster, tiny_b
     assert index["ntotal"] == n and sorted(load_sharded(out / "index").doc_ids) == sorted(f"doc{i}" for i in range(n))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server():
     """A moto S3 server on 127.0.0.1 (a free port) with an empty bucket; ``s3://`` URI prefix to it."""
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_ports(1)[0]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

@@ -24,6 +24,7 @@ from distributed_ir.index.parts import (
 )
 from distributed_ir.index.shards import write_shard
 from distributed_ir.index.storage import Location
+from tests.conftest import last_json
 
 TOPICS = ["cats purr softly", "rockets reach orbit", "bread rises with yeast", "glaciers carve valleys",
           "violins have strings", "owls hunt at night", "copper conducts"]
@@ -148,7 +149,7 @@ def test_search_command_runs_on_the_searcher_actors(three_part_index, tmp_path, 
     assert cli.main(["search", "--index", str(root / "idx"), "--queries", str(root / "queries.jsonl"), "--out",
                      str(tmp_path / "run.trec"), "--top-k", "4", "--batch-size", "1", "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
-    summary = json.loads(out[out.rindex("{\n"):])
+    summary = last_json(out)
     assert (summary["queries"], summary["top_k"], summary["index_docs"]) == (len(queries), 4, 30)
     assert summary["run"] == str(tmp_path / "run.trec")
     assert read_run(tmp_path / "run.trec") == _top(everything, 4)  # every id and score, written in full precision

@@ -9,8 +9,6 @@ store.
 
 from __future__ import annotations
 
-import os
-import socket
 import tempfile
 
 import pytest
@@ -20,7 +18,7 @@ from distributed_ir.config import TrainConfig
 from distributed_ir.config_loader import from_dict
 from distributed_ir.data.records import write_records
 from distributed_ir.train import checkpoint as ckpt
-from tests.test_train_loop import _triplets
+from tests.conftest import free_ports, triplets
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -35,27 +33,20 @@ def s3_and_ray():
     import ray
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports(1)[0]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {**AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
-                           secret_key="testing", region="us-east-1", allow_bucket_creation=True)
-    fs.create_dir(BUCKET)
-    tmp = tempfile.mkdtemp(prefix="ray-s3-", dir="/tmp")
-    ray.init(num_cpus=2, _temp_dir=tmp, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
-    yield fs
-    ray.shutdown()
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as env:
+        for k, v in {**AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+            env.setenv(k, v)
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
+                               secret_key="testing", region="us-east-1", allow_bucket_creation=True)
+        fs.create_dir(BUCKET)
+        tmp = tempfile.mkdtemp(prefix="ray-s3-", dir="/tmp")
+        ray.init(num_cpus=2, _temp_dir=tmp, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+        yield fs
+        ray.shutdown()
+        server.stop()
 
 
 def _cfg(tmp_path, tiny_bert, name: str, **kw) -> TrainConfig:
@@ -81,7 +72,7 @@ def test_checkpoints_and_model_on_s3_and_resume_from_there(s3_and_ray, tiny_bert
     from distributed_ir.train.launch import run_training
 
     fs = s3_and_ray
-    write_records(tmp_path / "train.jsonl", _triplets(16))  # 8 per step: 2 steps per epoch
+    write_records(tmp_path / "train.jsonl", triplets(16))  # 8 per step: 2 steps per epoch
     first = run_training(_cfg(tmp_path, tiny_bert, "first", max_steps=4, storage_path=f"s3://{BUCKET}/runs"))
     run = first.model_uri.removesuffix("/model")
     assert run.startswith(f"s3://{BUCKET}/runs/train-")

@@ -9,32 +9,16 @@ import torch
 from safetensors.torch import load_file
 
 from distributed_ir.config import TrainConfig
-from distributed_ir.config_loader import from_dict, to_dict
-from distributed_ir.data.records import ScoredRecord, TrainRecord, write_records
+from distributed_ir.config_loader import from_dict
+from distributed_ir.data.records import ScoredRecord, write_records
 from distributed_ir.train.batching import epoch_batches
 from distributed_ir.train.loop import train_loop
-
-TOPICS = ["cats purr and sleep", "rockets reach orbit", "bread needs yeast", "rivers flow to the sea",
-          "chess openings matter", "volcanoes erupt lava", "bees make honey", "trains run on rails"]
-
-
-def _triplets(n=24):
-    return [TrainRecord(query=f"what about {TOPICS[i % 8].split()[0]} {i}", positive=[f"{TOPICS[i % 8]} fact {i}"],
-                        negative=[f"{TOPICS[(i + 3) % 8]} other {i}", f"{TOPICS[(i + 5) % 8]} more {i}"])
-            for i in range(n)]
-
-
-def _cfg(tiny_bert, tmp_path, **kw) -> dict:
-    base = {"train_path": str(tmp_path / "train.jsonl"), "output_dir": str(tmp_path / "out"),
-            "model": {"name_or_path": str(tiny_bert), "query_max_length": 16, "document_max_length": 24},
-            "batch_size": 4, "log_every": 1, "optim": {"lr": 1e-3, "warmup_ratio": 0.0}, "seed": 3}
-    base.update(kw)
-    return to_dict(from_dict(TrainConfig, base))
+from tests.conftest import TRAIN_TOPICS, build_tiny_model, loop_config, triplets
 
 
 def test_batches_do_not_depend_on_world_size():
     """Global step s of 1 worker x 8 == rank 0's 4 + rank 1's 4 at step s of 2 workers."""
-    recs = _triplets(16)
+    recs = triplets(16)
     one = [b.queries for b in epoch_batches(recs, 0, 0, 1, 8, 1, seed=1)]
     left = [b.queries for b in epoch_batches(recs, 0, 0, 2, 4, 1, seed=1)]
     right = [b.queries for b in epoch_batches(recs, 0, 1, 2, 4, 1, seed=1)]
@@ -45,8 +29,8 @@ def test_batches_do_not_depend_on_world_size():
 
 
 def test_trains_and_loss_falls(tiny_bert, tmp_path):
-    write_records(tmp_path / "train.jsonl", _triplets(24))
-    result = train_loop(_cfg(tiny_bert, tmp_path, epochs=6, num_negatives=1))
+    write_records(tmp_path / "train.jsonl", triplets(24))
+    result = train_loop(loop_config(tiny_bert, tmp_path, epochs=6, num_negatives=1))
     losses = [m["loss"] for m in result["history"]]
     assert len(losses) == 6 * (24 // 4)
     assert sum(losses[-6:]) < sum(losses[:6])
@@ -57,16 +41,16 @@ def test_trains_and_loss_falls(tiny_bert, tmp_path):
 
 
 def test_schedule_warmup_and_linear_decay(tiny_bert, tmp_path):
-    write_records(tmp_path / "train.jsonl", _triplets(16))
-    result = train_loop(_cfg(tiny_bert, tmp_path, max_steps=8, optim={"lr": 1e-3, "warmup_ratio": 0.25}))
+    write_records(tmp_path / "train.jsonl", triplets(16))
+    result = train_loop(loop_config(tiny_bert, tmp_path, max_steps=8, optim={"lr": 1e-3, "warmup_ratio": 0.25}))
     lrs = [m["lr"] for m in result["history"]]
     assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)  # 2 warmup steps
     assert lrs[-1] == pytest.approx(0.0) and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
 
 
 def test_grad_accumulation_counts_optimizer_steps(tiny_bert, tmp_path):
-    write_records(tmp_path / "train.jsonl", _triplets(24))
-    result = train_loop(_cfg(tiny_bert, tmp_path, epochs=2, grad_accum_steps=3, log_every=1))
+    write_records(tmp_path / "train.jsonl", triplets(24))
+    result = train_loop(loop_config(tiny_bert, tmp_path, epochs=2, grad_accum_steps=3, log_every=1))
     assert [m["step"] for m in result["history"]] == [1, 2, 3, 4]  # 6 micro-batches / 3 per step x 2 epochs
 
 
@@ -74,10 +58,10 @@ def _scored(n=24):
     """Query i with an on-topic document (label 1.0), a half-related one (0.5) and an off-topic one (0.0)."""
     out = []
     for i in range(n):
-        q = f"what about {TOPICS[i % 8].split()[0]} {i}"
-        out += [ScoredRecord(q, f"{TOPICS[i % 8]} fact {i}", 1.0),
-                ScoredRecord(q, f"{TOPICS[i % 8].split()[0]} and {TOPICS[(i + 3) % 8]} {i}", 0.5),
-                ScoredRecord(q, f"{TOPICS[(i + 5) % 8]} other {i}", 0.0)]
+        q = f"what about {TRAIN_TOPICS[i % 8].split()[0]} {i}"
+        out += [ScoredRecord(q, f"{TRAIN_TOPICS[i % 8]} fact {i}", 1.0),
+                ScoredRecord(q, f"{TRAIN_TOPICS[i % 8].split()[0]} and {TRAIN_TOPICS[(i + 3) % 8]} {i}", 0.5),
+                ScoredRecord(q, f"{TRAIN_TOPICS[(i + 5) % 8]} other {i}", 0.0)]
     return out
 
 
@@ -100,8 +84,9 @@ def _pair_order_accuracy(model_dir, records) -> float:
 def test_other_losses_train_a_better_ranker(tiny_bert, tmp_path, loss):
     """Triplet (triplet records) and CoSENT (scored records) over 8 epochs: the trained model orders
     the training documents by relevance better than the untrained one does."""
-    write_records(tmp_path / "train.jsonl", _triplets(24) if loss == "triplet" else _scored(8))
-    result = train_loop(_cfg(tiny_bert, tmp_path, epochs=8, loss={"name": loss}, optim={"lr": 2e-3, "warmup_ratio": 0.0}))
+    write_records(tmp_path / "train.jsonl", triplets(24) if loss == "triplet" else _scored(8))
+    result = train_loop(loop_config(tiny_bert, tmp_path, epochs=8, loss={"name": loss},
+                                    optim={"lr": 2e-3, "warmup_ratio": 0.0}))
     assert result["step"] == 8 * 6
     check = _scored(8)
     before = _pair_order_accuracy(tiny_bert, check)
@@ -111,13 +96,13 @@ def test_other_losses_train_a_better_ranker(tiny_bert, tmp_path, loss):
 
 def test_resume_from_checkpoint_is_exact(tiny_bert, tmp_path):
     """Stop after 3 of 6 steps, resume: same weights as the uninterrupted run."""
-    write_records(tmp_path / "train.jsonl", _triplets(16))
-    straight = train_loop(_cfg(tiny_bert, tmp_path, max_steps=6, checkpoint_every=3, num_negatives=1))
+    write_records(tmp_path / "train.jsonl", triplets(16))
+    straight = train_loop(loop_config(tiny_bert, tmp_path, max_steps=6, checkpoint_every=3, num_negatives=1))
     ckpts = tmp_path / "out" / "checkpoints"
     w_straight = load_file(ckpts / "final" / "model" / "model.safetensors")
     resumed_out = tmp_path / "resumed"
-    resumed = train_loop(_cfg(tiny_bert, tmp_path, max_steps=6, checkpoint_every=3, num_negatives=1,
-                              output_dir=str(resumed_out), resume_from=str(ckpts / "step_0000003")))
+    resumed = train_loop(loop_config(tiny_bert, tmp_path, max_steps=6, checkpoint_every=3, num_negatives=1,
+                                     output_dir=str(resumed_out), resume_from=str(ckpts / "step_0000003")))
     # the history continues the checkpoint's (steps 1-3 read back from it), then steps 4-6 trained again
     assert [m["step"] for m in resumed["history"]] == [1, 2, 3, 4, 5, 6]
     assert resumed["history"][:3] == json.loads((ckpts / "step_0000003" / "history.json").read_text())
@@ -129,15 +114,15 @@ def test_resume_from_checkpoint_is_exact(tiny_bert, tmp_path):
 
 
 def test_bad_resume_path(tiny_bert, tmp_path):
-    write_records(tmp_path / "train.jsonl", _triplets(8))
+    write_records(tmp_path / "train.jsonl", triplets(8))
     with pytest.raises(FileNotFoundError, match="not a distributed-ir training checkpoint"):
-        train_loop(_cfg(tiny_bert, tmp_path, resume_from=str(tmp_path)))
+        train_loop(loop_config(tiny_bert, tmp_path, resume_from=str(tmp_path)))
 
 
 def test_too_few_records_for_one_step(tiny_bert, tmp_path):
-    write_records(tmp_path / "train.jsonl", _triplets(3))
+    write_records(tmp_path / "train.jsonl", triplets(3))
     with pytest.raises(ValueError, match="give no full optimizer step"):
-        train_loop(_cfg(tiny_bert, tmp_path))
+        train_loop(loop_config(tiny_bert, tmp_path))
 
 
 def test_each_rank_resumes_its_own_rng_stream(tmp_path):
@@ -161,10 +146,10 @@ def test_each_rank_resumes_its_own_rng_stream(tmp_path):
 def test_checkpoints_do_not_change_the_dropout_stream(tiny_bert, tmp_path):
     """Rank 0 builds an export model at every checkpoint (LoRA init draws random numbers): the
     training RNG must not see it, so checkpointing every step gives the losses of a run without."""
-    write_records(tmp_path / "train.jsonl", _triplets(16))
+    write_records(tmp_path / "train.jsonl", triplets(16))
     lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.3}
-    runs = [train_loop(_cfg(tiny_bert, tmp_path, max_steps=3, checkpoint_every=every, num_negatives=1, lora=lora,
-                            output_dir=str(tmp_path / f"every{every}")))
+    runs = [train_loop(loop_config(tiny_bert, tmp_path, max_steps=3, checkpoint_every=every, num_negatives=1,
+                                   lora=lora, output_dir=str(tmp_path / f"every{every}")))
             for every in (0, 1)]
     losses = [[m["loss"] for m in r["history"]] for r in runs]
     assert len(losses[0]) == 3 and len(set(losses[0])) == 3
@@ -198,9 +183,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_bert, tmp
     """One forward/backward with and without activation checkpointing: same loss and gradients
     (LoRA dropout on: the recomputation replays the same mask), and the layers really recompute."""
     from distributed_ir.train.tasks import get_task
-    from tests.conftest import build_tiny_model
 
-    write_records(tmp_path / "train.jsonl", _triplets(8))
+    write_records(tmp_path / "train.jsonl", triplets(8))
     if task == "embedder":  # full fine-tune of a BERT encoder
         kw = {"num_negatives": 1}
         model = tiny_bert
@@ -208,10 +192,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_bert, tmp
         model = build_tiny_model(tmp_path / "lm", "qwen2_lm")
         kw = {"task": task, "num_negatives": 1, "loss": {"name": "listwise"}, "reranker": {"max_length": 320},
               "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.2}}
-    batch = next(iter(epoch_batches(_triplets(8), 0, 0, 1, 4, 1, seed=1)))
+    batch = next(iter(epoch_batches(triplets(8), 0, 0, 1, 4, 1, seed=1)))
     runs = []
     for checkpointing in (False, True):
-        cfg = from_dict(TrainConfig, _cfg(model, tmp_path, gradient_checkpointing=checkpointing, **kw))
+        cfg = from_dict(TrainConfig, loop_config(model, tmp_path, gradient_checkpointing=checkpointing, **kw))
         t = get_task(cfg)
         torch.manual_seed(0)  # the same LoRA init in both builds
         module = t.build()
