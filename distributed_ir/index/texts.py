@@ -90,8 +90,8 @@ class StagedCorpus:
         import ray
 
         wanted, tasks = self._start(ids, "find")
-        pairs = [ray.get(t[0]) for t in tasks]
-        lengths = {d: n for table in pairs for d, n in zip(table["doc_id"].to_pylist(), table["length"].to_pylist())}
+        tables = ray.get([t[0] for t in tasks])
+        lengths = {d: n for table in tables for d, n in zip(table["doc_id"].to_pylist(), table["length"].to_pylist())}
         self._check(wanted, lengths)
         return FoundTexts(lengths=lengths, refs=[t[1] for t in tasks])
 
