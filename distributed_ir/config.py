@@ -424,7 +424,8 @@ class HybridConfig:
     rrf_k: int = config_field("RRF constant k in 1 / (k + rank)", default=60)
     k1: float = config_field("BM25 k1 (Pyserini's BEIR baseline: 0.9)", default=0.9)
     b: float = config_field("BM25 b (Pyserini's BEIR baseline: 0.4)", default=0.4)
-    shards: int = config_field("BM25 index shards (contiguous parts of the corpus, each its own index)", default=1)
+    shards: int = config_field("BM25 index shards, each its own index built in a Ray task: shard p holds the staged "
+                               "corpus shards i with i % shards == p (at most eval.num_shards)", default=1)
     rerank: bool = config_field("the reranker stage reranks the hybrid run's top_k instead of the dense run's",
                          default=True)
 

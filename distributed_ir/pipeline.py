@@ -25,12 +25,12 @@ from typing import Any
 
 from distributed_ir.config import PipelineConfig
 from distributed_ir.config_loader import ConfigError, to_dict
-from distributed_ir.data.beir import ensure_beir, load_beir, resolve_data_dir
+from distributed_ir.data.beir import ensure_beir, load_beir_splits, resolve_data_dir
 from distributed_ir.data.records import write_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, write_run
 from distributed_ir.mining import pairs_from_qrels
 from distributed_ir.redaction import redact
-from distributed_ir.stages import encoder_folder, eval_stage, index_stage, mine_stage, train_stage
+from distributed_ir.stages import corpus_stage, encoder_folder, eval_stage, index_stage, mine_stage, train_stage
 from distributed_ir.train.launch import run_training
 
 BASE_MODEL = "base_model"  # the base model with the config's settings saved beside it (when it sets any)
@@ -60,28 +60,30 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     folder = ensure_beir(resolve_data_dir(cfg.data_dir), cfg.dataset)
     check = cfg.input.check(out)
-    train_ds = load_beir(folder, cfg.train_split, check=check)
-    eval_ds = load_beir(folder, cfg.eval_split, base=train_ds, check=check)
+    # no corpus texts here: they are staged once and read on Ray (see distributed_ir.stages)
+    train_ds, eval_ds = load_beir_splits(folder, [cfg.train_split, cfg.eval_split], check=check, corpus=False)
     print(check.summary_line(), flush=True)
     ev = cfg.eval
     rows: dict[str, dict[str, Any]] = {}
     report: dict[str, Any] = {"config": redact(to_dict(cfg)), "input": check.summary()}
     corpus = folder / "corpus.jsonl"
+    with_base = not cfg.skip_base_eval or cfg.mining.enabled
+    staged = corpus_stage(corpus, out / (BASE_INDEX if with_base else FINETUNED_INDEX), ev, cfg.input)
 
     # ---- BM25 alone (no model): the sparse first stage the hybrid row fuses with
     bm25_run = None
     if cfg.hybrid.enabled:
         from distributed_ir.pipeline_hybrid import bm25_row
 
-        rows["bm25"], bm25_run = bm25_row(cfg.hybrid, eval_ds, ev.top_k, ev.max_queries, out, report)
+        rows["bm25"], bm25_run = bm25_row(cfg.hybrid, eval_ds, staged, ev.top_k, ev.max_queries, out, report)
         print(metrics_table(rows), flush=True)
 
     # ---- base model: one corpus index (Ray Data actors), evaluated and mined
     base = base_index = None
-    if not cfg.skip_base_eval or cfg.mining.enabled:
+    if with_base:
         model_dir = encoder_folder(cfg.train.model, out / BASE_MODEL)
-        print(f"[pipeline] encoding {len(eval_ds.corpus)} documents with the base model on Ray Data actors", flush=True)
-        base_index = index_stage(model_dir, corpus, out / BASE_INDEX, ev, cfg.input)
+        print(f"[pipeline] encoding {staged.num_docs} documents with the base model on Ray Data actors", flush=True)
+        base_index = index_stage(model_dir, corpus, out / BASE_INDEX, ev, cfg.input, staged)
         if not cfg.skip_base_eval:
             base = eval_stage("base", base_index, eval_ds, ev)
             rows["base"] = base.row
@@ -104,7 +106,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             report["mining"] = mined.counts
             print(f"[pipeline] mined hard negatives: {mined.counts}", flush=True)
         else:
-            records = pairs_from_qrels(train_ds)
+            records = pairs_from_qrels(train_ds, staged.texts)
             write_records(train_path, records)
         if cfg.distill.enabled:  # the teacher's scores on every record's positives + negatives (Ray Data)
             from distributed_ir.pipeline_distill import distill_stage
@@ -116,7 +118,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     print(f"[pipeline] training took {result.seconds:.0f}s; model at {result.model_path}", flush=True)
 
     # ---- fine-tuned model: encode, search, evaluate (the checkpoint carries its own settings)
-    tuned_index = index_stage(str(result.model_path), corpus, out / FINETUNED_INDEX, ev, cfg.input, base_index)
+    tuned_index = index_stage(str(result.model_path), corpus, out / FINETUNED_INDEX, ev, cfg.input,
+                              base_index or staged)
     tuned = eval_stage("finetuned", tuned_index, eval_ds, ev)
     rows["finetuned"] = tuned.row
     write_run(out / "run.trec", tuned.run)

@@ -2,7 +2,8 @@
 Train -> rerank the fine-tuned run's top_k with Ray Data (-> fuse) -> metric rows.
 
 Negatives come from the fine-tuned model's own index over the train-split queries: the
-reranker learns to separate exactly the kind of candidates it will rerank at eval time.
+reranker learns to separate exactly the kind of candidates it will rerank at eval time. Document
+texts come from that index's staged corpus, read on Ray (the driver holds none but the records').
 Writes ``OUT/reranker_records.jsonl``, ``OUT/reranker/model`` (the reranker),
 ``OUT/run_reranked.trec`` and, with ``reranker.fuse``, ``OUT/run_fused.trec``.
 """
@@ -17,6 +18,7 @@ from distributed_ir.config import PipelineConfig
 from distributed_ir.data.beir import BeirDataset
 from distributed_ir.eval.metrics import DEFAULT_METRICS, Run, evaluate, write_run
 from distributed_ir.index.retrieve import CorpusIndex
+from distributed_ir.index.texts import StagedCorpus
 from distributed_ir.stages import handed_on, mine_stage
 
 RECORDS = "reranker_records.jsonl"
@@ -54,8 +56,8 @@ def run_reranker_stage(cfg: PipelineConfig, out: Path, train_ds: BeirDataset, ev
     print(f"[pipeline] reranker: training took {result.seconds:.0f}s; model at {result.model_path}", flush=True)
 
     init_ray()  # run_training left Ray up; a no-op then, but the stage does not rely on it
-    reranked, first_stage, facts = rerank_run(str(result.model_path), run, eval_ds.split_queries(), eval_ds.corpus,
-                                              rr.top_k, rr.batch_size,
+    reranked, first_stage, facts = rerank_run(str(result.model_path), run, eval_ds.split_queries(),
+                                              StagedCorpus(index.path), rr.top_k, rr.batch_size,
                                               PrecisionPolicy(rr.precision, min_cosine=rr.min_cosine), rr.actors,
                                               rr.train.scaling.use_gpu, compile=rr.compile)
     report["rerank"] = {"top_k": rr.top_k, **facts}

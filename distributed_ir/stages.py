@@ -1,13 +1,17 @@
 """The pipeline's stages as plain functions, each returning a small result that the next stage takes.
 
     encoder_folder   model config -> the folder the encode actors load (a Ray task saves it if needed)
+    corpus_stage     corpus                -> CorpusStage   (validated, sharded into an index folder's stage/:
+                                                             the text source of BM25, mining and reranking)
     index_stage      model folder + corpus -> CorpusIndex   (Ray Data encode actors, FAISS in Ray tasks)
     eval_stage       CorpusIndex + split   -> EvalResult    (queries encoded and searched on Ray actors)
     mine_stage       CorpusIndex + split   -> MineResult    (the same search, ranks cut by mine_negatives)
     train_stage      records               -> TrainResult   (Ray Train; the records are handed on, not re-read)
 
 Every corpus pass and every query pass runs on the retrieval core (:mod:`distributed_ir.index.retrieve`):
-the driver orchestrates, builds no model and holds no vector. Benchmarks call these stages too,
+the driver orchestrates, builds no model and holds no vector. Nor does it hold the corpus texts:
+they are read from the staged corpus on Ray (:mod:`distributed_ir.index.texts`), and the driver
+receives only the texts of the training records it hands on. Benchmarks call these stages too,
 so they measure exactly what the pipeline runs.
 """
 
@@ -22,12 +26,26 @@ from distributed_ir.config import EvalConfig, InputConfig, ModelConfig, TrainCon
 from distributed_ir.data.beir import BeirDataset
 from distributed_ir.data.records import TrainRecord, write_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, Run, evaluate
+from distributed_ir.index.pipeline import IndexOptions, stage_index_corpus
 from distributed_ir.index.retrieve import CorpusIndex, index_corpus, search_queries
+from distributed_ir.index.texts import STAGE, StagedCorpus
 from distributed_ir.mining import mine_from_index
 from distributed_ir.models.embedder import resolve_model_path
 from distributed_ir.train.launch import TrainResult, init_ray, run_training
 
-STAGE = "stage"  # the staged corpus inside an index folder (index.pipeline.encode_corpus)
+
+@dataclass(frozen=True)
+class CorpusStage:
+    """A corpus validated and sharded once into the index folder ``path`` (``path/stage``), before
+    any model encodes it: the index stage building ``path`` takes it over."""
+
+    path: str
+    num_docs: int
+
+    @property
+    def texts(self) -> StagedCorpus:
+        """The staged corpus as a text source read on Ray."""
+        return StagedCorpus(self.path)
 
 
 @dataclass(frozen=True)
@@ -84,15 +102,31 @@ def _save_embedder(model: ModelConfig, out: str) -> None:
     Embedder.from_config(model).save(out)
 
 
-def index_stage(model_dir: str, corpus: Path, out: Path, ev: EvalConfig, check: InputConfig,
-                staged_by: CorpusIndex | None = None) -> CorpusIndex:
-    """Encode the corpus with ``model_dir`` into the run-local index folder ``out`` (a fresh one:
-    another model's index there is replaced). ``staged_by``: an index of this run over the same
-    corpus, whose validated, sharded corpus is taken over instead of reading and checking it again."""
+def corpus_stage(corpus: Path, out: Path, ev: EvalConfig, check: InputConfig,
+                 staged_by: CorpusIndex | CorpusStage | None = None) -> CorpusStage:
+    """A fresh index folder ``out`` holding only the staged corpus (validated and sharded as
+    :func:`index_stage` would stage it, so its encode reuses it). ``staged_by``: an index folder of
+    this run over the same corpus, whose staged corpus is taken over instead of reading and
+    checking the corpus again. Starts (or joins) Ray: whatever reads the staged corpus runs there."""
     init_ray()
     shutil.rmtree(out, ignore_errors=True)
     if staged_by is not None:  # staging reuses shards whose stage id (files, shard count, policy) matches
         shutil.copytree(Path(staged_by.path) / STAGE, out / STAGE)
+    staged, _, _ = stage_index_corpus(IndexOptions(corpus=str(corpus), out=str(out), num_shards=ev.num_shards,
+                                                   on_error=check.on_error, rejects_path=check.rejects_path,
+                                                   max_text_bytes=check.max_text_bytes))
+    return CorpusStage(path=str(out), num_docs=sum(s.count for s in staged))
+
+
+def index_stage(model_dir: str, corpus: Path, out: Path, ev: EvalConfig, check: InputConfig,
+                staged_by: CorpusIndex | CorpusStage | None = None) -> CorpusIndex:
+    """Encode the corpus with ``model_dir`` into the run-local index folder ``out`` (a fresh one:
+    another model's index there is replaced). ``staged_by``: an index folder of this run over the
+    same corpus, whose staged corpus is taken over (``out`` itself: a :func:`corpus_stage` made
+    for this index)."""
+    if staged_by is None or Path(staged_by.path).resolve() != Path(out).resolve():
+        corpus_stage(corpus, out, ev, check, staged_by)
+    init_ray()
     return index_corpus(model_dir, str(corpus), str(out), ev.batch_size, precision(ev), ev.num_shards, ev.actors,
                         ev.use_gpu, on_error=check.on_error, rejects_path=check.rejects_path,
                         max_text_bytes=check.max_text_bytes)

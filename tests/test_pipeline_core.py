@@ -45,6 +45,7 @@ def _assert_same_run(new: dict[str, dict[str, float]], old: dict[str, dict[str, 
 @pytest.mark.ray
 def test_pipeline_encodes_searches_and_mines_on_ray_actors_as_the_in_process_path_did(tmp_path, tiny_bert,
                                                                                       ray_cluster, monkeypatch):
+    from distributed_ir.data import beir
     from distributed_ir.index import parts, shards
     from distributed_ir.pipeline import run_pipeline
 
@@ -61,11 +62,11 @@ def test_pipeline_encodes_searches_and_mines_on_ray_actors_as_the_in_process_pat
         f"mining.rank_end={rank_end}", f"mining.per_query={per_query}"])
 
     def refuse(*a, **k):
-        raise AssertionError("the driver must not build a model or read vectors")
+        raise AssertionError("the driver must not build a model, read vectors or load the corpus texts")
 
     # In this (driver) process only: Ray actors, tasks and Ray Train workers import the real ones.
     monkeypatch.setattr(Embedder, "__init__", refuse)
-    for mod, name in ((shards, "iter_shard"), (shards, "read_shard"), (parts, "iter_shard")):
+    for mod, name in ((shards, "iter_shard"), (shards, "read_shard"), (parts, "iter_shard"), (beir, "load_corpus")):
         monkeypatch.setattr(mod, name, refuse)
     with pytest.raises(AssertionError, match="must not build"):  # the guard does guard
         Embedder.from_config(ModelConfig(name_or_path=str(tiny_bert)))

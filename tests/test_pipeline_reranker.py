@@ -8,13 +8,17 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from distributed_ir.config import PipelineConfig
 from distributed_ir.config_loader import load_config
+from distributed_ir.data import beir
 from distributed_ir.data.beir import load_beir
 from distributed_ir.data.records import read_records
+from distributed_ir.eval import rerank
 from distributed_ir.eval.metrics import read_run
+from distributed_ir.index.bm25 import BM25Index
 from distributed_ir.models.rerankers import load_reranker
 from distributed_ir.pipeline import run_pipeline
 from distributed_ir.pipeline_rerank import FUSED_RUN, RECORDS, RERANKED_RUN
@@ -26,7 +30,7 @@ TOP_K = 10
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_pipeline_with_reranker_stage(tmp_path, tiny_bert, ray_cluster):
+def test_pipeline_with_reranker_stage(tmp_path, tiny_bert, ray_cluster, monkeypatch):
     folder = write_tiny_beir(tmp_path / "data" / "tiny")
     out = tmp_path / "out"
     cfg = load_config(PipelineConfig, None, [
@@ -45,7 +49,15 @@ def test_pipeline_with_reranker_stage(tmp_path, tiny_bert, ray_cluster):
     # the reranker section's own defaults hold where the overrides say nothing
     assert cfg.reranker.train.task == "cross_encoder" and cfg.reranker.train.loss.name == "listwise"
     assert cfg.reranker.train.model.name_or_path == "finetuned" and cfg.reranker.mining.rank_start == 0
+    def refuse(*a, **k):
+        raise AssertionError("the driver must not hold the corpus texts")
+
+    # In this (driver) process only: the texts (qrels pairs, BM25, rerank pairs) are read by Ray workers.
+    for owner, name in ((beir, "load_corpus"), (rerank, "candidate_pairs"), (BM25Index, "from_parts"),
+                        (pq, "read_table"), (pq, "ParquetFile")):
+        monkeypatch.setattr(owner, name, refuse)
     report = run_pipeline(cfg)
+    monkeypatch.undo()
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["metrics"] == report["metrics"]
     assert list(saved["metrics"]) == ["bm25", "finetuned", "hybrid", "reranked", "fused"]

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Container, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,17 @@ def load_corpus(path: str | Path, check: InputCheck | None = None) -> dict[str, 
     return _load_texts(path, document_text, check)
 
 
+def load_corpus_ids(path: str | Path, check: InputCheck | None = None) -> Set[str]:
+    """The ids of the documents :func:`load_corpus` accepts (validated, rejected and counted alike),
+    without keeping a text: what a qrels file is checked against when the texts live elsewhere."""
+    return _load_texts(path, _no_text, check).keys()
+
+
+def _no_text(path: str | Path, lineno: int, obj: dict) -> str:
+    document_text(path, lineno, obj)  # the same checks as load_corpus
+    return ""
+
+
 def load_queries(path: str | Path, check: InputCheck | None = None) -> dict[str, str]:
     """Map query id -> query text, in file order."""
     return _load_texts(path, query_text, check)
@@ -108,8 +120,8 @@ def load_queries(path: str | Path, check: InputCheck | None = None) -> dict[str,
 
 def load_qrels(
     path: str | Path,
-    queries: dict[str, str] | None = None,
-    corpus: dict[str, str] | None = None,
+    queries: Container[str] | None = None,
+    corpus: Container[str] | None = None,
     check: InputCheck | None = None,
 ) -> dict[str, dict[str, int]]:
     """Read a BEIR qrels TSV (``query-id  corpus-id  score`` with a header line).
@@ -136,8 +148,8 @@ def load_qrels(
     return qrels
 
 
-def _qrels_row(path: str | Path, lineno: int, raw: bytes, queries: dict | None,
-               corpus: dict | None) -> tuple[str, str, int]:
+def _qrels_row(path: str | Path, lineno: int, raw: bytes, queries: Container[str] | None,
+               corpus: Container[str] | None) -> tuple[str, str, int]:
     try:
         line = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
@@ -165,7 +177,10 @@ def _qrels_row(path: str | Path, lineno: int, raw: bytes, queries: dict | None,
 
 @dataclass
 class BeirDataset:
-    corpus: dict[str, str]
+    """A BEIR split. ``corpus`` is None when loaded without the texts (``load_beir(corpus=False)``):
+    the corpus is then read where it is needed (e.g. an index folder's staged corpus)."""
+
+    corpus: dict[str, str] | None
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
 
@@ -183,27 +198,46 @@ def resolve_data_dir(data_dir: str | None) -> Path:
 
 
 def load_beir(folder: str | Path, split: str, base: BeirDataset | None = None,
-              check: InputCheck | None = None) -> BeirDataset:
+              check: InputCheck | None = None, corpus: bool = True) -> BeirDataset:
     """Load a BEIR dataset folder and one qrels split, cross-checking ids.
 
     Pass ``base`` (another split of the same folder) to reuse its corpus and queries.
+    ``corpus=False``: the corpus is validated and its ids checked against the qrels, but no text
+    is kept (``BeirDataset.corpus`` is None). ``base`` without texts then has its corpus ids read
+    again for the check (not counted in ``check`` twice); :func:`load_beir_splits` reads them once.
     """
+    return load_beir_splits(folder, [split], base, check, corpus)[0]
+
+
+def load_beir_splits(folder: str | Path, splits: list[str], base: BeirDataset | None = None,
+                     check: InputCheck | None = None, corpus: bool = True) -> list[BeirDataset]:
+    """:func:`load_beir` for several qrels splits of one folder, sharing one read of the corpus and queries."""
     folder = Path(folder)
-    problem = name_problem(split)
-    if problem:
-        raise DataError(folder, None, problem, field="split")
-    missing = [p for p in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv") if not (folder / p).is_file()]
+    for split in splits:
+        problem = name_problem(split)
+        if problem:
+            raise DataError(folder, None, problem, field="split")
+    missing = [p for p in ("corpus.jsonl", "queries.jsonl", *(f"qrels/{s}.tsv" for s in splits))
+               if not (folder / p).is_file()]
     if missing:
         raise DataError(
             folder, None,
             f"not a BEIR dataset folder: missing {', '.join(missing)}. Put the BEIR files there "
-            f"(corpus.jsonl, queries.jsonl, qrels/{split}.tsv) or let `distributed-ir pipeline` "
+            f"(corpus.jsonl, queries.jsonl, qrels/{splits[0]}.tsv) or let `distributed-ir pipeline` "
             "download them on an online machine",
         )
-    corpus = base.corpus if base else load_corpus(folder / "corpus.jsonl", check)
+    texts = base.corpus if base else (load_corpus(folder / "corpus.jsonl", check) if corpus else None)
+    if texts is not None:
+        known: Container[str] = texts
+    elif base:  # validated and counted when base was loaded: only its ids again
+        quiet = check and InputCheck(check.on_error, None, check.max_text_bytes)
+        known = load_corpus_ids(folder / "corpus.jsonl", quiet)
+    else:
+        known = load_corpus_ids(folder / "corpus.jsonl", check)
     queries = base.queries if base else load_queries(folder / "queries.jsonl", check)
-    qrels = load_qrels(folder / "qrels" / f"{split}.tsv", queries=queries, corpus=corpus, check=check)
-    return BeirDataset(corpus=corpus, queries=queries, qrels=qrels)
+    return [BeirDataset(corpus=texts, queries=queries,
+                        qrels=load_qrels(folder / "qrels" / f"{split}.tsv", queries=queries, corpus=known, check=check))
+            for split in splits]
 
 
 def ensure_beir(data_dir: Path, name: str) -> Path:

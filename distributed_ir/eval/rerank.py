@@ -4,6 +4,11 @@
     sorted by length -> Ray Data blocks -> map_batches(RerankStage, actor pool)
     -> scores -> reranked run.trec + metrics.json (before / after, pairs/s)
 
+With a staged corpus (:class:`~distributed_ir.index.texts.StagedCorpus`, the pipeline's path) this
+process builds the (query_id, doc_id, query) rows only: Ray tasks locate the documents in the
+staged shards (their lengths order the rows as above), and each block's texts are attached on Ray
+before the rerank actors, so the same blocks are scored.
+
 ``RerankStage`` is a plain callable class (no Ray imports; unit tests call it directly): one
 reranker per actor, length-sorted micro-batches inside each Ray batch, in the precision measured
 fastest on the host that keeps the scores (``precision=auto``, :mod:`distributed_ir.models.precision`).  The pairs are sorted by text length before
@@ -14,12 +19,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from distributed_ir.eval.metrics import DEFAULT_METRICS, Run, evaluate, rank, read_run, write_run
+from distributed_ir.index.texts import SCAN_CPUS, FoundTexts, StagedCorpus, attach_texts
 from distributed_ir.models.precision import (
     PrecisionChoice,
     PrecisionPolicy,
@@ -81,27 +88,50 @@ class RerankStage:
         return out
 
 
+def candidate_rows(run: Run, queries: dict[str, str], top_k: int) -> list[tuple[str, str]]:
+    """``(query_id, doc_id)`` for each query's top_k (the ranking rule), queries of ``queries`` only."""
+    return [(qid, doc) for qid, scores in run.items() if qid in queries for doc in rank(scores)[:top_k]]
+
+
+def length_sorted(rows: list[tuple[str, str]], doc_length: Mapping[str, int],
+                  queries: dict[str, str]) -> list[tuple[str, str]]:
+    """``rows`` longest document first (similar lengths per batch), a document's pairs side by side:
+    a reranker that encodes each document once per call (ColBERT) then encodes it once per block."""
+    return sorted(rows, key=lambda r: (-doc_length[r[1]], r[1], -len(queries[r[0]])))
+
+
 def candidate_pairs(run: Run, queries: dict[str, str], corpus: dict[str, str], top_k: int) -> dict[str, list]:
     """Columns of (query_id, doc_id, query, document) for each query's top_k, longest document first."""
-    rows = []
-    for qid, scores in run.items():
-        if qid not in queries:
-            continue
-        for doc in rank(scores)[:top_k]:
-            if doc not in corpus:
-                raise KeyError(f"run document {doc!r} (query {qid!r}) is not in the corpus")
-            rows.append((qid, doc))
-    # Longest documents first (similar lengths per batch), a document's pairs side by side: a
-    # reranker that encodes each document once per call (ColBERT) then encodes it once per block.
-    rows.sort(key=lambda r: (-len(corpus[r[1]]), r[1], -len(queries[r[0]])))
+    rows = candidate_rows(run, queries, top_k)
+    for qid, doc in rows:
+        if doc not in corpus:
+            raise KeyError(f"run document {doc!r} (query {qid!r}) is not in the corpus")
+    rows = length_sorted(rows, {d: len(corpus[d]) for _, d in rows}, queries)
     return {"query_id": [q for q, _ in rows], "doc_id": [d for _, d in rows],
             "query": [queries[q] for q, _ in rows], "document": [corpus[d] for _, d in rows]}
 
 
+def staged_candidate_pairs(run: Run, queries: dict[str, str], corpus: StagedCorpus,
+                           top_k: int) -> tuple[dict[str, list], FoundTexts]:
+    """:func:`candidate_pairs` without the document texts: columns (query_id, doc_id, query) in the
+    same order (the documents' lengths come from the staged corpus), and the located texts, which
+    :func:`rerank_with_ray` attaches on Ray."""
+    rows = candidate_rows(run, queries, top_k)
+    found = corpus.find({d for _, d in rows})
+    rows = length_sorted(rows, found.lengths, queries)
+    return {"query_id": [q for q, _ in rows], "doc_id": [d for _, d in rows],
+            "query": [queries[q] for q, _ in rows]}, found
+
+
 def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, precision: str | PrecisionPolicy = "auto",
                     actors: int = 0, use_gpu: bool = False, compile: bool = False,
-                    actor_start_timeout_s: float = 600) -> tuple[np.ndarray, dict[str, Any]]:
+                    actor_start_timeout_s: float = 600, texts: FoundTexts | None = None
+                    ) -> tuple[np.ndarray, dict[str, Any]]:
     """Scores in ``pairs`` order, computed by a Ray Data actor pool; plus timing facts.
+
+    ``pairs``: columns ``query`` and ``document``, or with ``texts`` (:func:`staged_candidate_pairs`)
+    ``query`` and ``doc_id``: each block's documents are then attached on Ray
+    (:func:`distributed_ir.index.texts.attach_texts`) before it reaches the rerank actors.
 
     The pool (:func:`distributed_ir.index.actors.actor_plan`) waits up to ``actor_start_timeout_s``
     for its first actor (a GPU the cluster does not have yet: an autoscaler may add it).
@@ -116,7 +146,8 @@ def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, pr
     n = len(pairs["query_id"])
     ray_batch = batch_size * 4
     plan = actor_plan(use_gpu, actors, units=n // ray_batch + 1)
-    table = pa.table({"row": np.arange(n), **{k: pairs[k] for k in ("query", "document")}})
+    second = "document" if texts is None else "doc_id"
+    table = pa.table({"row": np.arange(n), "query": pairs["query"], second: pairs[second]})
     scores = np.full(n, np.nan, dtype=np.float32)
     decisions = []
     t0 = time.perf_counter()
@@ -124,6 +155,9 @@ def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, pr
         # Contiguous blocks of the length-sorted pairs: similar lengths per block, several per actor.
         blocks = max(1, min(n // ray_batch + 1, 8 * plan.max_size))
         ds = ray.data.from_arrow(table).repartition(blocks)
+        if texts is not None:  # whole blocks: the rerank actors get the blocks the text pairs would give
+            ds = ds.map_batches(attach_texts, fn_kwargs={"refs": texts.refs}, batch_size=None,
+                                batch_format="pyarrow", num_cpus=SCAN_CPUS)
         ds = ds.map_batches(RerankStage, fn_constructor_kwargs={"model": str(Path(model).resolve()),
                                                                 "batch_size": batch_size, "precision": precision,
                                                                 "device": plan.device, "threads": plan.threads,
@@ -140,15 +174,20 @@ def rerank_with_ray(model: str, pairs: dict[str, list], batch_size: int = 32, pr
                     "compile": compile}
 
 
-def rerank_run(model: str, run: Run, queries: dict[str, str], corpus: dict[str, str], top_k: int,
+def rerank_run(model: str, run: Run, queries: dict[str, str], corpus: dict[str, str] | StagedCorpus, top_k: int,
                batch_size: int = 32, precision: str | PrecisionPolicy = "auto", actors: int = 0,
                use_gpu: bool = False, compile: bool = False) -> tuple[Run, Run, dict[str, Any]]:
     """Each query's top_k of ``run`` rescored with Ray Data: (reranked run, the first-stage
-    top_k it reranked, speed facts)."""
-    pairs = candidate_pairs(run, queries, corpus, top_k)
+    top_k it reranked, speed facts). ``corpus``: the texts in this process, or a staged corpus
+    whose texts only Ray workers read (the same pairs, order and scores)."""
+    texts = None
+    if isinstance(corpus, StagedCorpus):
+        pairs, texts = staged_candidate_pairs(run, queries, corpus, top_k)
+    else:
+        pairs = candidate_pairs(run, queries, corpus, top_k)
     if not pairs["query_id"]:
         raise ValueError("no query of the run is among the given queries")
-    scores, facts = rerank_with_ray(model, pairs, batch_size, precision, actors, use_gpu, compile=compile)
+    scores, facts = rerank_with_ray(model, pairs, batch_size, precision, actors, use_gpu, compile=compile, texts=texts)
     reranked: Run = {}
     for qid, doc, s in zip(pairs["query_id"], pairs["doc_id"], scores):
         reranked.setdefault(qid, {})[doc] = float(s)

@@ -29,6 +29,7 @@ from distributed_ir.index.corpus import StagedShard, expand_corpus, stage_corpus
 from distributed_ir.index.parts import build_parts
 from distributed_ir.index.shards import read_shard, shard_is_valid, verified_ids_digest, write_shard
 from distributed_ir.index.storage import Location, check_output
+from distributed_ir.index.texts import STAGE
 from distributed_ir.models.embedder import resolve_model_path
 from distributed_ir.models.precision import PrecisionPolicy, collect_decisions, summarize_decisions
 
@@ -171,14 +172,22 @@ def _reusable(out: Location, manifest: dict, staged: list[StagedShard]) -> dict[
             if d is not None and d == by_key[k].ids_digest and manifest["shards"][k]["count"] == by_key[k].count}
 
 
+def stage_index_corpus(opts: IndexOptions) -> tuple[list[StagedShard], str, InputCheck]:
+    """Validate and shard ``opts.corpus`` into ``<opts.out>/stage`` as :func:`encode_corpus` does (an
+    identical earlier staging is reused): the shards, the stage id and the input counts."""
+    out = _out_location(opts)
+    check = InputCheck(opts.on_error, _rejects_path(opts, out), opts.max_text_bytes)
+    staged, stage_id = stage_corpus(expand_corpus(opts.corpus), out.child(STAGE), opts.num_shards, check)
+    return staged, stage_id, check
+
+
 def encode_corpus(opts: IndexOptions, progress: bool = True) -> dict[str, Any]:
     """Stage, encode unfinished shards on Ray Data actors (they write the files), return the manifest."""
     out = _out_location(opts)
     model_dir = resolve_model_path(opts.model)
     paths = expand_corpus(opts.corpus)
-    check = InputCheck(opts.on_error, _rejects_path(opts, out), opts.max_text_bytes)
-    stage = out.child("stage")
-    staged, stage_id = stage_corpus(paths, stage, opts.num_shards, check)
+    stage = out.child(STAGE)
+    staged, stage_id, check = stage_index_corpus(opts)
     if check.summary()["rejected"]:
         print(check.summary_line(), flush=True)
     fingerprint = model_fingerprint(model_dir)
