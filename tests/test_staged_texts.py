@@ -15,7 +15,7 @@ from distributed_ir.data.beir import load_beir
 from distributed_ir.index.bm25 import BM25Index, BM25Settings, search_staged, top_k
 from distributed_ir.index.pipeline import IndexOptions, stage_index_corpus
 from distributed_ir.index.texts import MissingDocuments, StagedCorpus
-from tests.test_mining_rerank import _beir
+from tests.conftest import write_tiny_beir
 
 DUPLICATE = "doc47"  # its text is doc5's: the duplicate-text rule and tied BM25 scores have work to do
 
@@ -25,7 +25,7 @@ def staged(ray_cluster, tmp_path_factory):
     """A tiny BEIR folder (one document duplicated under another id) and an index folder holding
     only its staged corpus (3 shards)."""
     root = tmp_path_factory.mktemp("staged")
-    folder = _beir(root / "tiny")
+    folder = write_tiny_beir(root / "tiny")
     lines = (folder / "corpus.jsonl").read_text().splitlines()
     copy = dict(json.loads(lines[5]), _id=DUPLICATE)
     (folder / "corpus.jsonl").write_text("\n".join(lines[:47] + [json.dumps(copy)]) + "\n")
