@@ -25,13 +25,22 @@ from typing import Any
 
 from distributed_ir.config import PipelineConfig
 from distributed_ir.config_loader import ConfigError, to_dict
-from distributed_ir.data.beir import ensure_beir, load_beir_splits, resolve_data_dir
+from distributed_ir.data.beir import BeirDataset, ensure_beir, load_beir_splits, resolve_data_dir
 from distributed_ir.data.records import write_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, write_run
+from distributed_ir.index.retrieve import CorpusIndex
 from distributed_ir.mining import pairs_from_qrels
 from distributed_ir.redaction import redact
-from distributed_ir.stages import corpus_stage, encoder_folder, eval_stage, index_stage, mine_stage, train_stage
-from distributed_ir.train.launch import run_training
+from distributed_ir.stages import (
+    CorpusStage,
+    corpus_stage,
+    encoder_folder,
+    eval_stage,
+    index_stage,
+    mine_stage,
+    train_stage,
+)
+from distributed_ir.train.launch import TrainResult, run_training
 
 BASE_MODEL = "base_model"  # the base model with the config's settings saved beside it (when it sets any)
 BASE_INDEX = "index_base"  # corpus indexes (distributed-ir index layout: `distributed-ir search` reads them)
@@ -88,34 +97,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             base = eval_stage("base", base_index, eval_ds, ev)
             rows["base"] = base.row
             print(metrics_table(rows), flush=True)
-    train_path = out / "train_records.jsonl"
-    if cfg.train.train_path and not cfg.distill.enabled:  # prepared records, read and checked by run_training
-        train_path = Path(cfg.train.train_path).resolve()
-        print(f"[pipeline] training on prepared records {train_path}", flush=True)
-        result = run_training(replace(cfg.train, train_path=str(train_path), output_dir=str(out / "train")))
-    else:
-        if cfg.train.train_path:  # prepared records the teacher scores: read and checked here
-            from distributed_ir.pipeline_distill import prepared_records
-
-            records, report["train_input"] = prepared_records(cfg.train, out / "train")
-        elif cfg.mining.enabled:
-            m = cfg.mining
-            mined = mine_stage(base_index, train_ds, m.rank_start, m.rank_end, m.per_query, cfg.train.seed, ev,
-                               train_path)
-            records = mined.records
-            report["mining"] = mined.counts
-            print(f"[pipeline] mined hard negatives: {mined.counts}", flush=True)
-        else:
-            records = pairs_from_qrels(train_ds, staged.texts)
-            write_records(train_path, records)
-        if cfg.distill.enabled:  # the teacher's scores on every record's positives + negatives (Ray Data)
-            from distributed_ir.pipeline_distill import distill_stage
-
-            records, train_path = distill_stage(cfg.distill, records, out, report)
-        result = train_stage(cfg.train, records, train_path, out / "train")
-    report["train"] = {"seconds": round(result.seconds, 1), "records": result.input["accepted"], **{
-        k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
-    print(f"[pipeline] training took {result.seconds:.0f}s; model at {result.model_path}", flush=True)
+    result = train_embedder(cfg, out, train_ds, base_index, staged, report)
 
     # ---- fine-tuned model: encode, search, evaluate (the checkpoint carries its own settings)
     tuned_index = index_stage(str(result.model_path), corpus, out / FINETUNED_INDEX, ev, cfg.input,
@@ -144,13 +126,55 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         reranker_history = run_reranker_stage(cfg, out, train_ds, eval_ds, tuned.index, first_stage,
                                               result.model_path, report, rows)
         print(metrics_table(rows), flush=True)
+    finish(out, report, result.history, reranker_history)
+    return report
+
+
+def train_embedder(cfg: PipelineConfig, out: Path, train_ds: BeirDataset, base_index: CorpusIndex | None,
+                   staged: CorpusStage, report: dict[str, Any]) -> TrainResult:
+    """The training records (prepared, mined with the base model, or qrels pairs; scored by the
+    distillation teacher when ``distill`` is on), then Ray Train; fills ``report`` (``mining``,
+    ``train_input``, ``distill``, ``train``)."""
+    train_path = out / "train_records.jsonl"
+    if cfg.train.train_path and not cfg.distill.enabled:  # prepared records, read and checked by run_training
+        train_path = Path(cfg.train.train_path).resolve()
+        print(f"[pipeline] training on prepared records {train_path}", flush=True)
+        result = run_training(replace(cfg.train, train_path=str(train_path), output_dir=str(out / "train")))
+    else:
+        if cfg.train.train_path:  # prepared records the teacher scores: read and checked here
+            from distributed_ir.pipeline_distill import prepared_records
+
+            records, report["train_input"] = prepared_records(cfg.train, out / "train")
+        elif cfg.mining.enabled:
+            m = cfg.mining
+            mined = mine_stage(base_index, train_ds, m.rank_start, m.rank_end, m.per_query, cfg.train.seed,
+                               cfg.eval, train_path)
+            records = mined.records
+            report["mining"] = mined.counts
+            print(f"[pipeline] mined hard negatives: {mined.counts}", flush=True)
+        else:
+            records = pairs_from_qrels(train_ds, staged.texts)
+            write_records(train_path, records)
+        if cfg.distill.enabled:  # the teacher's scores on every record's positives + negatives (Ray Data)
+            from distributed_ir.pipeline_distill import distill_stage
+
+            records, train_path = distill_stage(cfg.distill, records, out, report)
+        result = train_stage(cfg.train, records, train_path, out / "train")
+    report["train"] = {"seconds": round(result.seconds, 1), "records": result.input["accepted"], **{
+        k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+    print(f"[pipeline] training took {result.seconds:.0f}s; model at {result.model_path}", flush=True)
+    return result
+
+
+def finish(out: Path, report: dict[str, Any], history: list[dict[str, Any]],
+           reranker_history: list[dict[str, Any]]) -> None:
+    """The final ``metrics.json`` and ``report.md`` (a report that fails to render never fails the run)."""
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     print(f"[pipeline] wrote {out / 'metrics.json'} and {out / 'run.trec'}", flush=True)
     try:  # the report is a convenience: a finished run never fails over it
         from distributed_ir.report import write_report
 
-        print(f"[pipeline] wrote {write_report(out, report, result.history, reranker_history)}", flush=True)
+        print(f"[pipeline] wrote {write_report(out, report, history, reranker_history)}", flush=True)
     except Exception as e:
         print(f"[pipeline] report.md skipped: {e!r}", flush=True)
-    return report
