@@ -200,13 +200,14 @@ def test_pipeline_job_via_ray_job_submit(ray_head, tiny_bert, tmp_path):
     # outputs under IR_OUTPUT_ROOT (not inside Ray's temporary working-dir copy)
     out = tmp_path / "outputs" / "pipeline"
     report = json.loads((out / "metrics.json").read_text())
-    assert set(report["metrics"]) == {"base", "finetuned"}
+    assert set(report["metrics"]) == {"bm25", "base", "finetuned", "hybrid"}  # the shipped config has hybrid on
     # each metrics row is what pytrec_eval (trec_eval) computes from the run file the job wrote
     qrels: dict[str, dict[str, int]] = {}
     for line in (tmp_path / "beir" / "tiny" / "qrels" / "test.tsv").read_text().splitlines()[1:]:
         qid, doc_id, rel = line.split("\t")
         qrels.setdefault(qid, {})[doc_id] = int(rel)
-    for name, run_file in (("base", "run_base.trec"), ("finetuned", "run.trec")):
+    for name, run_file in (("base", "run_base.trec"), ("finetuned", "run.trec"), ("bm25", "run_bm25.trec"),
+                           ("hybrid", "run_hybrid.trec")):
         with (out / run_file).open() as fh:
             theirs = pytrec_means(dict(pytrec_eval.parse_run(fh)), qrels)
         row = report["metrics"][name]
