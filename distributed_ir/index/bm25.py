@@ -1,6 +1,7 @@
 """BM25 first stage through ``bm25s`` (sparse-matrix BM25 in NumPy; scores equal Lucene's BM25).
 
-The corpus is split into ``shards`` contiguous index shards, each a ``bm25s`` index of its own
+:meth:`BM25Index.build` splits a corpus into ``shards`` contiguous index shards (the pipeline's
+:func:`search_staged` groups staged corpus shards instead), each a ``bm25s`` index of its own
 (built, saved and searched independently, as the dense index shards are); a query's hits from every
 shard are merged into one top-k with the project's ranking rule (:func:`~distributed_ir.eval.metrics.rank`).
 Term statistics (IDF, average length) are per shard, as in a sharded Lucene/Elasticsearch index
