@@ -152,7 +152,7 @@ class MineCommandConfig:
     min_cosine: float = _min_cosine()
     precision_cache: str = _precision_cache()
     calibration_texts: int = _calibration_texts()
-    actors: int = flag_field("search actors (0 = from cluster resources)", default=0)
+    actors: int = flag_field("query search actors (0 = one per query batch, as the cluster has room)", default=0)
 
     def __post_init__(self) -> None:
         _check(self, positive=("per_query",), non_negative=("actors",))
