@@ -162,7 +162,8 @@ def _cmd_mine(cfg: MineCommandConfig) -> int:
     init_ray()
     summary = mine_command(index_dir=cfg.index, dataset_dir=cfg.dataset, split=cfg.split, out=cfg.out,
                            rank_start=cfg.rank_start, rank_end=cfg.rank_end, per_query=cfg.per_query, seed=cfg.seed,
-                           batch_size=cfg.batch_size, precision=_policy(cfg), actors=cfg.actors)
+                           batch_size=cfg.batch_size, precision=_policy(cfg), actors=cfg.actors,
+                           searchers=cfg.searchers)
     print(json.dumps(summary, indent=2))
     return 0
 

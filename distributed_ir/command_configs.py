@@ -39,6 +39,11 @@ def _calibration_texts() -> Any:
     return flag_field("texts (or pairs) auto measures on: the first ones each actor sees (default 32)", default=32)
 
 
+def _searchers() -> Any:
+    return flag_field("searcher actors, each holding a group of the index's parts (0 = one per part; "
+                      "1 = the query actors hold every part)", default=0)
+
+
 def _on_error() -> Any:
     return flag_field("bad input rows: raise (default: stop with FILE:LINE: field) or skip them into the "
                       "rejects file; the summary shows input = accepted + rejected per file",
@@ -122,8 +127,7 @@ class SearchCommandConfig:
     calibration_texts: int = _calibration_texts()
     use_gpu: bool = flag_field("encode the queries and search on GPU", default=False)
     actors: int = flag_field("query encode actors (0 = one per query batch, as the cluster has room)", default=0)
-    searchers: int = flag_field("searcher actors, each holding a group of the index's parts (0 = one per part; "
-                                "1 = the query actors hold every part)", default=0)
+    searchers: int = _searchers()
     searcher_gpus: float = flag_field("GPU share each searcher actor requests (0 = CPU FAISS)", default=0.0)
     actor_start_timeout_s: int = flag_field(
         "wait this long for the first actors when the cluster lacks what they ask for (an autoscaler can add "
@@ -153,9 +157,10 @@ class MineCommandConfig:
     precision_cache: str = _precision_cache()
     calibration_texts: int = _calibration_texts()
     actors: int = flag_field("query search actors (0 = one per query batch, as the cluster has room)", default=0)
+    searchers: int = _searchers()
 
     def __post_init__(self) -> None:
-        _check(self, positive=("per_query",), non_negative=("actors",))
+        _check(self, positive=("per_query",), non_negative=("actors", "searchers"))
         if not 0 <= self.rank_start < self.rank_end:
             raise ConfigError(f"rank_start={self.rank_start}, rank_end={self.rank_end}: need 0 <= rank_start < "
                               "rank_end", key="rank_start")

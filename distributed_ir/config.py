@@ -324,12 +324,15 @@ class EvalConfig:
                             default=4)
     actors: int = config_field("encode/search actors (0 = size from the cluster, as `distributed-ir index` does)", default=0)
     use_gpu: bool = config_field("encode and search on GPU actors (one GPU each)", default=False)
+    searchers: int = config_field("searcher actors for eval and mining searches, each holding a group of the index's "
+                                  "parts (0 = one per part; 1 = the query actors hold every part), as `distributed-ir "
+                                  "search --searchers`", default=0)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.top_k < 1 or self.max_queries < 0:
             raise ConfigError("eval: batch_size and top_k must be >= 1, max_queries >= 0")
-        if self.num_shards < 1 or self.actors < 0:
-            raise ConfigError("eval: num_shards must be >= 1, actors >= 0")
+        if self.num_shards < 1 or self.actors < 0 or self.searchers < 0:
+            raise ConfigError("eval: num_shards must be >= 1, actors and searchers >= 0")
 
 
 @dataclass

@@ -125,17 +125,19 @@ def check_no_judged(ds: BeirDataset, chosen: dict[str, list[str]]) -> None:
 
 def mine_from_index(index_dir: str, ds: BeirDataset, rank_start: int, rank_end: int, per_query: int, seed: int = 0,
                     batch_size: int = 64, precision: str | PrecisionPolicy = "auto", actors: int = 0,
-                    use_gpu: bool = False, decisions: list[dict[str, Any]] | None = None
+                    use_gpu: bool = False, decisions: list[dict[str, Any]] | None = None, searchers: int = 0
                     ) -> tuple[list[TrainRecord], dict[str, Any]]:
     """Search ``ds``'s split queries on the index (:func:`distributed_ir.index.retrieve.search_queries`:
-    query encoding and search on Ray Data actors) and mine, the texts read from the index's staged
-    corpus (only those the records hold); counts as ``mine`` reports them (``search_seconds`` included)."""
+    query encoding and search on Ray Data actors, ``searchers`` per-part searcher actors as it
+    takes them) and mine, the texts read from the index's staged corpus (only those the records
+    hold); counts as ``mine`` reports them (``search_seconds`` included)."""
     from distributed_ir.index.retrieve import ranked_ids, search_queries
 
     if not 0 <= rank_start < rank_end:
         raise ValueError(f"need 0 <= rank_start < rank_end, got {rank_start}, {rank_end}")
     t0 = time.perf_counter()
-    run = search_queries(index_dir, ds.split_queries(), rank_end, batch_size, precision, actors, use_gpu, decisions)
+    run = search_queries(index_dir, ds.split_queries(), rank_end, batch_size, precision, actors, use_gpu, decisions,
+                         searchers=searchers)
     search_s = time.perf_counter() - t0
     records, counts, chosen = mine_negatives(ds, ranked_ids(run), rank_start, rank_end, per_query, seed,
                                              StagedCorpus(index_dir))
@@ -147,7 +149,7 @@ def mine_from_index(index_dir: str, ds: BeirDataset, rank_start: int, rank_end: 
 
 def mine_command(index_dir: str, dataset_dir: str, split: str, out: str, rank_start: int = 10, rank_end: int = 100,
                  per_query: int = 8, seed: int = 42, batch_size: int = 64, precision: str | PrecisionPolicy = "auto",
-                 actors: int = 0) -> dict[str, Any]:
+                 actors: int = 0, searchers: int = 0) -> dict[str, Any]:
     """Search ``split``'s queries on the index, mine, write triplet JSONL and ``<out>.counts.json``."""
     import json
 
@@ -157,7 +159,7 @@ def mine_command(index_dir: str, dataset_dir: str, split: str, out: str, rank_st
     ds = load_beir(dataset_dir, split, corpus=False)  # texts: from the index's staged corpus
     decisions: list[dict[str, Any]] = []
     records, counts = mine_from_index(str(Location(index_dir).uri), ds, rank_start, rank_end, per_query, seed,
-                                      batch_size, precision, actors, decisions=decisions)
+                                      batch_size, precision, actors, decisions=decisions, searchers=searchers)
     write_records(out, records)
     summary = {**counts, "rank_start": rank_start, "rank_end": rank_end, "per_query": per_query, "split": split,
                "out": str(Path(out).resolve()),

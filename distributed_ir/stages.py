@@ -141,7 +141,7 @@ def eval_queries(ds: BeirDataset, max_queries: int) -> dict[str, str]:
 def eval_stage(name: str, index: CorpusIndex, ds: BeirDataset, ev: EvalConfig) -> EvalResult:
     """Search the split's queries on ``index`` (Ray Data actors) and compute the metrics row."""
     run = search_queries(index.path, eval_queries(ds, ev.max_queries), ev.top_k, ev.batch_size, precision(ev),
-                         ev.actors, ev.use_gpu)
+                         ev.actors, ev.use_gpu, searchers=ev.searchers)
     row = evaluate(run, ds.qrels, DEFAULT_METRICS)
     row["encode_docs_per_s"] = index.docs_per_s
     return EvalResult(name=name, row=row, run=run, index=index)
@@ -152,7 +152,7 @@ def mine_stage(index: CorpusIndex, ds: BeirDataset, rank_start: int, rank_end: i
     """Hard negatives from ranks ``[rank_start, rank_end)`` of ``index`` for the split's queries,
     written to ``path``."""
     records, counts = mine_from_index(index.path, ds, rank_start, rank_end, per_query, seed, ev.batch_size,
-                                      precision(ev), ev.actors, ev.use_gpu)
+                                      precision(ev), ev.actors, ev.use_gpu, searchers=ev.searchers)
     write_records(path, records)
     return MineResult(records=records, counts=counts, path=path)
 

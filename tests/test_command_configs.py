@@ -36,10 +36,10 @@ TODAY = {
     "mine": {
         "flags": ["--index", "--dataset", "--split", "--out", "--rank-start", "--rank-end", "--per-query", "--seed",
                   "--batch-size", "--precision", "--min-cosine", "--precision-cache", "--calibration-texts",
-                  "--actors"],
+                  "--actors", "--searchers"],
         "required": ["--index", "idx", "--dataset", "beir", "--out", "mined.jsonl"],
         "defaults": {"split": "train", "rank_start": 10, "rank_end": 100, "per_query": 8, "seed": 42,
-                     "batch_size": 64, **PRECISION, "actors": 0},
+                     "batch_size": 64, **PRECISION, "actors": 0, "searchers": 0},
     },
     "rerank": {
         "flags": ["--model", "--run", "--dataset", "--split", "--top-k", "--out", "--batch-size", "--precision",
@@ -73,9 +73,9 @@ EVERY_FLAG = {
                 "actor_start_timeout_s": 30, "on_error": "skip", "rejects_path": "bad.jsonl"}),
     "mine": (["--index", "idx", "--dataset", "beir", "--split", "dev", "--out", "m.jsonl", "--rank-start", "2",
               "--rank-end", "20", "--per-query", "4", "--seed", "7", "--batch-size", "8", *PRECISION_FLAGS,
-              "--actors", "2"],
+              "--actors", "2", "--searchers", "3"],
              {"index": "idx", "dataset": "beir", "split": "dev", "out": "m.jsonl", "rank_start": 2, "rank_end": 20,
-              "per_query": 4, "seed": 7, "batch_size": 8, **PRECISION_SET, "actors": 2}),
+              "per_query": 4, "seed": 7, "batch_size": 8, **PRECISION_SET, "actors": 2, "searchers": 3}),
     "rerank": (["--model", "ce", "--run", "run.trec", "--dataset", "beir", "--split", "dev", "--top-k", "10",
                 "--out", "rr", "--batch-size", "4", *PRECISION_FLAGS, "--actors", "2", "--use-gpu", "--fuse", "0.3",
                 "--compile"],
@@ -210,7 +210,8 @@ def test_handlers_get_the_config_as_keywords(tmp_path, monkeypatch, capsys):
                                "qrels_path": "qrels/test.tsv", "batch_size": 8, "use_gpu": True, "actors": 2,
                                "searchers": 3, "searcher_gpus": 0.5, "actor_start_timeout_s": 30}
     assert calls["mine"] == {"index_dir": "idx", "dataset_dir": "beir", "split": "dev", "out": "m.jsonl",
-                             "rank_start": 2, "rank_end": 20, "per_query": 4, "seed": 7, "batch_size": 8, "actors": 2}
+                             "rank_start": 2, "rank_end": 20, "per_query": 4, "seed": 7, "batch_size": 8, "actors": 2,
+                             "searchers": 3}
     assert calls["rerank"] == {"model": "ce", "run_path": "run.trec", "dataset_dir": "beir", "out": "rr", "top_k": 10,
                                "split": "dev", "batch_size": 4, "actors": 2, "use_gpu": True, "fuse": 0.3,
                                "compile": True}

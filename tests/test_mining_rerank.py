@@ -118,6 +118,105 @@ def test_mine_command_distributed_over_queries(beir_index, tmp_path, capsys):
     assert summary["negatives_that_are_qrels_positives"] == negatives_that_are_positives
 
 
+@pytest.fixture(scope="module")
+def three_part_index(beir_index, tiny_bert, tmp_path_factory):
+    """The tiny BEIR corpus in an index of three FAISS parts (searched by up to three searcher actors)."""
+    from distributed_ir.index.pipeline import IndexOptions, build_faiss, encode_corpus
+
+    folder, _ = beir_index
+    out = tmp_path_factory.mktemp("parts") / "index"
+    opts = IndexOptions(model=str(tiny_bert), corpus=str(folder / "corpus.jsonl"), out=str(out), num_shards=3,
+                        batch_size=16, precision="fp32", actors=1)
+    meta = build_faiss(out, encode_corpus(opts, progress=False), "Flat", index_shards=3)
+    assert len(meta["parts"]) == 3
+    return folder, out
+
+
+@pytest.mark.ray
+def test_mine_searchers_give_the_records_of_the_default(three_part_index, tmp_path, capsys, monkeypatch):
+    """`mine --searchers 2` (parts grouped 2 + 1 over two searcher actors) mines exactly what the
+    default (one searcher actor per part) mines; the flag reaches the searcher core."""
+    from distributed_ir import cli
+    from distributed_ir.data.records import read_records
+    from distributed_ir.index import searchers
+
+    folder, index = three_part_index
+    groups_seen: list[list[list[int]]] = []
+    real = searchers.part_searchers
+
+    def spy(index_dir, groups, *a, **k):
+        groups_seen.append(groups)
+        return real(index_dir, groups, *a, **k)
+
+    monkeypatch.setattr(searchers, "part_searchers", spy)
+    results = {}
+    for name, extra in (("default", []), ("two", ["--searchers", "2"])):
+        out = tmp_path / f"{name}.jsonl"
+        assert cli.main(["mine", "--index", str(index), "--dataset", str(folder), "--out", str(out),
+                         "--rank-start", "2", "--rank-end", "20", "--per-query", "4", "--precision", "fp32",
+                         "--actors", "1", *extra]) == 0
+        summary = last_json(capsys.readouterr().out)
+        results[name] = read_records(out), {k: v for k, v in summary.items() if k not in ("search_seconds", "out")}
+    assert groups_seen == [[[0], [1], [2]], [[0, 1], [2]]]
+    (fmt, records), counts = results["two"]
+    assert fmt == "triplet" and len(records) == 8 and counts["negatives"] == 8 * 4
+    assert results["two"] == results["default"]
+
+
+@pytest.mark.ray
+def test_rerank_command_stages_the_corpus_and_equals_the_corpus_in_the_driver(beir_index, tiny_bert, tmp_path,
+                                                                               capsys, monkeypatch):
+    """`distributed-ir rerank`: the texts come from the dataset's corpus staged and read on Ray (this
+    process never loads it), and run.trec, metrics.json and the printed report are what the
+    corpus-in-the-driver path gave."""
+    import pyarrow.parquet as pq
+
+    from distributed_ir import cli
+    from distributed_ir.data import beir
+    from distributed_ir.data.beir import load_beir
+    from distributed_ir.eval import rerank
+    from distributed_ir.eval.fusion import fuse_runs
+    from distributed_ir.eval.metrics import DEFAULT_METRICS, evaluate, read_run, write_run
+    from distributed_ir.index.search import search_index
+    from distributed_ir.models.cross_encoder import CrossEncoderReranker
+
+    folder, index = beir_index
+    model = str(CrossEncoderReranker.from_pretrained(str(tiny_bert), max_length=48).save(tmp_path / "ce"))
+    search_index(index, folder / "queries.jsonl", tmp_path / "first.trec", top_k=20,
+                 qrels_path=folder / "qrels" / "test.tsv", precision="fp32", progress=False)
+    # the previous path: the corpus loaded here, its texts paired in this process
+    ds = load_beir(folder, "test")
+    expected, first_stage, _ = rerank.rerank_run(model, read_run(tmp_path / "first.trec"), ds.split_queries(),
+                                                 ds.corpus, 12, batch_size=5, precision="fp32", actors=1)
+    write_run(tmp_path / "expected.trec", expected, tag="distributed-ir-rerank")
+    write_run(tmp_path / "expected_fused.trec", fuse_runs(first_stage, expected, 0.4), tag="distributed-ir-fused")
+
+    def refuse(*a, **k):
+        raise AssertionError("the rerank command's driver must not load the corpus texts")
+
+    # In this (driver) process only: Ray workers read the staged shards and pair the texts.
+    for owner, name in ((beir, "load_corpus"), (rerank, "candidate_pairs"), (pq, "read_table"), (pq, "ParquetFile")):
+        monkeypatch.setattr(owner, name, refuse)
+    with pytest.raises(AssertionError, match="must not load"):  # the guard does guard
+        load_beir(folder, "test")
+    out = tmp_path / "rr"
+    assert cli.main(["rerank", "--model", model, "--run", str(tmp_path / "first.trec"), "--dataset", str(folder),
+                     "--out", str(out), "--top-k", "12", "--batch-size", "5", "--precision", "fp32", "--actors", "1",
+                     "--fuse", "0.4"]) == 0
+    report = last_json(capsys.readouterr().out)
+    monkeypatch.undo()
+
+    assert (out / "run.trec").read_text() == (tmp_path / "expected.trec").read_text()
+    assert (out / "run_fused.trec").read_text() == (tmp_path / "expected_fused.trec").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "run.trec", "run_fused.trec"]  # stage removed
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["first_stage"] == evaluate(first_stage, ds.qrels, DEFAULT_METRICS)
+    assert saved["reranked"] == evaluate(expected, ds.qrels, DEFAULT_METRICS)
+    assert saved["fused"] == evaluate(fuse_runs(first_stage, expected, 0.4), ds.qrels, DEFAULT_METRICS)
+    assert saved["speed"]["pairs"] == 4 * 12 and saved["fusion_weight"] == 0.4
+    assert report == {k: saved[k] for k in ("first_stage", "reranked", "fused", "speed")}
+
+
 @pytest.mark.ray
 def test_ray_rerank_equals_in_process_scores(beir_index, tiny_bert, tmp_path, capsys):
     from distributed_ir import cli

@@ -7,7 +7,8 @@
 With a staged corpus (:class:`~distributed_ir.index.texts.StagedCorpus`, the pipeline's path) this
 process builds the (query_id, doc_id, query) rows only: Ray tasks locate the documents in the
 staged shards (their lengths order the rows as above), and each block's texts are attached on Ray
-before the rerank actors, so the same blocks are scored.
+before the rerank actors, so the same blocks are scored. ``distributed-ir rerank``
+(:func:`rerank_command`) stages the dataset's corpus so, and never loads it.
 
 ``RerankStage`` is a plain callable class (no Ray imports; unit tests call it directly): one
 reranker per actor, length-sorted micro-batches inside each Ray batch, in the precision measured
@@ -18,6 +19,7 @@ they are split into blocks, so each actor's batches hold similar lengths and pad
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +36,8 @@ from distributed_ir.models.precision import (
     score_cosine,
     summarize_decisions,
 )
+
+STAGED_CORPUS = "staged_corpus"  # rerank_command's working copy of the corpus, inside its output folder
 
 
 class RerankStage:
@@ -201,19 +205,30 @@ def rerank_command(model: str, run_path: str, dataset_dir: str, out: str, top_k:
                    use_gpu: bool = False, fuse: float | None = None, compile: bool = False) -> dict[str, Any]:
     """Rerank ``run_path``'s top_k; write ``out/run.trec`` and ``out/metrics.json``.
 
+    The dataset's corpus is staged as the pipeline stages it (:func:`distributed_ir.stages.corpus_stage`)
+    into ``out/staged_corpus`` (removed when the rerank ends) and the documents' texts are read
+    from there on Ray (:func:`rerank_run` with a :class:`StagedCorpus`): this process reads the
+    queries and qrels only. On a multi-node cluster ``out`` must be storage every node can read.
+
     ``fuse=w`` also writes ``out/run_fused.trec`` (:func:`distributed_ir.eval.fusion.fuse_runs`,
     weight ``w`` on the reranker) and a ``fused`` metrics row."""
+    from distributed_ir.config import EvalConfig, InputConfig
     from distributed_ir.data.beir import load_beir
+    from distributed_ir.stages import corpus_stage
 
-    ds = load_beir(dataset_dir, split)
+    ds = load_beir(dataset_dir, split, corpus=False)  # queries and qrels; the texts: staged, read on Ray
     run = read_run(run_path)
     queries = ds.split_queries()
     if not any(scores and qid in queries for qid, scores in run.items()):
         raise ValueError(f"{run_path}: no query of the run is in {dataset_dir} split {split!r}")
-    reranked, first_stage, facts = rerank_run(model, run, queries, ds.corpus, top_k, batch_size, precision, actors,
-                                              use_gpu, compile=compile)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    staged = corpus_stage(Path(dataset_dir) / "corpus.jsonl", out_dir / STAGED_CORPUS, EvalConfig(), InputConfig())
+    try:
+        reranked, first_stage, facts = rerank_run(model, run, queries, staged.texts, top_k, batch_size, precision,
+                                                  actors, use_gpu, compile=compile)
+    finally:
+        shutil.rmtree(staged.path, ignore_errors=True)
     write_run(out_dir / "run.trec", reranked, tag="distributed-ir-rerank")
     report = {
         "model": str(model), "run": str(run_path), "dataset": str(dataset_dir), "split": split, "top_k": top_k,
