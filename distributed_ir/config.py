@@ -327,12 +327,17 @@ class EvalConfig:
     searchers: int = config_field("searcher actors for eval and mining searches, each holding a group of the index's "
                                   "parts (0 = one per part; 1 = the query actors hold every part), as `distributed-ir "
                                   "search --searchers`", default=0)
+    index_type: str = config_field("FAISS factory string of the pipeline's indexes (as `distributed-ir index "
+                                   "--index-type`: Flat is exact; IVF/PQ trained on a sample for large corpora)",
+                                   default="Flat")
+    index_shards: int = config_field("FAISS parts of each pipeline index, each built by its own Ray task and searched "
+                                     "by its own searcher actor (as `distributed-ir index --index-shards`)", default=1)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.top_k < 1 or self.max_queries < 0:
             raise ConfigError("eval: batch_size and top_k must be >= 1, max_queries >= 0")
-        if self.num_shards < 1 or self.actors < 0 or self.searchers < 0:
-            raise ConfigError("eval: num_shards must be >= 1, actors and searchers >= 0")
+        if self.num_shards < 1 or self.actors < 0 or self.searchers < 0 or self.index_shards < 1:
+            raise ConfigError("eval: num_shards and index_shards must be >= 1, actors and searchers >= 0")
 
 
 @dataclass

@@ -128,8 +128,8 @@ def index_stage(model_dir: str, corpus: Path, out: Path, ev: EvalConfig, check: 
         corpus_stage(corpus, out, ev, check, staged_by)
     init_ray()
     return index_corpus(model_dir, str(corpus), str(out), ev.batch_size, precision(ev), ev.num_shards, ev.actors,
-                        ev.use_gpu, on_error=check.on_error, rejects_path=check.rejects_path,
-                        max_text_bytes=check.max_text_bytes)
+                        ev.use_gpu, factory=ev.index_type, on_error=check.on_error, rejects_path=check.rejects_path,
+                        max_text_bytes=check.max_text_bytes, index_shards=ev.index_shards)
 
 
 def eval_queries(ds: BeirDataset, max_queries: int) -> dict[str, str]:

@@ -58,7 +58,7 @@ def test_pipeline_encodes_searches_and_mines_on_ray_actors_as_the_in_process_pat
         "train.model.document_max_length=32", "train.scaling.num_workers=1", "train.scaling.torch_threads=1",
         "train.batch_size=2", "train.max_steps=2", "train.log_every=1", "train.optim.lr=1e-3",
         f"train.seed={seed}", "train.num_negatives=1", "eval.batch_size=16", f"eval.top_k={top_k}",
-        "eval.num_shards=3", "mining.enabled=true", f"mining.rank_start={rank_start}",
+        "eval.num_shards=3", "eval.index_shards=2", "mining.enabled=true", f"mining.rank_start={rank_start}",
         f"mining.rank_end={rank_end}", f"mining.per_query={per_query}"])
 
     def refuse(*a, **k):
@@ -83,6 +83,8 @@ def test_pipeline_encodes_searches_and_mines_on_ray_actors_as_the_in_process_pat
         manifest = json.loads((out / name / "manifest.json").read_text())
         assert manifest["num_docs"] == 48 and len(manifest["shards"]) == 3, name
         assert sum(e["count"] for e in manifest["shards"].values()) == 48
+        # eval.index_shards: two FAISS parts, each searched by its own searcher actor, same hits as one
+        assert len(json.loads((out / name / "index" / "index.json").read_text())["parts"]) == 2, name
     assert json.loads((out / "index_finetuned" / "manifest.json").read_text())["model"] == str(out / "train" / "model")
     # the fine-tuned index took over the base index's staged corpus (not read and validated again)
     staged = sorted((out / "index_base" / "stage").glob("shard-*.parquet"))

@@ -43,16 +43,18 @@ class CorpusIndex:
 
 def index_corpus(model: str, corpus: str | list[str], out: str, batch_size: int = 64, precision: str = "fp32",
                  num_shards: int = 4, actors: int = 0, use_gpu: bool = False, factory: str = "Flat",
-                 on_error: str = "raise", rejects_path: str = "", max_text_bytes: int = MAX_TEXT_BYTES) -> CorpusIndex:
+                 on_error: str = "raise", rejects_path: str = "", max_text_bytes: int = MAX_TEXT_BYTES,
+                 index_shards: int = 1) -> CorpusIndex:
     """Encode ``corpus`` (BEIR JSONL / Parquet files) with ``model`` on Ray Data actors into ``out``
-    and build its FAISS index in Ray tasks: ``distributed-ir index`` with these options."""
+    and build its FAISS index (``index_shards`` parts, each built by its own Ray task, so no process
+    holds every vector): ``distributed-ir index`` with these options."""
     from distributed_ir.index.pipeline import IndexOptions, build_faiss, encode_corpus
 
     opts = IndexOptions(model=model, corpus=corpus, out=out, index_type=factory, num_shards=num_shards,
                         batch_size=batch_size, precision=precision, use_gpu=use_gpu, actors=actors, on_error=on_error,
                         rejects_path=rejects_path, max_text_bytes=max_text_bytes)
     manifest = encode_corpus(opts, progress=False)
-    build_faiss(out, manifest, factory, 1, use_gpu)
+    build_faiss(out, manifest, factory, index_shards, use_gpu)
     last = manifest["last_run"]
     return CorpusIndex(path=out, model=manifest["model"], num_docs=int(manifest["num_docs"]),
                        encode_seconds=float(last["seconds"]), docs_per_s=float(last["docs_per_s"] or "nan"))
