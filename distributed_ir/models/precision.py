@@ -1,5 +1,5 @@
-"""Inference precision chosen by measurement on the host: ``auto`` | ``fp32`` | ``bf16`` | ``bf16w`` | ``fp16``
-| ``int8``.
+"""Inference precision chosen by measurement on the host: ``auto`` | ``fp32`` | ``bf16`` | ``bf16w`` |
+``fp16`` | ``int8``.
 
 CPUs differ (DESIGN.md): bf16 autocast is 2.45x fp32 on a Xeon with AMX, 1.77x on an AMD EPYC
 with avx512_bf16 and 0.70x (slower) on a Xeon with avx512_bf16 but no AMX, where ONNX Runtime
