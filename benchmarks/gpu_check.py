@@ -5,7 +5,7 @@ network), so this runs the same classes the Ray actors run, in one process:
 
     encode   : ``index.encode.EncodeStage`` (what `distributed-ir index` puts on each GPU actor),
                all-MiniLM-L6-v2 (the default model) and a BERT-base-shaped body (random weights,
-               same tokenizer), fp32 / fp16 / bf16 autocast at several batch sizes: docs/s,
+               same tokenizer), fp32 / fp16 / bf16 autocast / bf16w (bfloat16 weights) at several batch sizes: docs/s,
                tokens/s (non-padding tokens), smallest cosine to fp32 over every text;
                then ``precision: auto`` (what it measures and picks on this GPU).
     rerank   : ``eval.rerank.RerankStage`` (the `rerank` actor) with a MiniLM cross-encoder (random
@@ -133,7 +133,8 @@ def _sync() -> None:
 
 
 def precisions() -> tuple[str, ...]:
-    return ("fp32", "fp16", "bf16") if DEVICE == "cuda" else ("fp32", "bf16")  # fp16 is GPU-only here
+    # fp16 is GPU-only here; bf16w: a copy with bfloat16 weights (an auto candidate, like bf16 autocast)
+    return ("fp32", "fp16", "bf16", "bf16w") if DEVICE == "cuda" else ("fp32", "bf16", "bf16w")
 
 
 def timed(fn, runs: int) -> tuple[float, list[float]]:

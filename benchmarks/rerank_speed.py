@@ -6,6 +6,7 @@
                   timing, in the precision cache given, default a fresh one)
     local_fp32  : the same, fp32
     local_bf16  : the same, bf16 autocast
+    local_bf16w : the same, a copy with bfloat16 weights (no autocast)
     local_int8  : the same, int8 (the body in ONNX Runtime; cross-encoder and ColBERT)
     st          : sentence-transformers CrossEncoder(path).predict(pairs, batch_size=32), fp32
 
@@ -31,7 +32,7 @@ import time
 
 import numpy as np
 
-VARIANTS = ("ray", "local", "local_fp32", "local_bf16", "local_int8", "st")
+VARIANTS = ("ray", "local", "local_fp32", "local_bf16", "local_bf16w", "local_int8", "st")
 
 
 def main() -> None:
@@ -84,7 +85,8 @@ def main() -> None:
         local.score(pairs["query"][:64], pairs["document"][:64])  # auto's calibration / the compile: not timed
         print(f"local warm-up (calibration or compile): {time.perf_counter() - t0:.1f} s", flush=True)
         calls["local"] = local
-    for name, precision in (("local_fp32", "fp32"), ("local_bf16", "bf16"), ("local_int8", "int8")):
+    for name, precision in (("local_fp32", "fp32"), ("local_bf16", "bf16"), ("local_bf16w", "bf16w"),
+                            ("local_int8", "int8")):
         if name in names:
             calls[name] = stage(PrecisionPolicy(precision, cache_dir=cache))
     fns = {name: (lambda s=s: s.score(pairs["query"], pairs["document"])) for name, s in calls.items()}

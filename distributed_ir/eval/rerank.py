@@ -43,7 +43,7 @@ STAGED_CORPUS = "staged_corpus"  # rerank_command's working copy of the corpus, 
 class RerankStage:
     """``__call__({"query", "document", ...}) -> {..., "score"}``; text columns are dropped.
 
-    ``precision``: ``auto`` | ``fp32`` | ``bf16`` | ``fp16`` | ``int8`` (cross-encoder, ColBERT) or a
+    ``precision``: ``auto`` | ``fp32`` | ``bf16`` | ``bf16w`` | ``fp16`` | ``int8`` (cross-encoder, ColBERT) or a
     :class:`~distributed_ir.models.precision.PrecisionPolicy`; ``auto`` measures the candidates on
     the first pairs the stage sees (cached per host and model).  ``report_precision`` adds a
     ``precision_decision`` column (the decision's JSON on the first row returned, else ``""``)."""
@@ -70,7 +70,7 @@ class RerankStage:
 
     @property
     def reranker(self):
-        """The reranker that runs: the torch model, or its int8 ONNX Runtime copy."""
+        """The reranker that runs: the torch model, its bfloat16 copy (bf16w) or its int8 ONNX Runtime copy."""
         return self.choice.model
 
     @property

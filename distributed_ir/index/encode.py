@@ -36,7 +36,7 @@ class EncodeStage:
         kind: ``document`` or ``query`` (selects the instruction template and max length).
         batch_size: texts per forward pass (the Ray batch may be larger; it is split, sorted by
             length so each forward pads little).
-        precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16`` | ``int8``, or a
+        precision: ``auto`` | ``fp32`` | ``bf16`` | ``bf16w`` | ``fp16`` | ``int8``, or a
             :class:`~distributed_ir.models.precision.PrecisionPolicy`.  ``auto`` measures the
             candidates on the first texts the stage sees (cached per host and model).
         device: ``auto`` (first visible GPU, else CPU), ``cpu`` or ``cuda``.
@@ -62,7 +62,7 @@ class EncodeStage:
 
     @property
     def embedder(self) -> Embedder:
-        """The embedder that runs: the torch model, or its int8 ONNX Runtime copy."""
+        """The embedder that runs: the torch model, its bfloat16 copy (bf16w) or its int8 ONNX Runtime copy."""
         return self.choice.model
 
     @property

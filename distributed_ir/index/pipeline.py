@@ -47,7 +47,7 @@ class IndexOptions:
     num_shards: int = 4
     index_shards: int = 1
     batch_size: int = 64
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 | int8 (models.precision)
+    precision: str = "auto"  # auto | fp32 | bf16 | bf16w | fp16 | int8 (models.precision)
     min_cosine: float = 0.99  # auto's quality gate: cosine of each calibration vector to fp32's
     precision_cache: str = ""  # '' = $DIR_PRECISION_CACHE, else ~/.cache/distributed-ir/precision
     calibration_texts: int = 32  # auto measures on this many of the first texts an actor sees

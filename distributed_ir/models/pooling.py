@@ -19,12 +19,18 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """``hidden``: [batch, seq, dim]; ``attention_mask``: [batch, seq] -> [batch, dim]."""
+    """``hidden``: [batch, seq, dim]; ``attention_mask``: [batch, seq] -> [batch, dim].
+
+    ``mean`` sums and counts in float32 whatever ``hidden``'s dtype (a model with bfloat16 weights:
+    precision ``bf16w``), as it does under autocast, where the hidden states are float32; a bf16
+    sum over hundreds of tokens would round, and bf16 counts lengths above 256 only in steps of 2.
+    ``cls`` / ``last`` select a row exactly, in ``hidden``'s dtype."""
     if mode == "cls":
         return hidden[:, 0]
     if mode == "mean":
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        mask = attention_mask.unsqueeze(-1)
+        summed = (hidden * mask.to(hidden.dtype)).sum(dim=1, dtype=torch.float32)
+        return summed / mask.sum(dim=1, dtype=torch.float32).clamp(min=1e-9)
     if mode == "last":
         idx = last_token_index(attention_mask)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]

@@ -1,13 +1,17 @@
-"""Inference precision chosen by measurement on the host: ``auto`` | ``fp32`` | ``bf16`` | ``fp16`` | ``int8``.
+"""Inference precision chosen by measurement on the host: ``auto`` | ``fp32`` | ``bf16`` | ``bf16w`` |
+``fp16`` | ``int8``.
 
 CPUs differ (DESIGN.md): bf16 autocast is 2.45x fp32 on a Xeon with AMX, 1.77x on an AMD EPYC
 with avx512_bf16 and 0.70x (slower) on a Xeon with avx512_bf16 but no AMX, where ONNX Runtime
 int8 gave 1.33x.  So ``auto`` does not guess from CPU flags; on first use per host and model it
 
 1. runs every candidate on a calibration batch of real inputs (the first texts the stage sees):
-   CPU: fp32, bf16 autocast, int8 (ONNX Runtime, :mod:`distributed_ir.models.onnx_int8`);
-   GPU: fp32, fp16 and bf16 autocast.  One untimed warm-up each (it builds the int8 export),
-   then ``rounds`` timed rounds in alternating order; a variant's time is its median;
+   CPU: fp32, bf16 autocast, bf16w (a copy of the model with bfloat16 weights, no autocast: no
+   per-layer casts; 2.88x fp32 against autocast's 2.60x on a 2-core AMX Xeon) and int8 (ONNX
+   Runtime, :mod:`distributed_ir.models.onnx_int8`); GPU: fp32, fp16 autocast and, where the GPU
+   has bfloat16, bf16 autocast and bf16w.  One untimed warm-up each (it builds the int8 export
+   or the bf16w copy), then ``rounds`` timed rounds in alternating order; a variant's time is
+   its median;
 2. gates quality: each variant's outputs against fp32's (embedders: the smallest cosine over the
    calibration texts; rerankers: the cosine of the mean-centred score vectors, i.e. Pearson's r)
    must reach ``min_cosine``;
@@ -15,13 +19,21 @@ int8 gave 1.33x.  So ``auto`` does not guess from CPU flags; on first use per ho
    variant within timing noise of fp32 is not worth its rounding), else fp32 — never slower.
 
 The decision is cached in ``<cache>/<model>-<key>/decisions.json`` under a key of the host (CPU
-model and flags, GPU name, torch / ONNX Runtime versions, threads), the model role, batch size
-and the gate, written under a file lock: actors that start together measure once.  Explicit
-``fp32 | bf16 | fp16 | int8`` force a choice and measure nothing.
+model and flags, GPU name, torch / ONNX Runtime versions, threads), the model role, batch size,
+the gate and the candidate names, written under a file lock: actors that start together measure
+once.  A new candidate (bf16w was added after the first caches were written) gives a new key, so
+a decision that never measured it is measured again rather than reused; an entry this version
+cannot read (unknown fields, an unknown variant) is measured again too.  Explicit
+``fp32 | bf16 | bf16w | fp16 | int8`` force a choice and measure nothing.
+
+Whatever runs, outputs are float32: pooling accumulates in float32
+(:func:`distributed_ir.models.pooling.pool`), normalisation, scores and ColBERT's MaxSim are
+computed in float32, as under autocast.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -30,7 +42,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +51,10 @@ import torch
 
 from distributed_ir.models.onnx_int8 import cpu_flags, file_lock, folder_key
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
-DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
+PRECISIONS = ("auto", "fp32", "bf16", "bf16w", "fp16", "int8")
+# the autocast dtype of each variant (None: none); bf16w and int8 run a copy of the model instead
+DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "bf16w": None, "fp16": torch.float16,
+                                         "int8": None}
 CACHE_ENV = "DIR_PRECISION_CACHE"
 DECISIONS_FILE = "decisions.json"
 
@@ -176,13 +190,26 @@ def measure(runs: dict[str, Callable[[], np.ndarray]], rounds: int = 3, give_up:
     return {k: statistics.median(v) for k, v in times.items()}, outputs, unavailable
 
 
-def candidates(device: torch.device, int8_missing: str | None) -> tuple[list[str], dict[str, str]]:
+def candidates(device: torch.device, int8_missing: str | None,
+               bf16w_missing: str | None = None) -> tuple[list[str], dict[str, str]]:
     """Variants worth measuring on ``device``, and those left out with the reason
-    (``int8_missing``: why this model has no int8 variant, None when it has one)."""
+    (``int8_missing`` / ``bf16w_missing``: why this model has no such variant, None when it has one)."""
     if device.type == "cuda":
-        names = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
-        return names, {"int8": "int8 runs on CPU (ONNX Runtime)"}
+        names, skipped = ["fp32", "fp16"], {"int8": "int8 runs on CPU (ONNX Runtime)"}
+        if not torch.cuda.is_bf16_supported():
+            skipped["bf16"] = skipped["bf16w"] = "this GPU has no bfloat16"
+        else:
+            names.append("bf16")
+            if bf16w_missing:
+                skipped["bf16w"] = bf16w_missing
+            else:
+                names.append("bf16w")
+        return names, skipped
     names, skipped = ["fp32", "bf16"], {"fp16": "fp16 autocast needs a GPU"}
+    if bf16w_missing:
+        skipped["bf16w"] = bf16w_missing
+    else:
+        names.append("bf16w")
     if int8_missing:
         skipped["int8"] = int8_missing
     else:
@@ -198,7 +225,9 @@ def candidates(device: torch.device, int8_missing: str | None) -> tuple[list[str
 def check_forced(precision: str, device: torch.device, int8_missing: str | None) -> None:
     """Refuse an explicit precision the device or model cannot run."""
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 autocast needs a GPU; use bf16, int8 or fp32 on CPU")
+        raise ValueError("fp16 autocast needs a GPU; use bf16, bf16w, int8 or fp32 on CPU")
+    if precision in ("bf16", "bf16w") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{precision}: this GPU has no bfloat16; use fp16 or fp32")
     if precision == "int8" and device.type != "cpu":
         raise ValueError("int8 runs on CPU (ONNX Runtime); on a GPU use fp16 or bf16")
     if precision == "int8" and int8_missing:
@@ -212,6 +241,20 @@ def int8_missing(model: torch.nn.Module) -> str | None:
     if sum(p.numel() for p in model.parameters()) * 4 >= 2 ** 31:
         return "the fp32 ONNX export would exceed protobuf's 2 GB limit"
     return None
+
+
+def bf16w_missing(model: torch.nn.Module) -> str | None:
+    """Why ``model`` has no bf16w variant (None: it has one): no float32 weights to cast."""
+    if not any(p.dtype == torch.float32 for p in model.parameters()):
+        return "the model has no float32 weights to cast to bfloat16"
+    return None
+
+
+def bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with its floating-point weights and buffers in bfloat16; ``model`` itself
+    is untouched (its fp32 weights stay what fp32, autocast and the int8 export run).  A module
+    compiled in place (``Module.compile``) stays compiled in the copy, around the copy."""
+    return copy.deepcopy(model).to(torch.bfloat16)
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -254,16 +297,13 @@ def decide(model_dir: str | Path, role: dict[str, Any], device: torch.device, po
 
     ``runs`` map each candidate to a zero-argument call that processes the calibration batch with
     it and returns the outputs (fp32 first); ``skipped`` lists candidates not measured, with why."""
-    key = {**host_key(device), **role, "min_cosine": policy.min_cosine, "min_speedup": policy.min_speedup,
-           "candidates": sorted(runs)}
-    key_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    key, key_id = decision_key(device, role, policy, list(runs))
     folder = model_cache_dir(model_dir, policy)
     try:
         with file_lock(folder / "decisions.lock"):
             saved = _read_json(folder / DECISIONS_FILE)
-            if key_id in saved:
-                decision = Decision(**{**saved[key_id], "cached": True})
-            else:
+            decision = cached_decision(saved.get(key_id), list(runs))
+            if decision is None:
                 decision = _measure_and_choose(runs, quality, skipped, policy, key)
                 saved[key_id] = {k: v for k, v in asdict(decision).items() if k != "cached"}
                 _write_json_atomic(folder / DECISIONS_FILE, saved)
@@ -273,6 +313,27 @@ def decide(model_dir: str | Path, role: dict[str, Any], device: torch.device, po
         decision = _measure_and_choose(runs, quality, skipped, policy, key)
     print(f"[precision] {role.get('role', '')} {decision.summary()}", file=sys.stderr, flush=True)
     return decision
+
+
+def decision_key(device: torch.device, role: dict[str, Any], policy: PrecisionPolicy,
+                 names: list[str]) -> tuple[dict[str, Any], str]:
+    """What a cached decision depends on, and its id in ``decisions.json``: the host, the role, the
+    gate and the candidate names (a candidate added in a later version makes a new key)."""
+    key = {**host_key(device), **role, "min_cosine": policy.min_cosine, "min_speedup": policy.min_speedup,
+           "candidates": sorted(names)}
+    return key, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_decision(entry: Any, names: list[str]) -> Decision | None:
+    """A saved decision, or None when there is none or this version cannot use it (not a
+    Decision's fields, or a chosen variant that is not among ``names``): then it is measured again."""
+    known = {f.name for f in fields(Decision)} - {"cached"}
+    if not isinstance(entry, dict) or not set(entry) <= known | {"cached"} or entry.get("chosen") not in names:
+        return None
+    try:
+        return Decision(**{**{k: v for k, v in entry.items() if k in known}, "cached": True})
+    except TypeError:  # a required field missing
+        return None
 
 
 def _measure_and_choose(runs: dict[str, Callable[[], np.ndarray]], quality: Callable[[np.ndarray, np.ndarray], float],
@@ -304,8 +365,10 @@ class PrecisionChoice:
     """A stage's model in its precision: run ``model`` under ``autocast(dtype)`` (None = none).
 
     Explicit precisions apply at once; ``auto`` waits for :meth:`calibrate` with the stage's first
-    inputs.  int8 swaps in a copy of the model whose body runs in ONNX Runtime; the torch weights
-    are then dropped."""
+    inputs.  int8 swaps in a copy of the model whose body runs in ONNX Runtime, bf16w a copy with
+    bfloat16 weights; the model passed in is never changed, and once either copy is applied this
+    object drops its reference to it (the stage owns its model: the fp32 weights are then freed
+    unless the caller keeps them)."""
 
     def __init__(self, model: torch.nn.Module, model_dir: str | Path, device: torch.device,
                  policy: PrecisionPolicy, role: dict[str, Any]):
@@ -313,7 +376,9 @@ class PrecisionChoice:
         self.model, self.dtype = model, None
         self.model_dir, self.device, self.policy, self.role = model_dir, device, policy, role
         self.int8_missing = int8_missing(model)
+        self.bf16w_missing = bf16w_missing(model)
         self._int8: torch.nn.Module | None = None
+        self._bf16w: torch.nn.Module | None = None
         self.decision: Decision | None = None
         self._reported = False
         if policy.precision != "auto":
@@ -334,22 +399,30 @@ class PrecisionChoice:
 
                 self._int8 = int8_model(self.base, self.model_dir, cache_root(self.policy.cache_dir))
             return self._int8, None
+        if name == "bf16w" and self._bf16w is not None:
+            return self._bf16w, None
         if self.base is None:
-            raise RuntimeError("the torch model was released after int8 was chosen")
+            raise RuntimeError("the fp32 model was released when int8 or bf16w was chosen")
+        if name == "bf16w":
+            self._bf16w = bf16_copy(self.base)
+            return self._bf16w, None
         return self.base, DTYPES[name]
 
     def apply(self, name: str) -> None:
         self.model, self.dtype = self.variant(name)
-        if name == "int8":
-            self.base = None  # the ONNX session holds its own weights
-        else:
-            self._int8 = None  # measured, not chosen: free its session
+        if name in ("int8", "bf16w"):
+            self.base = None  # the copy (ONNX session, bfloat16 weights) holds its own weights
+        # measured, not chosen: free them
+        if name != "int8":
+            self._int8 = None
+        if name != "bf16w":
+            self._bf16w = None
 
     def calibrate(self, run: Callable[[torch.nn.Module, torch.dtype | None], np.ndarray],
                   quality: Callable[[np.ndarray, np.ndarray], float]) -> Decision:
         """Measure the candidates with ``run(model, dtype)`` on the calibration batch (or take the
         cached decision), then apply the winner."""
-        names, skipped = candidates(self.device, self.int8_missing)
+        names, skipped = candidates(self.device, self.int8_missing, self.bf16w_missing)
         runs = {n: (lambda n=n: run(*self.variant(n))) for n in names}
         self.decision = decide(self.model_dir, self.role, self.device, self.policy, runs, quality, skipped)
         self.apply(self.decision.chosen)
