@@ -31,7 +31,7 @@ def staged(ray_cluster, tmp_path_factory):
     (folder / "corpus.jsonl").write_text("\n".join(lines[:47] + [json.dumps(copy)]) + "\n")
     staged, _, _ = stage_index_corpus(IndexOptions(corpus=str(folder / "corpus.jsonl"), out=str(root / "index"),
                                                    num_shards=3))
-    assert [s.count for s in staged] == [16, 16, 16]
+    assert [s.count for s in staged] == [16, 18, 14]  # shard blake2b(id) % 3
     return folder, root / "index"
 
 
