@@ -108,8 +108,15 @@ CASES = [
 ]
 
 
+def _ray_for_staging(request, name: str) -> None:
+    """Staging runs in Ray tasks: its cases start the module's local cluster (once)."""
+    if name.startswith("staging"):
+        request.getfixturevalue("ray_cluster")
+
+
 @pytest.mark.parametrize("name, file, line, field, message, load", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_raises_with_file_line_field(tmp_path, name, file, line, field, message, load):
+def test_bad_input_raises_with_file_line_field(request, tmp_path, name, file, line, field, message, load):
+    _ray_for_staging(request, name)
     with pytest.raises(DataError) as info:
         load(tmp_path, InputCheck("raise"))
     err = info.value
@@ -120,7 +127,8 @@ def test_bad_input_raises_with_file_line_field(tmp_path, name, file, line, field
 
 
 @pytest.mark.parametrize("name, file, line, field, message, load", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_skip_counts_and_rejects_file(tmp_path, name, file, line, field, message, load):
+def test_bad_input_skip_counts_and_rejects_file(request, tmp_path, name, file, line, field, message, load):
+    _ray_for_staging(request, name)
     rejects = tmp_path / "out" / "rejects.jsonl"
     check = InputCheck("skip", rejects)
     load(tmp_path, check)

@@ -23,6 +23,7 @@ from distributed_ir.index.parts import (
     search_parts,
 )
 from distributed_ir.index.shards import write_shard
+from distributed_ir.index.staging import id_hash
 from distributed_ir.index.storage import Location
 from tests.conftest import last_json
 
@@ -85,12 +86,21 @@ def test_searchers_of_one_part_each_merge_to_the_single_process_hits(tmp_path):
 
 
 # ------------------------------------------------------------------ on a local Ray cluster
-def _tied_corpus(path, n=30):
-    """Five texts written six times each (staging deals documents to shards in turn: each text lands
-    in all three)."""
-    with path.open("w") as fh:
-        for i in range(n):
-            fh.write(json.dumps({"_id": f"doc{i:02d}", "text": TOPICS[i % 5]}) + "\n")
+def _tied_corpus(path, shards=3, texts=5):
+    """Five texts written six times each, two documents in each of the three staged shards (staging
+    puts a document in shard ``id_hash(id) % shards``: the ids are picked for that)."""
+    need = {(t, s): 2 for t in range(texts) for s in range(shards)}
+    rows, i = [], 0
+    while need:
+        doc_id, i = f"doc{i:03d}", i + 1
+        shard = id_hash(doc_id) % shards
+        topic = next((t for t in range(texts) if need.get((t, shard))), None)
+        if topic is None:
+            continue
+        need[(topic, shard)] -= 1
+        need = {k: v for k, v in need.items() if v}
+        rows.append(json.dumps({"_id": doc_id, "text": TOPICS[topic]}) + "\n")
+    path.write_text("".join(rows))
     return path
 
 

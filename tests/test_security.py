@@ -116,7 +116,8 @@ def test_manifest_paths_cannot_escape_the_output_dir(tmp_path, bad):
     assert inside(out, "embeddings/shard-00000.parquet") == (out / "embeddings/shard-00000.parquet").resolve()
 
 
-def test_stage_meta_paths_cannot_escape(tmp_path):
+@pytest.mark.ray
+def test_stage_meta_paths_cannot_escape(tmp_path, ray_cluster):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"_id": f"d{i}", "text": f"t {i}"}) + "\n" for i in range(4)))
     stage_corpus([corpus], tmp_path / "stage", 2)

@@ -54,19 +54,28 @@ class InputCheck:
     def accept(self, path: str | Path) -> None:
         self._file(path)["accepted"] += 1
 
+    def add(self, path: str | Path, counts: dict[str, int]) -> None:
+        """Add counts made elsewhere (a Ray task that read part of ``path``) to this run's."""
+        mine = self._file(path)
+        for key, n in counts.items():
+            mine[key] += n
+
     def reject(self, err: DataError, raw: Any = None) -> None:
         """Raise ``err`` (on_error=raise), or record the row in the rejects file and go on."""
         if self.on_error == "raise":
             raise err
         self._file(err.path)["rejected"] += 1
+        if self.rejects_path is not None:
+            self.write_reject(reject_entry(err, raw))
+
+    def write_reject(self, entry: dict[str, Any]) -> None:
+        """Append one :func:`reject_entry` to the rejects file (counted by the caller)."""
         if self.rejects_path is None:
             return
         if not self._started:  # a fresh file per run: counts and file always agree
             self.rejects_path.parent.mkdir(parents=True, exist_ok=True)
             self.rejects_path.write_text("")
             self._started = True
-        entry = {"file": err.path, "line": err.line, "field": err.field, "reason": err.reason,
-                 "excerpt": excerpt(raw)}
         with self.rejects_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
@@ -99,6 +108,11 @@ def summary_line(s: dict[str, Any]) -> str:
     return text + (f" (rejects: {s['rejects']})" if "rejects" in s else "")
 
 
+def reject_entry(err: DataError, raw: Any = None) -> dict[str, Any]:
+    """One line of the rejects file: where, which field, why, and an excerpt of the raw row."""
+    return {"file": err.path, "line": err.line, "field": err.field, "reason": err.reason, "excerpt": excerpt(raw)}
+
+
 def excerpt(raw: Any, limit: int = EXCERPT_CHARS) -> str:
     """The raw row as text, cut to ``limit`` characters (long strings cut first, cheaply)."""
     if isinstance(raw, bytes):
@@ -111,11 +125,21 @@ def excerpt(raw: Any, limit: int = EXCERPT_CHARS) -> str:
     return text[:limit]
 
 
-def iter_jsonl(path: str | Path, check: InputCheck | None = None) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)`` per non-blank line; bad JSON/UTF-8/size -> ``check``."""
+def iter_jsonl(path: str | Path, check: InputCheck | None = None, start: int = 0, end: int | None = None,
+               first_line: int = 1) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` per non-blank line; bad JSON/UTF-8/size -> ``check``.
+
+    ``start``/``end``: only the lines that begin in that byte range (``start`` must be a line start,
+    whose line number is ``first_line``), so a large file can be read in parts.
+    """
     check = check or InputCheck()
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        fh.seek(start)
+        pos = start
+        for lineno, raw in enumerate(fh, start=first_line):
+            if end is not None and pos >= end:
+                break
+            pos += len(raw)
             if not raw.strip():
                 continue
             check.read(path)
@@ -157,13 +181,17 @@ def _bad_utf8_field(raw: bytes) -> str | None:
     return None
 
 
-def iter_parquet(path: str | Path, check: InputCheck | None = None) -> Iterator[tuple[int, dict]]:
-    """Yield ``(row_number, row)`` (1-based) from a Parquet file, size-checked."""
+def iter_parquet(path: str | Path, check: InputCheck | None = None, row_groups: list[int] | None = None,
+                 first_row: int = 1) -> Iterator[tuple[int, dict]]:
+    """Yield ``(row_number, row)`` (1-based) from a Parquet file, size-checked.
+
+    ``row_groups``: only those (consecutive) row groups, whose first row is number ``first_row``.
+    """
     import pyarrow.parquet as pq
 
     check = check or InputCheck()
-    i = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
+    i = first_row - 1
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=8192, row_groups=row_groups):
         for row in batch.to_pylist():
             i += 1
             check.read(path)

@@ -4,9 +4,11 @@ Input: BEIR-style JSONL (``_id``, ``title``, ``text``) or Parquet (``_id``/``doc
 ``text``), many files or a glob. Each document is checked (id present, non-empty, unique across
 all files; text a non-empty string, at most ``max_text_bytes``) and bad input stops with
 FILE:LINE and field, or with ``on_error=skip`` goes to the rejects file; a duplicate names both
-places. Document k (in reading order) goes to shard ``k % num_shards``; inside a shard, runs of
-up to FLUSH rows are sorted by length (cheap length-aware batching downstream). Shards are written
-atomically and described in ``stage.json`` with counts, so a rerun on the same corpus reuses them.
+places. A document goes to shard ``blake2b(id) % num_shards``; inside a shard, runs of up to FLUSH
+rows are sorted by length (cheap length-aware batching downstream). The work runs in Ray tasks
+(:mod:`distributed_ir.index.staging`): the driver reads no document and holds no id set. Shards are
+written atomically and described in ``stage.json`` with counts, so a rerun on the same corpus
+reuses them.
 """
 
 from __future__ import annotations
@@ -17,18 +19,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from distributed_ir.data.beir import _id, document_text
 from distributed_ir.data.errors import DataError
-from distributed_ir.data.intake import MAX_TEXT_BYTES, InputCheck, iter_jsonl, iter_parquet
+from distributed_ir.data.intake import MAX_TEXT_BYTES, InputCheck
+from distributed_ir.index.staging import CHUNK_BYTES, Chunk, id_hash, iter_chunk, run_staging, shard_name
 from distributed_ir.index.storage import Location, inside
 
 __all__ = ["StagedShard", "expand_corpus", "ids_digest", "inside", "iter_documents", "stage_corpus"]
 
 STAGE_FILE = "stage.json"
-FLUSH = 8192
 
 
 @dataclass
@@ -51,10 +49,7 @@ def ids_digest(ids: Iterable[str]) -> str:
     With the count it proves a shard written by a worker holds exactly its staged ids, without
     anyone collecting the ids (or vectors) in one place.
     """
-    total = 0
-    for doc_id in ids:
-        total += int.from_bytes(hashlib.blake2b(str(doc_id).encode(), digest_size=8).digest(), "little")
-    return f"{total & _MASK:016x}"
+    return f"{sum(id_hash(doc_id) for doc_id in ids) & _MASK:016x}"
 
 
 def expand_corpus(spec: str | list[str]) -> list[Path]:
@@ -76,17 +71,11 @@ def expand_corpus(spec: str | list[str]) -> list[Path]:
 
 
 def iter_documents(paths: list[Path], check: InputCheck) -> Iterator[tuple[Path, int, str, str, dict]]:
-    """Yield ``(file, line, doc_id, text, row)`` for every valid document; bad rows go to ``check``."""
-    for path in paths:
-        rows = iter_parquet(path, check) if path.suffix == ".parquet" else iter_jsonl(path, check)
-        for line, row in rows:
-            if path.suffix == ".parquet" and "_id" not in row and "doc_id" in row:
-                row["_id"] = row["doc_id"]
-            try:
-                doc_id, text = _id(path, line, row), document_text(path, line, row)
-            except DataError as e:
-                check.reject(e, row)
-                continue
+    """Yield ``(file, line, doc_id, text, row)`` for every valid document; bad rows go to ``check``.
+
+    In one process, file after file (staging reads the same way, in parallel Ray tasks)."""
+    for f, path in enumerate(paths):
+        for line, doc_id, text, row in iter_chunk(Chunk(0, f, str(path), parquet=path.suffix == ".parquet"), check):
             yield path, line, doc_id, text, row
 
 
@@ -99,13 +88,14 @@ def corpus_fingerprint(paths: list[Path]) -> str:
 
 
 def stage_corpus(paths: list[Path], stage_dir: Path | str | Location, num_shards: int,
-                 check: InputCheck | None = None) -> tuple[list[StagedShard], str]:
+                 check: InputCheck | None = None, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[StagedShard], str]:
     """Validate and shard the corpus into ``stage_dir`` (a folder or URI); reuse an identical earlier staging.
 
     Returns the shards and a stage id (corpus fingerprint + shard count + bad-input policy):
     embeddings made for another stage id must not be reused. Empty shards are dropped (fewer
     docs than shards). With ``check.on_error == "skip"`` bad documents go to the rejects file;
-    a reused staging restores the counts it recorded into ``check``.
+    a reused staging restores the counts it recorded into ``check``. Staging runs in Ray tasks
+    (``chunk_bytes`` of input each): Ray must be initialised (a reused staging needs no Ray).
     """
     check = check or InputCheck()
     stage = stage_dir if isinstance(stage_dir, Location) else Location(stage_dir)
@@ -118,9 +108,11 @@ def stage_corpus(paths: list[Path], stage_dir: Path | str | Location, num_shards
     if reused is not None:
         return reused, stage_id
     for old in stage.list():
-        if old.startswith("shard-"):
+        if old.startswith("shard-") or old == STAGE_FILE:  # a failed staging leaves no stale description
             stage.delete(old)
-    shards = _write_stage(paths, stage, num_shards, check)
+    written = run_staging(paths, stage, num_shards, check, chunk_bytes)
+    shards = [StagedShard(s["bucket"], shard_name(s["bucket"]), s["count"], s["ids_digest"])
+              for s in written]
     meta = {"stage_id": stage_id, "fingerprint": fingerprint, "num_shards": num_shards,
             "num_docs": sum(s.count for s in shards),
             "input": {str(p): check.counts.get(str(p), {}) for p in paths},
@@ -145,67 +137,3 @@ def _reuse_stage(stage: Location, stage_id: str, check: InputCheck) -> list[Stag
     for s in meta["shards"]:
         stage.path(s["file"])  # a crafted stage.json must not point outside the folder
     return [StagedShard(s["index"], s["file"], s["count"], s["ids_digest"]) for s in meta["shards"]]
-
-
-def _unique_documents(paths: list[Path], check: InputCheck) -> Iterator[tuple[str, str]]:
-    """``(doc_id, text)`` of every valid document whose id was not seen before (a duplicate is
-    rejected naming both places); accepted documents are counted in ``check``."""
-    seen: dict[str, tuple[Path, int]] = {}
-    for path, line, doc_id, text, row in iter_documents(paths, check):
-        if doc_id in seen:
-            first_path, first_line = seen[doc_id]
-            check.reject(DataError(path, line, f"duplicate id {doc_id!r}, first at {first_path}:{first_line}",
-                                   field="_id"), row)
-            continue
-        check.accept(path)
-        seen[doc_id] = (path, line)
-        yield doc_id, text
-
-
-def _write_stage(paths: list[Path], stage: Location, num_shards: int, check: InputCheck) -> list[StagedShard]:
-    """Stream the valid documents into ``num_shards`` Parquet files (atomic each); empty ones are removed."""
-    from contextlib import ExitStack
-
-    # Streams: at most FLUSH rows per shard are buffered; only the ids (for the duplicate
-    # check in _unique_documents) are held for the whole corpus.
-    schema = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("shard", pa.int32())])
-    names = [f"shard-{i:05d}.parquet" for i in range(num_shards)]
-    buffers: list[tuple[list[str], list[str]]] = [([], []) for _ in range(num_shards)]
-    counts = [0] * num_shards
-    digests = [0] * num_shards
-    with ExitStack() as files:
-        writers = []
-        for n in names:
-            writers.append(pq.ParquetWriter(files.enter_context(stage.open_atomic(n)), schema))
-            files.callback(writers[-1].close)  # closed before its file (LIFO), also when a bad row raises
-
-        def flush(i: int) -> None:
-            ids, texts = buffers[i]
-            if ids:
-                # Length-sorted runs: encode batches then hold similar lengths, so each forward
-                # pads little (ids travel with their rows, order inside a shard is free).
-                order = sorted(range(len(ids)), key=lambda j: len(texts[j]))
-                ids, texts = [ids[j] for j in order], [texts[j] for j in order]
-                writers[i].write_table(pa.table({"doc_id": ids, "text": texts,
-                                                 "shard": pa.array([i] * len(ids), pa.int32())}, schema=schema))
-                digests[i] += int(ids_digest(ids), 16)
-                buffers[i] = ([], [])
-
-        for k, (doc_id, text) in enumerate(_unique_documents(paths, check)):
-            i = k % num_shards
-            buffers[i][0].append(doc_id)
-            buffers[i][1].append(text)
-            counts[i] += 1
-            if len(buffers[i][0]) >= FLUSH:
-                flush(i)
-        for i in range(num_shards):
-            flush(i)
-        for w in writers:
-            w.close()
-    shards = []
-    for i, name in enumerate(names):
-        if counts[i] == 0:
-            stage.delete(name)
-            continue
-        shards.append(StagedShard(i, name, counts[i], f"{digests[i] & _MASK:016x}"))
-    return shards

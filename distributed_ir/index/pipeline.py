@@ -1,6 +1,6 @@
 """Ray Data corpus encoding into Parquet embedding shards written by the workers, then FAISS.
 
-    stage (driver: validate, shard, ids digest per shard; files on the output location)
+    stage (Ray tasks: validate, shard by id hash, ids digest per shard; files on the output location)
       -> from_items(unfinished shard descriptors) -> map_batches(ShardWriter, actor pool)
       -> each actor reads its staged shard, encodes it, writes embeddings/shard-N.parquet
          atomically and returns one metadata row (count, sha256, ids digest, node)

@@ -109,6 +109,12 @@ class Location:
         if self.is_file(relative):
             self.fs.delete_file(self.path(relative))
 
+    def delete_folder(self, relative: str) -> None:
+        """Remove the sub-folder ``relative`` and everything in it (nothing when it is absent)."""
+        path = self.path(relative)
+        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+
     def open_input(self, relative: str):
         """A random-access file (what ``pyarrow.parquet`` reads from)."""
         return self.fs.open_input_file(self.path(relative))
