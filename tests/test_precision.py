@@ -14,16 +14,20 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distributed_ir.models.precision import (
     PRECISIONS,
     PrecisionChoice,
     PrecisionPolicy,
+    bf16_copy,
     bf16w_missing,
     cached_decision,
     candidates,
     check_forced,
     choose_precision,
+    compile_in_place,
     decide,
     decision_key,
     int8_missing,
@@ -297,6 +301,93 @@ def test_bf16w_leaves_the_callers_model_alone_and_frees_its_weights_once_chosen(
     other.variant("bf16w")
     other.apply("bf16")
     assert other._bf16w is None and other.model is emb and other.dtype == torch.bfloat16
+
+
+class _Allocations(TorchDispatchMode):
+    """Bytes of every tensor the ops under it create."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes, self.fp32 = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):  # views (detach) share their input's storage: not new
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                self.bytes += t.untyped_storage().nbytes()
+                self.fp32 += t.untyped_storage().nbytes() if t.dtype == torch.float32 else 0
+        return out
+
+
+def test_bf16_copy_never_makes_a_float32_copy_and_keeps_ties():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(500, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 500))
+    model[2].weight = model[0].weight  # tied, as embedders' heads often are
+    model.register_buffer("scale", torch.ones(64))
+    model.register_buffer("positions", torch.arange(64))  # not floating: kept as it is
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fp32_bytes = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
+    with _Allocations() as made:
+        out = bf16_copy(model)
+    # only the bfloat16 tensors: half the fp32 weights (a deepcopy then .to() made 1.5x, fp32 first)
+    assert made.fp32 == 0 and made.bytes <= fp32_bytes // 2 + 64 * 8
+    assert {p.dtype for p in out.parameters()} == {torch.bfloat16} and out.scale.dtype == torch.bfloat16
+    assert out.positions.dtype == torch.int64 and out[2].weight is out[0].weight
+    assert all(isinstance(p, torch.nn.Parameter) for p in out.parameters())
+    # the caller's model: untouched float32, no tensor shared with the copy
+    assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert not {t.data_ptr() for t in model.state_dict().values()} & {t.data_ptr() for t in out.state_dict().values()}
+    torch.testing.assert_close(out[0].weight.float(), model[0].weight, atol=1e-2, rtol=1e-2)
+
+
+def test_bf16_copy_of_a_compiled_module_is_compiled_the_same_way():
+    graphs = []
+
+    def backend(gm, example_inputs):  # a counting backend: no inductor build in a unit test
+        graphs.append([t.dtype for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+
+    class Block(torch.nn.Module):  # dynamo does not trace torch.nn's own modules as a frame
+        def __init__(self, n):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, n)
+
+        def forward(self, x):
+            return self.linear(x).relu()
+
+    model = torch.nn.Sequential(Block(8), Block(8), Block(2))
+    compile_in_place(model[0], backend=backend)
+    model[2].compile()  # compiled without compile_in_place: torch.compile's defaults
+    out = bf16_copy(model)
+    assert out[0]._compiled_call_impl is not None and out[2]._compiled_call_impl is not None
+    assert out[1]._compiled_call_impl is None  # what was not compiled stays so
+    y = out[0](torch.randn(3, 8, dtype=torch.bfloat16))
+    assert len(graphs) == 1 and y.dtype == torch.bfloat16  # the copy's own bfloat16 weights, compiled
+    assert torch.bfloat16 in graphs[0] and torch.float32 not in graphs[0]
+
+
+def test_bf16w_copy_of_a_compiled_reranker_is_compiled(tmp_path):
+    from distributed_ir.eval.rerank import RerankStage
+    from distributed_ir.models.cross_encoder import CrossEncoderReranker
+    from tests.conftest import build_tiny_model
+
+    model = CrossEncoderReranker.from_pretrained(str(build_tiny_model(tmp_path / "body", "bert"))).save(tmp_path / "ce")
+    stage = RerankStage(str(model), batch_size=4, device="cpu", precision="bf16w", compile=True)
+    backbone = stage.reranker.scoring_backbone()
+    assert {p.dtype for p in stage.reranker.parameters()} == {torch.bfloat16}
+    assert backbone._compiled_call_impl is not None  # --precision bf16w --compile runs compiled
+
+
+def test_bf16w_is_refused_for_a_model_without_float32_weights(tmp_path):
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16w: the model has no float32 weights to cast to bfloat16; use fp32"):
+        PrecisionChoice(model, tmp_path, CPU, PrecisionPolicy("bf16w", cache_dir=str(tmp_path)), {"role": "x"})
+    with pytest.raises(ValueError, match="bf16w: the model has no float32 weights"):
+        check_forced("bf16w", CPU, None, bf16w_missing(model))
+    assert PrecisionChoice(model, tmp_path, CPU, PrecisionPolicy("fp32", cache_dir=str(tmp_path)), {}).model is model
 
 
 def test_bf16w_vectors_are_float32_and_pass_the_gate_on_a_tiny_model(tiny_bert, tmp_path):

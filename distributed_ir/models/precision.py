@@ -222,7 +222,8 @@ def candidates(device: torch.device, int8_missing: str | None,
     return names, skipped
 
 
-def check_forced(precision: str, device: torch.device, int8_missing: str | None) -> None:
+def check_forced(precision: str, device: torch.device, int8_missing: str | None,
+                 bf16w_missing: str | None = None) -> None:
     """Refuse an explicit precision the device or model cannot run."""
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 autocast needs a GPU; use bf16, bf16w, int8 or fp32 on CPU")
@@ -232,6 +233,8 @@ def check_forced(precision: str, device: torch.device, int8_missing: str | None)
         raise ValueError("int8 runs on CPU (ONNX Runtime); on a GPU use fp16 or bf16")
     if precision == "int8" and int8_missing:
         raise ValueError(f"int8: {int8_missing}")
+    if precision == "bf16w" and bf16w_missing:
+        raise ValueError(f"bf16w: {bf16w_missing}; use fp32 (the model runs in its own dtype) or bf16")
 
 
 def int8_missing(model: torch.nn.Module) -> str | None:
@@ -250,11 +253,35 @@ def bf16w_missing(model: torch.nn.Module) -> str | None:
     return None
 
 
+COMPILE_ARGS = "_dir_compile_kwargs"  # what compile_in_place passed to Module.compile (kept by deepcopy)
+
+
+def compile_in_place(module: torch.nn.Module, **kwargs: Any) -> None:
+    """``module.compile(**kwargs)``, remembering ``kwargs`` so a copy of the module (:func:`bf16_copy`)
+    can be compiled the same way: ``copy.deepcopy`` drops a module's compiled call."""
+    module.compile(**kwargs)
+    setattr(module, COMPILE_ARGS, dict(kwargs))
+
+
 def bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` with its floating-point weights and buffers in bfloat16; ``model`` itself
-    is untouched (its fp32 weights stay what fp32, autocast and the int8 export run).  A module
-    compiled in place (``Module.compile``) stays compiled in the copy, around the copy."""
-    return copy.deepcopy(model).to(torch.bfloat16)
+    is untouched (its fp32 weights stay what fp32, autocast and the int8 export run).
+
+    Built tensor by tensor: each floating parameter and buffer is cast straight into a new bfloat16
+    tensor, so no float32 copy of the model is ever made (the extra memory is half the fp32
+    weights).  A submodule compiled in place (``Module.compile``, e.g.
+    :meth:`RerankerBase.compile_backbone`) is compiled again in the copy, with the arguments
+    :func:`compile_in_place` recorded (none known: ``torch.compile``'s defaults)."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point() and id(t) not in memo:
+            data = t.detach().to(torch.bfloat16, copy=True)
+            memo[id(t)] = torch.nn.Parameter(data, t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
+    out = copy.deepcopy(model, memo)
+    for name, module in model.named_modules():
+        if module.__dict__.get("_compiled_call_impl") is not None:  # dropped by Module.__getstate__
+            out.get_submodule(name).compile(**getattr(module, COMPILE_ARGS, {}))
+    return out
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -382,7 +409,7 @@ class PrecisionChoice:
         self.decision: Decision | None = None
         self._reported = False
         if policy.precision != "auto":
-            check_forced(policy.precision, device, self.int8_missing)
+            check_forced(policy.precision, device, self.int8_missing, self.bf16w_missing)
             self.apply(policy.precision)
             self.decision = Decision(chosen=policy.precision, requested=policy.precision,
                                      min_cosine=policy.min_cosine, min_speedup=policy.min_speedup)

@@ -109,7 +109,9 @@ class RerankerBase(torch.nn.Module):
         """``torch.compile`` the transformer in place for inference (``dynamic=True``: one graph for
         every batch and sequence length; ``state_dict`` keys unchanged).  The first batches pay the
         compile (tens of seconds on CPU; inductor's on-disk cache makes later processes faster)."""
-        self.scoring_backbone().compile(dynamic=True)
+        from distributed_ir.models.precision import compile_in_place
+
+        compile_in_place(self.scoring_backbone(), dynamic=True)  # a bf16w copy compiles the same way
 
     @staticmethod
     def unit_length(unit: dict) -> int:
