@@ -12,6 +12,8 @@ real invariant (a row dropped silently would break it), not a sum defined to mat
 
 Any text field longer than ``max_text_bytes`` (UTF-8 bytes, default 1 MiB) is rejected: no
 embedder reads past a few thousand tokens, so a 10 MB "document" is a broken export, not data.
+So is one that is not Unicode text: JSON's ``"\\ud800"`` (a lone surrogate) parses, but no UTF-8
+writer, tokenizer or Arrow table takes it.
 File-level problems (missing file, no records at all) always raise.
 """
 
@@ -79,16 +81,27 @@ class InputCheck:
         with self.rejects_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
-    def check_sizes(self, path: str | Path, line: int, row: dict) -> None:
-        """DataError for the first text field (or list item) over ``max_text_bytes``."""
+    def check_row(self, path: str | Path, line: int, row: dict, surrogates: bool = True) -> None:
+        """DataError for the first text field (or list item) that is not valid Unicode (a lone
+        surrogate) or is over ``max_text_bytes``. ``surrogates=False``: the row cannot hold one
+        (decoded from strict UTF-8 without ``\\u`` escapes), only sizes are checked."""
         for key, value in row.items():
             for item in value if isinstance(value, list) else (value,):
-                # len(str) <= bytes <= 4*len(str): encode only when the cheap bound is unsure
-                if isinstance(item, str) and len(item) * 4 > self.max_text_bytes:
+                if not isinstance(item, str):
+                    continue
+                if surrogates and not item.isascii():
+                    try:
+                        size = len(item.encode("utf-8"))
+                    except UnicodeEncodeError as e:
+                        raise DataError(path, line, f"not valid Unicode text: a lone surrogate "
+                                        f"{ascii(item[e.start])} at character {e.start}", field=str(key)) from None
+                elif len(item) * 4 > self.max_text_bytes:  # len(str) <= bytes <= 4*len(str)
                     size = len(item.encode("utf-8", "surrogatepass"))
-                    if size > self.max_text_bytes:
-                        raise DataError(path, line, f"text is {size} bytes, over max_text_bytes="
-                                        f"{self.max_text_bytes}", field=str(key))
+                else:
+                    continue
+                if size > self.max_text_bytes:
+                    raise DataError(path, line, f"text is {size} bytes, over max_text_bytes="
+                                    f"{self.max_text_bytes}", field=str(key))
 
     def summary(self) -> dict[str, Any]:
         """Per-file and total counts; ``input == accepted + rejected`` for each file."""
@@ -122,7 +135,10 @@ def excerpt(raw: Any, limit: int = EXCERPT_CHARS) -> str:
                           ensure_ascii=False, default=str)
     else:
         text = "" if raw is None else str(raw)
-    return text[:limit]
+    text = text[:limit]
+    if not text.isascii():  # a lone surrogate (JSON's "\ud800") written as its escape: the excerpt stays UTF-8
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def iter_jsonl(path: str | Path, check: InputCheck | None = None, start: int = 0, end: int | None = None,
@@ -163,7 +179,8 @@ def _parse_line(path: str | Path, lineno: int, raw: bytes, check: InputCheck) ->
         raise DataError(path, lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(obj, dict):
         raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-    check.check_sizes(path, lineno, obj)
+    # strict UTF-8 holds no surrogate: only a \u escape can make one
+    check.check_row(path, lineno, obj, surrogates=b"\\u" in raw)
     return obj
 
 
@@ -196,7 +213,7 @@ def iter_parquet(path: str | Path, check: InputCheck | None = None, row_groups: 
             i += 1
             check.read(path)
             try:
-                check.check_sizes(path, i, row)
+                check.check_row(path, i, row)
             except DataError as e:
                 check.reject(e, row)
                 continue

@@ -6,7 +6,7 @@
              sums give each range's first line number, so FILE:LINE stays exact
     phase 1  (a Ray task per chunk) reads and validates its rows as :func:`iter_chunk` does, hashes
              each valid row's id (blake2b, stable across processes) into one of ``num_shards``
-             buckets and writes one piece per bucket (doc_id, text, line) under ``pieces/``
+             buckets and writes one piece per bucket (doc_id, text, line) under ``pieces-<run>/``
     phase 2  (a Ray task per bucket) reads its pieces in input order, rejects a repeated id naming
              the first place, writes ``shard-B.parquet`` (runs of FLUSH rows sorted by length)
              atomically and returns its count and ids digest
@@ -17,17 +17,26 @@ With ``on_error=raise`` a task stops at its first bad row and returns it; the dr
 earliest in input order (a duplicate counts where its second occurrence is). Corpus files are read
 by the tasks: on a multi-node cluster they must be at the same path on every node (shared storage),
 as the model folder must be for the encode actors.
+
+Each run writes its pieces to a folder of its own (``pieces-<random>``), removed when it ends, so two
+stagings into one stage folder do not delete each other's pieces. A killed driver cannot clean up:
+its folder stays, and a later run only warns about it (it cannot tell a dead run's folder from a
+live one's); remove such folders by hand when no staging runs. On a failure, the tasks still
+running are cancelled and waited for before the pieces are removed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from distributed_ir.data.beir import _id, document_text
@@ -37,7 +46,9 @@ from distributed_ir.index.storage import Location
 
 CHUNK_BYTES = 64 << 20  # input per phase-1 task (JSONL bytes, Parquet uncompressed row-group bytes)
 FLUSH = 8192  # rows per length-sorted run in a staged shard
-PIECES = "pieces"  # phase 1's output inside the stage folder; removed once staging ends
+PIECES = "pieces"  # phase 1's output: ``pieces-<run>`` inside the stage folder, removed once staging ends
+SCAN_BYTES = 1 << 20  # block size when looking for a line start
+CANCEL_WAIT_S = 60.0  # how long a failed staging waits for its cancelled tasks before killing them
 STAGE_CPUS = 0.5  # parsing is CPU work, but leave room beside other tasks on a small cluster
 SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("shard", pa.int32())])
 
@@ -125,18 +136,35 @@ def _parquet_chunks(f: int, path: Path, chunk_bytes: int) -> list[Chunk]:
     return chunks or [Chunk(0, f, str(path), parquet=True)]
 
 
-def _line_start(fh, offset: int) -> int:
-    """The first line start at or after ``offset``."""
+def _line_start(fh, offset: int, limit: int | None = None) -> int | None:
+    """The first line start at or after ``offset`` (the end of the file when none follows), read in
+    blocks of SCAN_BYTES: a multi-GB line is never read whole. ``limit``: look only for one before
+    ``limit`` (None when there is none)."""
     if offset == 0:
         return 0
-    fh.seek(offset - 1)
-    return offset - 1 + len(fh.readline())
+    pos = offset - 1
+    fh.seek(pos)
+    while limit is None or pos < limit - 1:
+        block = fh.read(SCAN_BYTES if limit is None else min(SCAN_BYTES, limit - 1 - pos))
+        if not block:
+            return pos if limit is None or pos < limit else None
+        i = block.find(b"\n")
+        if i >= 0:
+            return pos + i + 1
+        pos += len(block)
+    return None
 
 
 def _line_range(path: str, start: int, end: int, count: bool) -> tuple[int, int, int]:
-    """``(start, end)`` moved to line starts, and the newlines between them (when ``count``)."""
+    """``(start, end)`` moved to line starts, and the newlines between them (when ``count``).
+
+    A range in which no line starts (inside a long line) comes back empty without reading past
+    ``end``: only the range where that line starts reads on to its end."""
     with open(path, "rb") as fh:
-        a, b = _line_start(fh, start), _line_start(fh, end)
+        a = _line_start(fh, start, end)
+        if a is None:
+            return end, end, 0
+        b = _line_start(fh, end)
         newlines, left = 0, (b - a if count else 0)
         fh.seek(a)
         while left > 0 and (block := fh.read(min(1 << 24, left))):
@@ -284,6 +312,37 @@ def _flush(bucket: int, buffer: tuple[list[str], list[str]], writer: pq.ParquetW
 
 
 # ------------------------------------------------------------------ driver: metadata only
+def cancel_and_wait(refs: list, wait_s: float = CANCEL_WAIT_S) -> None:
+    """Cancel the tasks of ``refs`` and return once none runs: interrupted first (their atomic
+    writes then remove their temporary files), killed if they have not stopped after ``wait_s``."""
+    import ray
+
+    if not refs:
+        return
+    for force in (False, True):
+        for ref in refs:
+            try:
+                ray.cancel(ref, force=force)
+            except Exception:  # noqa: BLE001 - a finished or unknown task: nothing to stop
+                pass
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=wait_s if not force else None,
+                              fetch_local=False)
+        if not pending:
+            return
+
+
+def _warn_stale_pieces(stage: Location) -> None:
+    """Say which ``pieces-*`` folders an earlier run left (killed, or one staging now: not removed)."""
+    try:
+        infos = stage.fs.get_file_info(pafs.FileSelector(stage.base, allow_not_found=True))
+    except OSError:
+        return
+    stale = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(PIECES))
+    if stale:
+        print(f"[stage] {stage.uri} holds {', '.join(stale)}: pieces of a staging that was killed (or runs now); "
+              "remove them by hand once no staging runs there", file=sys.stderr, flush=True)
+
+
 def run_staging(paths: list[Path], stage: Location, num_shards: int, check: InputCheck,
                 chunk_bytes: int = CHUNK_BYTES) -> list[dict[str, Any]]:
     """Stage ``paths`` into ``stage`` on Ray (see the module doc); counts and rejects go to ``check``.
@@ -296,14 +355,17 @@ def run_staging(paths: list[Path], stage: Location, num_shards: int, check: Inpu
     if not ray.is_initialized():
         raise RuntimeError("corpus staging runs in Ray tasks: start or join a cluster first "
                            "(distributed_ir.train.launch.init_ray or ray.init)")
-    pieces = stage.child(PIECES)
-    stage.delete_folder(PIECES)  # a killed earlier run's pieces
+    _warn_stale_pieces(stage)
+    name = f"{PIECES}-{uuid.uuid4().hex[:16]}"  # this run's own: a concurrent run's is left alone
+    pieces = stage.child(name)
     keep = check.on_error == "skip" and check.rejects_path is not None
+    refs: list[ray.ObjectRef] = []  # the tasks in flight
+    buckets: list[int] = []  # phase 2's, once started
     try:
         chunks = plan_chunks(paths, chunk_bytes)
         parse = ray.remote(num_cpus=STAGE_CPUS)(stage_chunk)
-        parsed = ray.get([parse.remote(c, pieces, num_shards, check.on_error, check.max_text_bytes, keep)
-                          for c in chunks])
+        refs = [parse.remote(c, pieces, num_shards, check.on_error, check.max_text_bytes, keep) for c in chunks]
+        parsed = ray.get(refs)
         errors = [r["error"] for r in parsed if r["error"]]
         limit = min((e["pos"] for e in errors), default=None)
         sources: dict[int, list[tuple[int, int, str]]] = {}
@@ -311,10 +373,18 @@ def run_staging(paths: list[Path], stage: Location, num_shards: int, check: Inpu
             for bucket in r["pieces"]:
                 sources.setdefault(bucket, []).append((c.index, c.file, c.path))
         dedupe = ray.remote(num_cpus=STAGE_CPUS)(stage_bucket)
-        shards = ray.get([dedupe.remote(b, pieces, stage, sources[b], check.on_error, keep, limit)
-                          for b in sorted(sources)])
+        buckets = sorted(sources)
+        refs = [dedupe.remote(b, pieces, stage, sources[b], check.on_error, keep, limit) for b in buckets]
+        shards = ray.get(refs)
+    except BaseException:
+        # a task failed (not bad input: that comes back as a result) or the driver was interrupted:
+        # the others must not write pieces or shards after the cleanup below
+        cancel_and_wait(refs)
+        for b in buckets:  # no partial staging is left behind
+            stage.delete(shard_name(b))
+        raise
     finally:
-        stage.delete_folder(PIECES)
+        stage.delete_folder(name)
     errors += [s["error"] for s in shards if s["error"]]
     if errors:
         for s in shards:  # no partial staging is left behind
