@@ -105,6 +105,16 @@ CASES = [
     ("staging duplicate across files", "corpus.jsonl", 2, "_id", r"duplicate id 'd1', first at .*a\.jsonl:2",
      _stage_case({"_id": "d1", "text": "again"})),
     ("staging 10 MB document", "corpus.jsonl", 2, "text", "over max_text_bytes", _stage_case({"_id": "e1", "text": TEN_MB})),
+    # valid JSON ("\\ud800"), not Unicode text: no UTF-8 writer, tokenizer or Arrow table takes it
+    ("corpus lone surrogate id", "corpus.jsonl", 2, "_id", r"not valid Unicode text: a lone surrogate '\\ud800' at "
+     "character 0", _corpus_case({"_id": "\ud800", "text": "a"})),
+    ("queries lone surrogate", "queries.jsonl", 2, "text", r"lone surrogate '\\udc00' at character 4",
+     _queries_case({"_id": "qx", "text": "caf\u00e9\udc00"})),
+    ("training lone surrogate", "train.jsonl", 2, "positive", "lone surrogate",
+     _train_case(PAIR, {"query": "q", "positive": ["ok", "x\ud83d"]})),
+    ("staging lone surrogate id", "corpus.jsonl", 2, "_id", r"lone surrogate '\\ud800' at character 0",
+     _stage_case({"_id": "\ud800", "text": "a"})),
+    ("staging lone surrogate text", "corpus.jsonl", 2, "text", "lone surrogate", _stage_case({"_id": "e1", "text": "x\udfff"})),
 ]
 
 
@@ -213,3 +223,11 @@ def test_cli_config_error_names_file_line_field(tmp_path):
     res = run_cli("train", "embedder", "--config", "cfg.yaml", cwd=tmp_path)
     assert res.returncode == 2
     assert "cfg.yaml:3: field 'model.document_instruction'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_excerpt_is_always_utf8_text():
+    """A row accepted with a lone surrogate where nothing reads it (a key): its excerpt still writes."""
+    from distributed_ir.data.intake import excerpt
+
+    text = excerpt({"_id": "a", "\ud800": "caf\u00e9"})
+    assert text.encode("utf-8") and "\\ud800" in text and "caf\u00e9" in text
