@@ -25,7 +25,7 @@ from typing import Any
 from distributed_ir.data.beir import BeirDataset
 from distributed_ir.data.records import TrainRecord
 from distributed_ir.index.storage import Location
-from distributed_ir.index.texts import StagedCorpus
+from distributed_ir.index.texts import StagedCorpus, check_qrels_staged
 from distributed_ir.models.precision import PrecisionPolicy, flat_summary, summarize_decisions
 
 Texts = Mapping[str, str] | StagedCorpus  # doc id -> text in this process, or the staged corpus read on Ray
@@ -156,9 +156,11 @@ def mine_command(index_dir: str, dataset_dir: str, split: str, out: str, rank_st
     from distributed_ir.data.beir import load_beir
     from distributed_ir.data.records import write_records
 
+    index = str(Location(index_dir).uri)
     ds = load_beir(dataset_dir, split, corpus=False)  # texts: from the index's staged corpus
+    check_qrels_staged([ds], StagedCorpus(index))  # the qrels' document ids, checked there too
     decisions: list[dict[str, Any]] = []
-    records, counts = mine_from_index(str(Location(index_dir).uri), ds, rank_start, rank_end, per_query, seed,
+    records, counts = mine_from_index(index, ds, rank_start, rank_end, per_query, seed,
                                       batch_size, precision, actors, decisions=decisions, searchers=searchers)
     write_records(out, records)
     summary = {**counts, "rank_start": rank_start, "rank_end": rank_end, "per_query": per_query, "split": split,

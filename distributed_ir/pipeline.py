@@ -25,7 +25,7 @@ from typing import Any
 
 from distributed_ir.config import PipelineConfig
 from distributed_ir.config_loader import ConfigError, to_dict
-from distributed_ir.data.beir import BeirDataset, ensure_beir, load_beir_splits, resolve_data_dir
+from distributed_ir.data.beir import BeirDataset, ensure_beir, resolve_data_dir
 from distributed_ir.data.records import write_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, write_run
 from distributed_ir.index.retrieve import CorpusIndex
@@ -33,7 +33,7 @@ from distributed_ir.mining import pairs_from_qrels
 from distributed_ir.redaction import redact
 from distributed_ir.stages import (
     CorpusStage,
-    corpus_stage,
+    dataset_stage,
     encoder_folder,
     eval_stage,
     index_stage,
@@ -69,15 +69,17 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     folder = ensure_beir(resolve_data_dir(cfg.data_dir), cfg.dataset)
     check = cfg.input.check(out)
-    # no corpus texts here: they are staged once and read on Ray (see distributed_ir.stages)
-    train_ds, eval_ds = load_beir_splits(folder, [cfg.train_split, cfg.eval_split], check=check, corpus=False)
-    print(check.summary_line(), flush=True)
     ev = cfg.eval
-    rows: dict[str, dict[str, Any]] = {}
-    report: dict[str, Any] = {"config": redact(to_dict(cfg)), "input": check.summary()}
     corpus = folder / "corpus.jsonl"
     with_base = not cfg.skip_base_eval or cfg.mining.enabled
-    staged = corpus_stage(corpus, out / (BASE_INDEX if with_base else FINETUNED_INDEX), ev, cfg.input)
+    # this process reads no corpus row: it is staged once on Ray (read there by every later stage)
+    # and the qrels' document ids are checked against the staged shards before any stage uses them
+    (train_ds, eval_ds), staged = dataset_stage(folder, [cfg.train_split, cfg.eval_split],
+                                                out / (BASE_INDEX if with_base else FINETUNED_INDEX), ev, cfg.input,
+                                                check)
+    print(check.summary_line(), flush=True)
+    rows: dict[str, dict[str, Any]] = {}
+    report: dict[str, Any] = {"config": redact(to_dict(cfg)), "input": check.summary()}
 
     # ---- BM25 alone (no model): the sparse first stage the hybrid row fuses with
     bm25_run = None

@@ -3,6 +3,8 @@
     encoder_folder   model config -> the folder the encode actors load (a Ray task saves it if needed)
     corpus_stage     corpus                -> CorpusStage   (validated, sharded into an index folder's stage/:
                                                              the text source of BM25, mining and reranking)
+    dataset_stage    BEIR folder           -> splits + CorpusStage (queries and qrels read here, the corpus
+                                                             staged on Ray, qrels doc ids checked there)
     index_stage      model folder + corpus -> CorpusIndex   (Ray Data encode actors, FAISS in Ray tasks)
     eval_stage       CorpusIndex + split   -> EvalResult    (queries encoded and searched on Ray actors)
     mine_stage       CorpusIndex + split   -> MineResult    (the same search, ranks cut by mine_negatives)
@@ -23,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from distributed_ir.config import EvalConfig, InputConfig, ModelConfig, TrainConfig
-from distributed_ir.data.beir import BeirDataset
+from distributed_ir.data.beir import BeirDataset, load_beir_splits
+from distributed_ir.data.intake import InputCheck
 from distributed_ir.data.records import TrainRecord, write_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, Run, evaluate
 from distributed_ir.index.pipeline import IndexOptions, stage_index_corpus
 from distributed_ir.index.retrieve import CorpusIndex, index_corpus, search_queries
-from distributed_ir.index.texts import STAGE, StagedCorpus
+from distributed_ir.index.texts import STAGE, StagedCorpus, check_qrels_staged
 from distributed_ir.mining import mine_from_index
 from distributed_ir.models.embedder import resolve_model_path
 from distributed_ir.train.launch import TrainResult, init_ray, run_training
@@ -103,19 +106,43 @@ def _save_embedder(model: ModelConfig, out: str) -> None:
 
 
 def corpus_stage(corpus: Path, out: Path, ev: EvalConfig, check: InputConfig,
-                 staged_by: CorpusIndex | CorpusStage | None = None) -> CorpusStage:
+                 staged_by: CorpusIndex | CorpusStage | None = None, into: InputCheck | None = None) -> CorpusStage:
     """A fresh index folder ``out`` holding only the staged corpus (validated and sharded as
     :func:`index_stage` would stage it, so its encode reuses it). ``staged_by``: an index folder of
     this run over the same corpus, whose staged corpus is taken over instead of reading and
-    checking the corpus again. Starts (or joins) Ray: whatever reads the staged corpus runs there."""
+    checking the corpus again. ``into``: the run's own check, which also gets the corpus's counts
+    and reject entries. Starts (or joins) Ray: whatever reads the staged corpus runs there."""
     init_ray()
     shutil.rmtree(out, ignore_errors=True)
     if staged_by is not None:  # staging reuses shards whose stage id (files, shard count, policy) matches
         shutil.copytree(Path(staged_by.path) / STAGE, out / STAGE)
-    staged, _, _ = stage_index_corpus(IndexOptions(corpus=str(corpus), out=str(out), num_shards=ev.num_shards,
-                                                   on_error=check.on_error, rejects_path=check.rejects_path,
-                                                   max_text_bytes=check.max_text_bytes))
+    staged, _, counted = stage_index_corpus(IndexOptions(corpus=str(corpus), out=str(out), num_shards=ev.num_shards,
+                                                         on_error=check.on_error, rejects_path=check.rejects_path,
+                                                         max_text_bytes=check.max_text_bytes), relay=into)
+    if into is not None:
+        for path, counts in counted.counts.items():
+            into.add(path, counts)
     return CorpusStage(path=str(out), num_docs=sum(s.count for s in staged))
+
+
+def dataset_stage(folder: Path, splits: list[str], out: Path, ev: EvalConfig, inp: InputConfig,
+                  check: InputCheck) -> tuple[list[BeirDataset], CorpusStage]:
+    """The BEIR splits of ``folder`` with their corpus staged into the index folder ``out``
+    (:func:`corpus_stage`). This process reads the queries and qrels only (their errors come before
+    Ray starts); the corpus is read by the staging tasks, and the qrels' document ids are then
+    checked on the staged shards (:func:`~distributed_ir.index.texts.check_qrels_staged`). ``check``
+    gets the counts and the rejects file the entries of a read of corpus, queries and qrels in that
+    order: the errors, rejects and counts of ``load_beir_splits(folder, splits, check=check)``."""
+    corpus = folder / "corpus.jsonl"
+    check.add(corpus, {})  # counted first (the rejects file's order), where staging reads it
+    check.hold()
+    try:
+        datasets = load_beir_splits(folder, splits, check=check, corpus=False)
+        staged = corpus_stage(corpus, out, ev, inp, into=check)
+        check_qrels_staged(datasets, staged.texts, check)
+    finally:
+        check.release()
+    return datasets, staged
 
 
 def index_stage(model_dir: str, corpus: Path, out: Path, ev: EvalConfig, check: InputConfig,

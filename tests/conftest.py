@@ -193,6 +193,24 @@ def write_tiny_beir(folder: Path, n_docs: int = 48) -> Path:
 PYTREC_MEASURES = {"ndcg@10": "ndcg_cut_10", "recall@100": "recall_100", "map@100": "map_cut_100"}
 
 
+def refuse_corpus_reads(monkeypatch, corpus_name: str = "corpus.jsonl") -> None:
+    """In this (driver) process only: loading the corpus texts or iterating a corpus file's rows
+    raises (Ray tasks and workers import the real readers). Other files (queries) read as usual."""
+    from distributed_ir.data import beir, intake
+    from distributed_ir.index import staging
+
+    def refused(real):
+        def read(path, *a, **k):
+            if Path(path).name == corpus_name:
+                raise AssertionError(f"the driver must not read the corpus ({path})")
+            return real(path, *a, **k)
+        return read
+
+    for owner in (beir, intake, staging):
+        monkeypatch.setattr(owner, "iter_jsonl", refused(intake.iter_jsonl))
+    monkeypatch.setattr(beir, "load_corpus", refused(beir.load_corpus))
+
+
 def pytrec_means(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
     """pytrec_eval's (trec_eval's) means over the queries in both run and qrels: ndcg@10, recall@100,
     map@100, and mrr@10 as ``recip_rank`` of the run cut to its top 10 (an oracle for our metrics)."""

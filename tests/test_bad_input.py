@@ -11,9 +11,10 @@ import pytest
 from distributed_ir.config import PipelineConfig, TrainConfig
 from distributed_ir.config_loader import ConfigError, load_config
 from distributed_ir.data import DataError, load_beir, load_corpus, load_queries, read_records
+from distributed_ir.data.beir import load_beir_splits
 from distributed_ir.data.intake import InputCheck
 from distributed_ir.index.corpus import stage_corpus
-from tests.conftest import run_cli
+from tests.conftest import refuse_corpus_reads, run_cli
 
 GOOD_DOCS = [{"_id": f"d{i}", "title": f"T{i}", "text": f"doc {i}"} for i in range(4)]
 GOOD_QUERIES = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(3)]
@@ -71,6 +72,23 @@ def _stage_case(bad):
     return load
 
 
+def _pipeline_path(folder, check, splits=("test",)):
+    """What the pipeline runs (stages.dataset_stage): queries and qrels read here, the corpus staged on
+    Ray, the qrels' document ids checked on the staged shards."""
+    from distributed_ir.config import EvalConfig, InputConfig
+    from distributed_ir.stages import dataset_stage
+
+    inp = InputConfig(on_error=check.on_error, max_text_bytes=check.max_text_bytes)
+    with pytest.MonkeyPatch.context() as mp:
+        refuse_corpus_reads(mp)
+        datasets, _ = dataset_stage(folder, list(splits), folder.parent / "index", EvalConfig(num_shards=2), inp, check)
+    return datasets
+
+
+def _staged_qrels_case(row):
+    return lambda tmp, check: _pipeline_path(_beir(tmp, qrels=QRELS[:2] + [row] + QRELS[2:]), check)
+
+
 PAIR = {"query": "q", "positive": ["p"]}
 SCORED = {"query": "q", "document": "d", "label": 1}
 
@@ -93,6 +111,8 @@ CASES = [
     ("queries empty text", "queries.jsonl", 2, "text", "empty query text", _queries_case({"_id": "qx", "text": ""})),
     ("qrels unknown query", "test.tsv", 3, "query-id", "unknown query id 'q9'", _qrels_case("q9\td0\t1")),
     ("qrels unknown document", "test.tsv", 3, "corpus-id", "unknown document id 'd9'", _qrels_case("q0\td9\t1")),
+    ("staging: qrels unknown document", "test.tsv", 3, "corpus-id", "unknown document id 'd9'",
+     _staged_qrels_case("q0\td9\t1")),
     ("qrels non-integer score", "test.tsv", 3, "score", "relevance 'high' is not an integer",
      _qrels_case("q0\td1\thigh")),
     ("scored non-numeric label", "train.jsonl", 2, "label", "expected a finite number, got 'relevant'",
@@ -174,6 +194,40 @@ def test_skip_keeps_the_first_of_duplicates_and_qrels_for_rejected_docs_are_reje
     assert "d5" not in ds.corpus and ds.qrels["q0"] == {"d0": 1}
     reasons = [json.loads(x)["reason"] for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
     assert reasons[0].startswith("text is") and reasons[1] == "unknown document id 'd5'"
+
+
+@pytest.mark.ray
+def test_pipeline_path_rejects_and_counts_as_the_corpus_in_the_driver(ray_cluster, tmp_path):
+    """dataset_stage (corpus staged on Ray, qrels doc ids checked on the shards) gives the qrels, the
+    counts and the rejects file, entry for entry and in order, that reading the corpus here gave."""
+    corpus = _with_bad(_with_bad(GOOD_DOCS, {"_id": "d5", "text": TEN_MB}, at=3), b'{"_id": "x"', at=5)
+    queries = _with_bad(GOOD_QUERIES, {"_id": "qx", "text": ""})
+    test = QRELS[:2] + ["q1\td9\t1", "q2\td3\tbad", "q0\td5\t1", "q2\td9\t2"] + QRELS[2:]
+    folder = _beir(tmp_path, corpus=corpus, queries=queries, qrels=test)
+    (folder / "qrels" / "train.tsv").write_text("\n".join(["q9\td9\t1", "q2\td3\t1", "q2\td5\t0"]) + "\n")
+    results = {}
+    for name in ("driver", "staged"):
+        check = InputCheck("skip", tmp_path / name / "rejects.jsonl")
+        if name == "driver":
+            datasets = load_beir_splits(folder, ["train", "test"], check=check)
+        else:
+            datasets = _pipeline_path(folder, check, ("train", "test"))
+            assert all(ds.corpus is None and ds.unchecked is None for ds in datasets)
+        results[name] = ([(list(ds.qrels.items()), ds.queries) for ds in datasets], check.summary(),
+                         (tmp_path / name / "rejects.jsonl").read_text().splitlines())
+    driver, staged = results["driver"], results["staged"]
+    assert staged[0] == driver[0] and driver[0][1][0] == [("q0", {"d0": 1}), ("q1", {"d1": 1}), ("q2", {"d2": 1})]
+    assert {k: v for k, v in staged[1].items() if k != "rejects"} == {k: v for k, v in driver[1].items()
+                                                                      if k != "rejects"}
+    assert list(staged[1]["files"]) == list(driver[1]["files"]) and list(driver[1]["files"])[0].endswith("corpus.jsonl")
+    assert driver[1]["rejected"] == 9
+    assert staged[2] == driver[2]
+    assert [json.loads(x)["reason"] for x in staged[2]][-3:] == [
+        "relevance 'bad' is not an integer", "unknown document id 'd5'", "unknown document id 'd9'"]
+    # on_error=raise: the first unknown document of the first split, by its qrels FILE:LINE
+    with pytest.raises(DataError, match=r"qrels/test\.tsv:3: field 'corpus-id': unknown document id 'd9'"):
+        _pipeline_path(_beir(tmp_path / "r", qrels=QRELS[:2] + ["q1\td9\t1", "q0\td8\t1"] + QRELS[2:]),
+                       InputCheck("raise"), ("test",))
 
 
 # ---------------------------------------------------------------- configs: always raise

@@ -9,7 +9,7 @@ import pytest
 
 from distributed_ir.data.beir import BeirDataset
 from distributed_ir.mining import count_qrels_positives, mine_negatives
-from tests.conftest import last_json, write_tiny_beir
+from tests.conftest import last_json, refuse_corpus_reads, write_tiny_beir
 
 
 def test_mined_negatives_skip_judged_docs_and_duplicate_texts():
@@ -172,7 +172,6 @@ def test_rerank_command_stages_the_corpus_and_equals_the_corpus_in_the_driver(be
     import pyarrow.parquet as pq
 
     from distributed_ir import cli
-    from distributed_ir.data import beir
     from distributed_ir.data.beir import load_beir
     from distributed_ir.eval import rerank
     from distributed_ir.eval.fusion import fuse_runs
@@ -195,9 +194,10 @@ def test_rerank_command_stages_the_corpus_and_equals_the_corpus_in_the_driver(be
         raise AssertionError("the rerank command's driver must not load the corpus texts")
 
     # In this (driver) process only: Ray workers read the staged shards and pair the texts.
-    for owner, name in ((beir, "load_corpus"), (rerank, "candidate_pairs"), (pq, "read_table"), (pq, "ParquetFile")):
+    for owner, name in ((rerank, "candidate_pairs"), (pq, "read_table"), (pq, "ParquetFile")):
         monkeypatch.setattr(owner, name, refuse)
-    with pytest.raises(AssertionError, match="must not load"):  # the guard does guard
+    refuse_corpus_reads(monkeypatch)  # no corpus row either: qrels doc ids are checked on the staged shards
+    with pytest.raises(AssertionError, match="must not read the corpus"):  # the guard does guard
         load_beir(folder, "test")
     out = tmp_path / "rr"
     assert cli.main(["rerank", "--model", model, "--run", str(tmp_path / "first.trec"), "--dataset", str(folder),
@@ -215,6 +215,31 @@ def test_rerank_command_stages_the_corpus_and_equals_the_corpus_in_the_driver(be
     assert saved["fused"] == evaluate(fuse_runs(first_stage, expected, 0.4), ds.qrels, DEFAULT_METRICS)
     assert saved["speed"]["pairs"] == 4 * 12 and saved["fusion_weight"] == 0.4
     assert report == {k: saved[k] for k in ("first_stage", "reranked", "fused", "speed")}
+
+
+@pytest.mark.ray
+def test_rerank_command_checks_qrels_on_the_staged_corpus_and_leaves_no_stage_on_failure(ray_cluster, tmp_path,
+                                                                                          monkeypatch):
+    """A qrels row naming a document the corpus lacks is the load's `FILE:LINE` error, found on the
+    staged shards (this process reads no corpus row); a corpus that fails staging leaves no
+    OUT/staged_corpus behind either. Both fail before any model is loaded."""
+    from distributed_ir.data.errors import DataError
+    from distributed_ir.eval.rerank import STAGED_CORPUS, rerank_command
+
+    folder = write_tiny_beir(tmp_path / "tiny")
+    with (folder / "qrels" / "test.tsv").open("a") as fh:
+        fh.write("q9\tdoc9\t1\nq9\tnope\t1\n")  # line 11
+    (tmp_path / "first.trec").write_text("q8 Q0 doc8 1 2.0 x\nq8 Q0 doc1 2 1.0 x\n")
+    args = dict(model=str(tmp_path / "no-model"), run_path=str(tmp_path / "first.trec"), dataset_dir=str(folder))
+    refuse_corpus_reads(monkeypatch)
+    with pytest.raises(DataError, match=r"qrels/test\.tsv:11: field 'corpus-id': unknown document id 'nope'"):
+        rerank_command(out=str(tmp_path / "a"), **args)
+    assert list((tmp_path / "a").iterdir()) == []
+    with (folder / "corpus.jsonl").open("a") as fh:
+        fh.write('{"_id": "doc3", "text": "again"}\n')  # line 49: a duplicate id fails staging
+    with pytest.raises(DataError, match=r"corpus\.jsonl:49: field '_id': duplicate id 'doc3'"):
+        rerank_command(out=str(tmp_path / "b"), **args)
+    assert not (tmp_path / "b" / STAGED_CORPUS).exists()
 
 
 @pytest.mark.ray

@@ -16,7 +16,7 @@ from distributed_ir.data.records import read_records
 from distributed_ir.eval.metrics import DEFAULT_METRICS, evaluate, rank, read_run
 from distributed_ir.mining import mine_negatives
 from distributed_ir.models.embedder import Embedder
-from tests.conftest import write_tiny_beir
+from tests.conftest import refuse_corpus_reads, write_tiny_beir
 
 
 def old_in_process_run(embedder: Embedder, ds: BeirDataset, queries: dict[str, str], top_k: int,
@@ -66,10 +66,13 @@ def test_pipeline_encodes_searches_and_mines_on_ray_actors_as_the_in_process_pat
 
     # In this (driver) process only: Ray actors, tasks and Ray Train workers import the real ones.
     monkeypatch.setattr(Embedder, "__init__", refuse)
-    for mod, name in ((shards, "iter_shard"), (shards, "read_shard"), (parts, "iter_shard"), (beir, "load_corpus")):
+    for mod, name in ((shards, "iter_shard"), (shards, "read_shard"), (parts, "iter_shard")):
         monkeypatch.setattr(mod, name, refuse)
-    with pytest.raises(AssertionError, match="must not build"):  # the guard does guard
+    refuse_corpus_reads(monkeypatch)  # no corpus row either: qrels doc ids are checked on the staged shards
+    with pytest.raises(AssertionError, match="must not build"):  # the guards do guard
         Embedder.from_config(ModelConfig(name_or_path=str(tiny_bert)))
+    with pytest.raises(AssertionError, match="must not read the corpus"):
+        beir.load_beir(folder, "test")
     report = run_pipeline(cfg)
     monkeypatch.undo()
 

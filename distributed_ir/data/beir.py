@@ -15,9 +15,10 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Container, Set
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from distributed_ir.data.errors import DataError
 from distributed_ir.data.intake import InputCheck, iter_jsonl
@@ -102,17 +103,6 @@ def load_corpus(path: str | Path, check: InputCheck | None = None) -> dict[str, 
     return _load_texts(path, document_text, check)
 
 
-def load_corpus_ids(path: str | Path, check: InputCheck | None = None) -> Set[str]:
-    """The ids of the documents :func:`load_corpus` accepts (validated, rejected and counted alike),
-    without keeping a text: what a qrels file is checked against when the texts live elsewhere."""
-    return _load_texts(path, _no_text, check).keys()
-
-
-def _no_text(path: str | Path, lineno: int, obj: dict) -> str:
-    document_text(path, lineno, obj)  # the same checks as load_corpus
-    return ""
-
-
 def load_queries(path: str | Path, check: InputCheck | None = None) -> dict[str, str]:
     """Map query id -> query text, in file order."""
     return _load_texts(path, query_text, check)
@@ -123,11 +113,14 @@ def load_qrels(
     queries: Container[str] | None = None,
     corpus: Container[str] | None = None,
     check: InputCheck | None = None,
+    unchecked: list[QrelsRow] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Read a BEIR qrels TSV (``query-id  corpus-id  score`` with a header line).
 
     Also accepts TREC qrels (``qid 0 docid rel``, whitespace separated).  When ``queries`` /
-    ``corpus`` are given, a row naming an unknown id is an error naming its line.
+    ``corpus`` are given, a row naming an unknown id is an error naming its line.  ``unchecked``
+    (a list, corpus not given): the rows are kept there, not yet accepted, for
+    :func:`check_qrels_docs` to check their document ids once the corpus's are known.
     """
     check = check or InputCheck()
     qrels: dict[str, dict[str, int]] = {}
@@ -141,11 +134,22 @@ def load_qrels(
             try:
                 qid, doc_id, rel = _qrels_row(path, lineno, raw, queries, corpus)
             except DataError as e:
+                if unchecked is not None and check.on_error == "skip":  # rejected in line order, later
+                    unchecked.append(QrelsRow(lineno, "", "", 0, raw, e))
+                    continue
                 check.reject(e, raw)
                 continue
             qrels.setdefault(qid, {})[doc_id] = rel
-            check.accept(path)
+            if unchecked is None:
+                check.accept(path)
+            else:
+                unchecked.append(QrelsRow(lineno, qid, doc_id, rel, raw if check.on_error == "skip" else None))
     return qrels
+
+
+def unknown_document(path: str | Path, lineno: int, doc_id: str) -> DataError:
+    """The error of a qrels row whose document the corpus lacks."""
+    return DataError(path, lineno, f"unknown document id {doc_id!r}", field="corpus-id")
 
 
 def _qrels_row(path: str | Path, lineno: int, raw: bytes, queries: Container[str] | None,
@@ -171,22 +175,74 @@ def _qrels_row(path: str | Path, lineno: int, raw: bytes, queries: Container[str
     if queries is not None and qid not in queries:
         raise DataError(path, lineno, f"unknown query id {qid!r}", field="query-id")
     if corpus is not None and doc_id not in corpus:
-        raise DataError(path, lineno, f"unknown document id {doc_id!r}", field="corpus-id")
+        raise unknown_document(path, lineno, doc_id)
     return qid, doc_id, rel
+
+
+class QrelsRow(NamedTuple):
+    """A qrels row read before the corpus (``load_beir(corpus=False)``): its document id is checked
+    later; ``error``: a problem already found (kept to be rejected in line order, on_error=skip);
+    ``raw``: the row for the rejects file (on_error=skip only)."""
+
+    line: int
+    qid: str
+    doc_id: str
+    rel: int
+    raw: bytes | None = None
+    error: DataError | None = None
+
+
+@dataclass
+class UncheckedQrels:
+    """A qrels file's rows, in file order, whose document ids wait for the corpus (see :func:`check_qrels_docs`)."""
+
+    path: str
+    rows: list[QrelsRow]
+
+    def doc_ids(self) -> set[str]:
+        return {r.doc_id for r in self.rows if r.error is None}
 
 
 @dataclass
 class BeirDataset:
     """A BEIR split. ``corpus`` is None when loaded without the texts (``load_beir(corpus=False)``):
-    the corpus is then read where it is needed (e.g. an index folder's staged corpus)."""
+    the corpus is then read where it is needed (e.g. an index folder's staged corpus), and
+    ``unchecked`` holds the qrels rows until :func:`check_qrels_docs` checks their document ids."""
 
     corpus: dict[str, str] | None
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
+    unchecked: UncheckedQrels | None = None
 
     def split_queries(self) -> dict[str, str]:
         """Queries that appear in this split's qrels, in query-file order."""
         return {qid: text for qid, text in self.queries.items() if qid in self.qrels}
+
+
+def check_qrels_docs(datasets: Iterable[BeirDataset], known: Container[str], check: InputCheck | None = None) -> None:
+    """Finish what ``load_beir(corpus=False)`` left open: each unchecked qrels row is accepted when
+    ``known`` (the corpus's ids, or the part of them the qrels name) holds its document, else it
+    gets :func:`load_qrels`'s treatment of an unknown document (the error naming its FILE:LINE, or a
+    reject), in file order. The counts and the qrels then equal those of a load with the corpus."""
+    check = check or InputCheck()
+    for ds in datasets:
+        if ds.unchecked is None:
+            continue
+        path, kept, dropped = ds.unchecked.path, [], False
+        for row in ds.unchecked.rows:
+            error = row.error
+            if error is None and row.doc_id not in known:
+                error, dropped = unknown_document(path, row.line, row.doc_id), True
+            if error is not None:
+                check.reject(error, row.raw)
+                continue
+            check.accept(path)
+            kept.append(row)
+        if dropped:  # rebuilt as a load with the corpus builds it (same keys, same order)
+            ds.qrels = {}
+            for row in kept:
+                ds.qrels.setdefault(row.qid, {})[row.doc_id] = row.rel
+        ds.unchecked = None
 
 
 def resolve_data_dir(data_dir: str | None) -> Path:
@@ -202,9 +258,10 @@ def load_beir(folder: str | Path, split: str, base: BeirDataset | None = None,
     """Load a BEIR dataset folder and one qrels split, cross-checking ids.
 
     Pass ``base`` (another split of the same folder) to reuse its corpus and queries.
-    ``corpus=False``: the corpus is validated and its ids checked against the qrels, but no text
-    is kept (``BeirDataset.corpus`` is None). ``base`` without texts then has its corpus ids read
-    again for the check (not counted in ``check`` twice); :func:`load_beir_splits` reads them once.
+    ``corpus=False``: the corpus is not read here (only its file's presence is checked) and no
+    text is kept (``BeirDataset.corpus`` is None); the qrels' document ids are checked later,
+    where the corpus is read (:func:`check_qrels_docs`, e.g. on the staged shards by
+    :func:`distributed_ir.index.texts.check_qrels_staged`): until then ``unchecked`` holds the rows.
     """
     return load_beir_splits(folder, [split], base, check, corpus)[0]
 
@@ -227,17 +284,15 @@ def load_beir_splits(folder: str | Path, splits: list[str], base: BeirDataset | 
             "download them on an online machine",
         )
     texts = base.corpus if base else (load_corpus(folder / "corpus.jsonl", check) if corpus else None)
-    if texts is not None:
-        known: Container[str] = texts
-    elif base:  # validated and counted when base was loaded: only its ids again
-        quiet = check and InputCheck(check.on_error, None, check.max_text_bytes)
-        known = load_corpus_ids(folder / "corpus.jsonl", quiet)
-    else:
-        known = load_corpus_ids(folder / "corpus.jsonl", check)
     queries = base.queries if base else load_queries(folder / "queries.jsonl", check)
-    return [BeirDataset(corpus=texts, queries=queries,
-                        qrels=load_qrels(folder / "qrels" / f"{split}.tsv", queries=queries, corpus=known, check=check))
-            for split in splits]
+    datasets = []
+    for split in splits:
+        path = folder / "qrels" / f"{split}.tsv"
+        rows: list[QrelsRow] | None = None if texts is not None else []
+        qrels = load_qrels(path, queries=queries, corpus=texts, check=check, unchecked=rows)
+        datasets.append(BeirDataset(corpus=texts, queries=queries, qrels=qrels,
+                                    unchecked=None if rows is None else UncheckedQrels(str(path), rows)))
+    return datasets
 
 
 def ensure_beir(data_dir: Path, name: str) -> Path:

@@ -44,7 +44,9 @@ class InputCheck:
         self.rejects_path = Path(rejects_path) if rejects_path else None
         self.max_text_bytes = max_text_bytes
         self.counts: dict[str, dict[str, int]] = {}
+        self.relay: InputCheck | None = None  # another check that gets a copy of every reject entry
         self._started = False
+        self._held: list[dict[str, Any]] | None = None
 
     def _file(self, path: str | Path) -> dict[str, int]:
         return self.counts.setdefault(str(path), {"input": 0, "accepted": 0, "rejected": 0})
@@ -72,7 +74,12 @@ class InputCheck:
 
     def write_reject(self, entry: dict[str, Any]) -> None:
         """Append one :func:`reject_entry` to the rejects file (counted by the caller)."""
+        if self.relay is not None:
+            self.relay.write_reject(entry)
         if self.rejects_path is None:
+            return
+        if self._held is not None:
+            self._held.append(entry)
             return
         if not self._started:  # a fresh file per run: counts and file always agree
             self.rejects_path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +87,20 @@ class InputCheck:
             self._started = True
         with self.rejects_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def hold(self) -> None:
+        """Keep reject entries in memory until :meth:`release`, for files not read in input order
+        (a corpus staged on Ray after its queries and qrels were read here)."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Write the held entries, file by file in the order the files were first counted (register
+        one early with ``add(path, {})``), each file's in the order they came."""
+        held, self._held = self._held, None
+        rank = {name: i for i, name in enumerate(self.counts)}
+        for entry in sorted(held or [], key=lambda e: rank.get(e["file"], len(rank))):
+            self.write_reject(entry)
 
     def check_row(self, path: str | Path, line: int, row: dict, surrogates: bool = True) -> None:
         """DataError for the first text field (or list item) that is not valid Unicode (a lone

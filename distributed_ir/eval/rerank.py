@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from distributed_ir.eval.metrics import DEFAULT_METRICS, Run, evaluate, rank, read_run, write_run
-from distributed_ir.index.texts import SCAN_CPUS, FoundTexts, StagedCorpus, attach_texts
+from distributed_ir.index.texts import SCAN_CPUS, FoundTexts, StagedCorpus, attach_texts, check_qrels_staged
 from distributed_ir.models.precision import (
     PrecisionChoice,
     PrecisionPolicy,
@@ -207,8 +207,8 @@ def rerank_command(model: str, run_path: str, dataset_dir: str, out: str, top_k:
 
     The dataset's corpus is staged as the pipeline stages it (:func:`distributed_ir.stages.corpus_stage`)
     into ``out/staged_corpus`` (removed when the rerank ends) and the documents' texts are read
-    from there on Ray (:func:`rerank_run` with a :class:`StagedCorpus`): this process reads the
-    queries and qrels only. On a multi-node cluster ``out`` must be storage every node can read.
+    from there on Ray (:func:`rerank_run` with a :class:`StagedCorpus`), where the qrels' document
+    ids are checked too: this process reads the queries and qrels only. On a multi-node cluster ``out`` must be storage every node can read.
 
     ``fuse=w`` also writes ``out/run_fused.trec`` (:func:`distributed_ir.eval.fusion.fuse_runs`,
     weight ``w`` on the reranker) and a ``fused`` metrics row."""
@@ -216,19 +216,20 @@ def rerank_command(model: str, run_path: str, dataset_dir: str, out: str, top_k:
     from distributed_ir.data.beir import load_beir
     from distributed_ir.stages import corpus_stage
 
-    ds = load_beir(dataset_dir, split, corpus=False)  # queries and qrels; the texts: staged, read on Ray
+    ds = load_beir(dataset_dir, split, corpus=False)  # queries and qrels; the corpus: staged, read on Ray
     run = read_run(run_path)
     queries = ds.split_queries()
     if not any(scores and qid in queries for qid, scores in run.items()):
         raise ValueError(f"{run_path}: no query of the run is in {dataset_dir} split {split!r}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staged = corpus_stage(Path(dataset_dir) / "corpus.jsonl", out_dir / STAGED_CORPUS, EvalConfig(), InputConfig())
-    try:
+    try:  # a staging that fails leaves no staged corpus behind either
+        staged = corpus_stage(Path(dataset_dir) / "corpus.jsonl", out_dir / STAGED_CORPUS, EvalConfig(), InputConfig())
+        check_qrels_staged([ds], staged.texts)  # the qrels' document ids, on the staged shards
         reranked, first_stage, facts = rerank_run(model, run, queries, staged.texts, top_k, batch_size, precision,
                                                   actors, use_gpu, compile=compile)
     finally:
-        shutil.rmtree(staged.path, ignore_errors=True)
+        shutil.rmtree(out_dir / STAGED_CORPUS, ignore_errors=True)
     write_run(out_dir / "run.trec", reranked, tag="distributed-ir-rerank")
     report = {
         "model": str(model), "run": str(run_path), "dataset": str(dataset_dir), "split": split, "top_k": top_k,

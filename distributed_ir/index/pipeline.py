@@ -172,11 +172,14 @@ def _reusable(out: Location, manifest: dict, staged: list[StagedShard]) -> dict[
             if d is not None and d == by_key[k].ids_digest and manifest["shards"][k]["count"] == by_key[k].count}
 
 
-def stage_index_corpus(opts: IndexOptions) -> tuple[list[StagedShard], str, InputCheck]:
+def stage_index_corpus(opts: IndexOptions, relay: InputCheck | None = None
+                       ) -> tuple[list[StagedShard], str, InputCheck]:
     """Validate and shard ``opts.corpus`` into ``<opts.out>/stage`` as :func:`encode_corpus` does (an
-    identical earlier staging is reused): the shards, the stage id and the input counts."""
+    identical earlier staging is reused): the shards, the stage id and the input counts.
+    ``relay``: a check that also gets every reject entry written (a run's own rejects file)."""
     out = _out_location(opts)
     check = InputCheck(opts.on_error, _rejects_path(opts, out), opts.max_text_bytes)
+    check.relay = relay
     staged, stage_id = stage_corpus(expand_corpus(opts.corpus), out.child(STAGE), opts.num_shards, check)
     return staged, stage_id, check
 

@@ -10,6 +10,8 @@ receives only what it asked for (texts, text digests or lengths of the requested
     digests(ids) -> {id: 16-byte hash}  mining's duplicate-text check, without the texts
     find(ids)    -> FoundTexts          reranking: lengths to the driver, texts kept in the
                                         object store and attached to pairs by :func:`attach_texts`
+    holds(ids)   -> {id, ...}           the requested ids the corpus holds (no text is read):
+                                        :func:`check_qrels_staged` checks qrels against it
 
 A requested id that the staged corpus lacks is an error naming it (:class:`MissingDocuments`).
 """
@@ -26,6 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from distributed_ir.data.beir import BeirDataset, check_qrels_docs
+from distributed_ir.data.intake import InputCheck
 from distributed_ir.index.corpus import STAGE_FILE
 from distributed_ir.index.storage import Location
 
@@ -95,6 +99,13 @@ class StagedCorpus:
         self._check(wanted, lengths)
         return FoundTexts(lengths=lengths, refs=[t[1] for t in tasks])
 
+    def holds(self, ids: Iterable[str]) -> set[str]:
+        """The requested ids that the staged corpus holds (the shards' id columns only are read)."""
+        import ray
+
+        _, tasks = self._start(ids, "ids")
+        return {d for table in ray.get(tasks) for d in table["doc_id"].to_pylist()}
+
     def _start(self, ids: Iterable[str], form: str) -> tuple[pa.Array, list]:
         import ray
 
@@ -121,15 +132,19 @@ class StagedCorpus:
 
 def _scan_shard(stage: Location, file: str, wanted: pa.Array, form: str):
     """The rows of one staged shard whose id is in ``wanted`` (one row group in memory at a time):
-    ``(doc_id, text)``, ``(doc_id, digest)``, or for ``find`` the pair ``((doc_id, length), (doc_id, text))``."""
+    ``(doc_id, text)``, ``(doc_id, digest)``, ``(doc_id)`` for ``ids``, or for ``find`` the pair
+    ``((doc_id, length), (doc_id, text))``."""
     parts = []
     with stage.open_input(file) as fh:
         shard = pq.ParquetFile(fh)
         for group in range(shard.num_row_groups):
-            ids = shard.read_row_group(group, columns=["doc_id"]).column("doc_id")
-            hit = pc.is_in(ids, value_set=wanted)
+            ids = shard.read_row_group(group, columns=["doc_id"])
+            hit = pc.is_in(ids.column("doc_id"), value_set=wanted)
             if pc.any(hit).as_py():
-                parts.append(shard.read_row_group(group, columns=["doc_id", "text"]).filter(hit))
+                parts.append(ids.filter(hit) if form == "ids" else
+                             shard.read_row_group(group, columns=["doc_id", "text"]).filter(hit))
+    if form == "ids":
+        return pa.concat_tables(parts) if parts else pa.table({"doc_id": pa.array([], pa.string())})
     found = pa.concat_tables(parts) if parts else pa.table({"doc_id": pa.array([], pa.string()),
                                                             "text": pa.array([], pa.string())})
     if form == "text":
@@ -153,3 +168,12 @@ def attach_texts(batch: pa.Table, refs: list[Any]) -> pa.Table:
                                "(not among the located texts)")
     documents = texts["text"].take(where)
     return batch.drop_columns(["doc_id"]).append_column("document", documents)
+
+
+def check_qrels_staged(datasets: Iterable[BeirDataset], corpus: StagedCorpus, check: InputCheck | None = None) -> None:
+    """Check the qrels document ids that ``load_beir(corpus=False)`` left unchecked against the staged
+    corpus (one Ray task per shard says which of them it holds): an unknown one is the error naming
+    its qrels FILE:LINE, or (on_error=skip) a counted reject, as when the corpus was read with them."""
+    datasets = list(datasets)
+    wanted = set().union(*(ds.unchecked.doc_ids() for ds in datasets if ds.unchecked is not None))
+    check_qrels_docs(datasets, corpus.holds(wanted) if wanted else set(), check)
