@@ -533,12 +533,11 @@ def test_int8_and_bf16w_pass_the_gate_on_real_minilm(tmp_path, scifact_dir):
 
 
 # ---------------------------------------------------------------- rerankers
-@pytest.mark.parametrize("kind", ["cross_encoder", "colbert"])
-def test_int8_reranker_scores_pass_the_gate(kind, tmp_path):
+def _tiny_reranker_and_fp32_scores(kind: str, tmp_path):
+    """A saved tiny cross-encoder / ColBERT, 12 (query, document) pairs and its fp32 scores."""
     from distributed_ir.eval.rerank import RerankStage
     from distributed_ir.models.colbert import ColBERTReranker
     from distributed_ir.models.cross_encoder import CrossEncoderReranker
-    from distributed_ir.models.onnx_int8 import OnnxBody
     from tests.conftest import build_tiny_model
 
     # init 0.2: scores that vary with the pair (at 0.02 a random tiny model scores all pairs within 1e-4)
@@ -549,6 +548,15 @@ def test_int8_reranker_scores_pass_the_gate(kind, tmp_path):
     queries = [TEXTS[i % 3] for i in range(12)]
     docs = [TEXTS[(i * 5) % len(TEXTS)] + " " + TEXTS[i % len(TEXTS)] for i in range(12)]
     ref = RerankStage(str(model), batch_size=4, precision="fp32", device="cpu").score(queries, docs)
+    return model, queries, docs, ref
+
+
+@pytest.mark.parametrize("kind", ["cross_encoder", "colbert"])
+def test_int8_reranker_scores_pass_the_gate(kind, tmp_path):
+    from distributed_ir.eval.rerank import RerankStage
+    from distributed_ir.models.onnx_int8 import OnnxBody
+
+    model, queries, docs, ref = _tiny_reranker_and_fp32_scores(kind, tmp_path)
     stage = RerankStage(str(model), batch_size=4, device="cpu",
                         precision=PrecisionPolicy("int8", cache_dir=str(tmp_path / "cache")))
     got = stage.score(queries, docs)
@@ -561,17 +569,8 @@ def test_int8_reranker_scores_pass_the_gate(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["cross_encoder", "colbert"])
 def test_bf16w_reranker_scores_are_float32_and_pass_the_gate(kind, tmp_path):
     from distributed_ir.eval.rerank import RerankStage
-    from distributed_ir.models.colbert import ColBERTReranker
-    from distributed_ir.models.cross_encoder import CrossEncoderReranker
-    from tests.conftest import build_tiny_model
 
-    body = build_tiny_model(tmp_path / "body", "bert", initializer_range=0.2)
-    torch.manual_seed(0)
-    cls = CrossEncoderReranker if kind == "cross_encoder" else ColBERTReranker
-    model = cls.from_pretrained(str(body)).save(tmp_path / kind)
-    queries = [TEXTS[i % 3] for i in range(12)]
-    docs = [TEXTS[(i * 5) % len(TEXTS)] + " " + TEXTS[i % len(TEXTS)] for i in range(12)]
-    ref = RerankStage(str(model), batch_size=4, precision="fp32", device="cpu").score(queries, docs)
+    model, queries, docs, ref = _tiny_reranker_and_fp32_scores(kind, tmp_path)
     stage = RerankStage(str(model), batch_size=4, device="cpu", precision="bf16w")
     got = stage.score(queries, docs)
     assert {p.dtype for p in stage.reranker.parameters()} == {torch.bfloat16}  # ColBERT's head too
