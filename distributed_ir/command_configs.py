@@ -21,8 +21,8 @@ ON_ERROR_CHOICES = ("raise", "skip")
 
 
 def _precision() -> Any:
-    return flag_field("auto (default): measure fp32, bf16 autocast, bf16w (bfloat16 weights) and int8 (CPU) or "
-                      "fp16/bf16/bf16w (GPU) on the first inputs, keep the fastest that passes the quality gate "
+    return flag_field("auto (default): measure fp32, bf16 autocast, bf16w (bfloat16 weights), int8 and "
+                      "openvino (CPU) or fp16/bf16/bf16w (GPU) on the first inputs, keep the fastest that passes the quality gate "
                       "(cached per host and model); or force one",
                       choices=PRECISION_CHOICES, default="auto")
 

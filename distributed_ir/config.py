@@ -356,7 +356,7 @@ class MiningConfig:
 
 RERANKER_TASKS = ("cross_encoder", "colbert", "llm_reranker")
 # = distributed_ir.models.precision.PRECISIONS (a test checks; models never import this module)
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "bf16w", "fp16", "int8")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "bf16w", "fp16", "int8", "openvino")
 
 
 # A pipeline reranker's training defaults: keys a config leaves out keep these, not TrainConfig's.
@@ -392,9 +392,9 @@ class PipelineRerankerConfig:
     mining: PipelineRerankerMiningConfig = field(default_factory=PipelineRerankerMiningConfig)
     top_k: int = config_field("candidates of the fine-tuned run reranked per eval query", default=100)
     batch_size: int = config_field("reranker batch size (pairs) per actor", default=32)
-    precision: str = config_field("auto (the fastest of fp32 / bf16 / bf16w / int8, or fp16 / bf16 / bf16w on GPU, measured "
+    precision: str = config_field("auto (the fastest of fp32 / bf16 / bf16w / int8 / openvino, or fp16 / bf16 / bf16w on GPU, measured "
                            "on the host and passing min_cosine) | fp32 | bf16 (autocast) | bf16w (bfloat16 weights) | "
-                           "fp16 (GPU) | int8 (CPU; cross-encoder, ColBERT) while reranking", default="auto")
+                           "fp16 (GPU) | int8 | openvino (CPU; cross-encoder, ColBERT) while reranking", default="auto")
     min_cosine: float = config_field("auto's quality gate: agreement of the scores with fp32's on the calibration pairs "
                               "(cosine of the mean-centred scores)", default=0.99)
     actors: int = config_field("reranker actors (0 = from cluster resources); GPUs when train.scaling.use_gpu",
@@ -458,8 +458,8 @@ class DistillConfig:
                                  "again; false = keep the given scores", default=False)
     batch_size: int = config_field("teacher batch size (pairs) per actor", default=32)
     precision: str = config_field("auto (the fastest precision measured on the host that passes min_cosine) | fp32 | "
-                                  "bf16 (autocast) | bf16w (bfloat16 weights) | fp16 (GPU) | int8 (CPU; cross-encoder, "
-                                  "ColBERT) while scoring", default="auto")
+                                  "bf16 (autocast) | bf16w (bfloat16 weights) | fp16 (GPU) | int8 | openvino (CPU; "
+                                  "cross-encoder, ColBERT) while scoring", default="auto")
     min_cosine: float = config_field("auto's quality gate: agreement of the scores with fp32's on the calibration pairs",
                                      default=0.99)
     actors: int = config_field("teacher actors (0 = from cluster resources)", default=0)

@@ -94,7 +94,7 @@ def test_mine_command_distributed_over_queries(beir_index, tmp_path, capsys):
     summary = last_json(capsys.readouterr().out)
     assert (summary["rank_start"], summary["rank_end"], summary["per_query"], summary["split"]) == (2, 20, 4, "train")
     # auto measured (or found cached) in the actors; their decision reaches the summary
-    assert summary["precision_requested"] == "auto" and summary["precision"] in ("fp32", "bf16", "bf16w", "int8")
+    assert summary["precision_requested"] == "auto" and summary["precision"] in ("fp32", "bf16", "bf16w", "int8", "openvino")
     assert summary["precision_speedup_vs_fp32"] >= 1.05 or summary["precision"] == "fp32"
     assert summary["queries"] == summary["records"] == 8
     assert summary["negatives"] == 8 * 4

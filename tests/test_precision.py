@@ -84,14 +84,16 @@ def test_bf16_weights_are_chosen_when_fastest_and_never_when_they_fail_the_gate(
 
 def test_bf16w_is_a_candidate_where_bfloat16_runs(monkeypatch):
     names, skipped = candidates(CPU, None)
-    assert names == ["fp32", "bf16", "bf16w", "int8"] and set(skipped) == {"fp16"}
+    assert names == ["fp32", "bf16", "bf16w", "int8", "openvino"] and set(skipped) == {"fp16"}
     names, skipped = candidates(CPU, "no int8", "the model has no float32 weights to cast to bfloat16")
     assert names == ["fp32", "bf16"] and "float32 weights" in skipped["bf16w"]
+    assert skipped["int8"] == skipped["openvino"] == "no int8"  # both run the exported body
     assert bf16w_missing(torch.nn.Linear(2, 2)) is None
     assert "no float32 weights" in bf16w_missing(torch.nn.Linear(2, 2).to(torch.bfloat16))
     cuda = torch.device("cuda")  # no GPU needed: only the bfloat16 support is asked
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert candidates(cuda, None)[0] == ["fp32", "fp16", "bf16", "bf16w"]
+    names, skipped = candidates(cuda, None)
+    assert names == ["fp32", "fp16", "bf16", "bf16w"] and "CPU" in skipped["openvino"]
     check_forced("bf16w", cuda, None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     names, skipped = candidates(cuda, None)
@@ -107,7 +109,7 @@ def test_decision_rule_on_random_timings_and_cosines():
     rng = random.Random(0)
     picked = set()
     for _ in range(2000):
-        names = ["fp32"] + rng.sample(["bf16", "bf16w", "fp16", "int8"], rng.randint(0, 4))
+        names = ["fp32"] + rng.sample(["bf16", "bf16w", "fp16", "int8", "openvino"], rng.randint(0, 5))
         seconds = {n: rng.uniform(0.2, 2.0) for n in names}
         quality = {n: rng.choice([1.0, rng.uniform(0.85, 1.0)]) for n in names if n != "fp32"}
         chosen, rejected = choose_precision(seconds, quality, 0.99, 1.05)
@@ -118,7 +120,7 @@ def test_decision_rule_on_random_timings_and_cosines():
         ok = [n for n in quality if quality[n] >= 0.99 and seconds[n] * 1.05 <= seconds["fp32"]]
         assert seconds[chosen] == min([seconds[n] for n in ok] or [seconds["fp32"]])
         assert set(rejected) == set(quality) - {chosen}
-    assert picked == {"fp32", "bf16", "bf16w", "fp16", "int8"}
+    assert picked == {"fp32", "bf16", "bf16w", "fp16", "int8", "openvino"}
 
 
 # ---------------------------------------------------------------- the measuring loop (injected clock)
@@ -164,6 +166,10 @@ def test_forced_precisions_the_device_cannot_run_are_refused():
         check_forced("int8", torch.device("cuda"), None)
     with pytest.raises(ValueError, match="int8: not offered for this model kind"):
         check_forced("int8", CPU, int8_missing(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="openvino runs on CPU"):
+        check_forced("openvino", torch.device("cuda"), None)
+    with pytest.raises(ValueError, match="openvino: not offered for this model kind"):
+        check_forced("openvino", CPU, int8_missing(torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="precision 'int4'"):
         PrecisionPolicy("int4")
     with pytest.raises(ValueError, match="slower than fp32"):
@@ -424,13 +430,41 @@ def test_int8_vectors_pass_the_gate_on_a_tiny_model(tiny_bert, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # the model's normalisation
 
 
+def test_openvino_vectors_pass_the_gate_and_reuse_the_cached_export(tiny_bert, tmp_path):
+    from distributed_ir.models.onnx_int8 import META_FILE, build_int8
+    from distributed_ir.models.openvino_body import OpenVinoBody
+
+    ref = _stage(tiny_bert, "fp32", tmp_path).encode(TEXTS)
+    stage = _stage(tiny_bert, "openvino", tmp_path)
+    got = stage.encode(TEXTS)
+    assert isinstance(stage.embedder.backbone, OpenVinoBody)  # the body ran in OpenVINO ...
+    assert stage.choice.base is None  # ... and the fp32 torch weights were let go
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert min_row_cosine(ref, got) >= 0.99  # ... and passes the gate
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # the model's normalisation
+    out = stage({"doc_id": np.arange(2), "text": np.array(TEXTS[:2], dtype=object)})
+    assert json.loads(out["precision_decision"][0])["chosen"] == "openvino"
+    # the fp32 export is cached beside the int8 one and reused: a second stage builds nothing
+    from distributed_ir.models.embedder import Embedder
+
+    emb = Embedder.load(tiny_bert).eval()
+    path, built = build_int8(emb.backbone, emb.onnx_example(), "last_hidden_state", tiny_bert, "embedder", tmp_path,
+                             quantize=False)
+    assert not built and path.parent.name.startswith("fp32-embedder-")
+    assert json.loads((path.parent / META_FILE).read_text())["quantization"] is None
+    mtime = path.stat().st_mtime_ns
+    _stage(tiny_bert, "openvino", tmp_path).encode(TEXTS[:2])
+    assert path.stat().st_mtime_ns == mtime
+
+
 def test_auto_in_a_stage_records_its_decision(tiny_bert, tmp_path):
     stage = _stage(tiny_bert, "auto", tmp_path)
     out = stage({"doc_id": np.arange(len(TEXTS)), "text": np.array(TEXTS, dtype=object)})
     decision = json.loads(out["precision_decision"][0])
     assert list(out["precision_decision"][1:]) == [""] * (len(TEXTS) - 1)
     assert decision["requested"] == "auto" and decision["chosen"] == stage.decision.chosen
-    assert set(decision["seconds"]) == {"fp32", "bf16", "bf16w", "int8"} and decision["quality"]["fp32"] == 1.0
+    assert set(decision["seconds"]) == {"fp32", "bf16", "bf16w", "int8", "openvino"}
+    assert decision["quality"]["fp32"] == 1.0
     assert decision["calibration_texts"] == len(TEXTS)
     ref = _stage(tiny_bert, "fp32", tmp_path).encode(TEXTS)
     assert min_row_cosine(ref, out["embedding"]) >= 0.99
@@ -513,7 +547,7 @@ def test_two_processes_exporting_at_once_build_one_valid_export(tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_and_bf16w_pass_the_gate_on_real_minilm(tmp_path, scifact_dir):
+def test_int8_bf16w_and_openvino_pass_the_gate_on_real_minilm(tmp_path, scifact_dir):
     """SciFact documents, as an index's calibration batch sees them (measured here: min cosine 0.991)."""
     from tests.conftest import minilm_path
 
@@ -530,6 +564,9 @@ def test_int8_and_bf16w_pass_the_gate_on_real_minilm(tmp_path, scifact_dir):
     # bfloat16 weights keep far more (measured in BENCHMARKS.md on 300 documents: 0.99992)
     got = _stage(minilm_path(), "bf16w", tmp_path).encode(docs)
     assert got.dtype == np.float32 and 0.999 <= min_row_cosine(ref, got) < 1.0
+    # OpenVINO: bfloat16 on an AMX CPU, float32 elsewhere; either way far above the gate
+    got = _stage(minilm_path(), "openvino", tmp_path).encode(docs)
+    assert got.dtype == np.float32 and min_row_cosine(ref, got) >= 0.999
 
 
 # ---------------------------------------------------------------- rerankers
@@ -567,6 +604,20 @@ def test_int8_reranker_scores_pass_the_gate(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["cross_encoder", "colbert"])
+def test_openvino_reranker_scores_pass_the_gate(kind, tmp_path):
+    from distributed_ir.eval.rerank import RerankStage
+    from distributed_ir.models.openvino_body import OpenVinoBody
+
+    model, queries, docs, ref = _tiny_reranker_and_fp32_scores(kind, tmp_path)
+    stage = RerankStage(str(model), batch_size=4, device="cpu",
+                        precision=PrecisionPolicy("openvino", cache_dir=str(tmp_path / "cache")))
+    got = stage.score(queries, docs)
+    body = stage.reranker.model if kind == "cross_encoder" else stage.reranker.backbone
+    assert isinstance(body, OpenVinoBody)
+    assert got.dtype == np.float32 and ref.std() > 0.05 and score_cosine(ref, got) >= 0.99
+
+
+@pytest.mark.parametrize("kind", ["cross_encoder", "colbert"])
 def test_bf16w_reranker_scores_are_float32_and_pass_the_gate(kind, tmp_path):
     from distributed_ir.eval.rerank import RerankStage
 
@@ -584,3 +635,4 @@ def test_llm_reranker_measures_without_int8(tmp_path):
                              {"role": "reranker-llm_reranker"})
     decision = choice.calibrate(lambda model, dtype: np.ones(4), score_cosine)
     assert "int8" not in decision.seconds and "embedders, cross-encoders and ColBERT only" in decision.rejected["int8"]
+    assert "openvino" not in decision.seconds and "ColBERT only" in decision.rejected["openvino"]

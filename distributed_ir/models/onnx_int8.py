@@ -95,15 +95,16 @@ def quant_config(flags: set[str] | None = None) -> dict[str, Any]:
             "reduce_range": False}
 
 
-def export_dir(model_dir: str | Path, role: str, cache_root: Path) -> Path:
-    """Where the int8 export of ``model_dir`` for ``role`` lives (one folder per model, role, CPU
-    kind and torch/ONNX Runtime versions)."""
+def export_dir(model_dir: str | Path, role: str, cache_root: Path, quantize: bool = True) -> Path:
+    """Where the int8 export (``quantize``) or the fp32 export (OpenVINO's input) of ``model_dir`` for
+    ``role`` lives (one folder per model, role, CPU kind and torch/ONNX Runtime versions)."""
     import onnxruntime
 
     q = quant_config()
     versions = hashlib.sha256(f"{torch.__version__} {onnxruntime.__version__}".encode()).hexdigest()[:8]
     name = Path(model_dir).resolve().name or "model"
-    return cache_root / f"{name}-{folder_key(model_dir)}" / f"int8-{role}-{q['name']}-{versions}"
+    kind = f"int8-{role}-{q['name']}" if quantize else f"fp32-{role}"
+    return cache_root / f"{name}-{folder_key(model_dir)}" / f"{kind}-{versions}"
 
 
 class _Body(nn.Module):
@@ -158,11 +159,12 @@ def _quantize(src: Path, dst: Path) -> None:
 
 
 def build_int8(module: nn.Module, example: dict[str, torch.Tensor], output: str, model_dir: str | Path,
-               role: str, cache_root: Path) -> tuple[Path, bool]:
-    """The int8 ONNX model of ``module`` (cached): ``(path to model.onnx, built now?)``.
+               role: str, cache_root: Path, quantize: bool = True) -> tuple[Path, bool]:
+    """The int8 ONNX model of ``module`` (cached): ``(path to model.onnx, built now?)``; with
+    ``quantize=False`` the checked fp32 graph instead (what OpenVINO compiles).
 
     ``module(**example).<output>`` is what the graph computes; ``example`` is a padded CPU batch."""
-    target = export_dir(model_dir, role, cache_root)
+    target = export_dir(model_dir, role, cache_root, quantize)
     model_file = target / MODEL_FILE
     if model_file.is_file():
         return model_file, False
@@ -176,12 +178,15 @@ def build_int8(module: nn.Module, example: dict[str, torch.Tensor], output: str,
             example = {k: v.cpu() for k, v in example.items()}
             export_onnx(module, example, output, tmp / "fp32.onnx")
             err = _check_export(module, example, output, tmp / "fp32.onnx")
-            _quantize(tmp / "fp32.onnx", tmp / MODEL_FILE)
-            (tmp / "fp32.onnx").unlink()  # only the int8 graph is kept
+            if quantize:
+                _quantize(tmp / "fp32.onnx", tmp / MODEL_FILE)
+                (tmp / "fp32.onnx").unlink()  # only the int8 graph is kept
+            else:
+                os.replace(tmp / "fp32.onnx", tmp / MODEL_FILE)
             import onnxruntime
 
             meta = {"model": str(Path(model_dir).resolve()), "role": role, "output": output, "inputs": list(example),
-                    "quantization": quant_config(), "fp32_export_max_abs_error": err,
+                    "quantization": quant_config() if quantize else None, "fp32_export_max_abs_error": err,
                     "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
                     "built_by_pid": os.getpid(), "seconds": round(time.perf_counter() - t0, 2)}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -1,5 +1,5 @@
 """Inference precision chosen by measurement on the host: ``auto`` | ``fp32`` | ``bf16`` | ``bf16w`` |
-``fp16`` | ``int8``.
+``fp16`` | ``int8`` | ``openvino``.
 
 CPUs differ (DESIGN.md): bf16 autocast is 2.45x fp32 on a Xeon with AMX, 1.77x on an AMD EPYC
 with avx512_bf16 and 0.70x (slower) on a Xeon with avx512_bf16 but no AMX, where ONNX Runtime
@@ -8,7 +8,8 @@ int8 gave 1.33x.  So ``auto`` does not guess from CPU flags; on first use per ho
 1. runs every candidate on a calibration batch of real inputs (the first texts the stage sees):
    CPU: fp32, bf16 autocast, bf16w (a copy of the model with bfloat16 weights, no autocast: no
    per-layer casts; 2.88x fp32 against autocast's 2.60x on a 2-core AMX Xeon) and int8 (ONNX
-   Runtime, :mod:`distributed_ir.models.onnx_int8`); GPU: fp32, fp16 autocast and, where the GPU
+   Runtime, :mod:`distributed_ir.models.onnx_int8`) and openvino (the fp32 ONNX export compiled by
+   OpenVINO, which runs bfloat16 on AMX CPUs: :mod:`distributed_ir.models.openvino_body`); GPU: fp32, fp16 autocast and, where the GPU
    has bfloat16, bf16 autocast and bf16w.  One untimed warm-up each (it builds the int8 export
    or the bf16w copy), then ``rounds`` timed rounds in alternating order; a variant's time is
    its median;
@@ -24,7 +25,7 @@ the gate and the candidate names, written under a file lock: actors that start t
 once.  A new candidate (bf16w was added after the first caches were written) gives a new key, so
 a decision that never measured it is measured again rather than reused; an entry this version
 cannot read (unknown fields, an unknown variant) is measured again too.  Explicit
-``fp32 | bf16 | bf16w | fp16 | int8`` force a choice and measure nothing.
+``fp32 | bf16 | bf16w | fp16 | int8 | openvino`` force a choice and measure nothing.
 
 Whatever runs, outputs are float32: pooling accumulates in float32
 (:func:`distributed_ir.models.pooling.pool`), normalisation, scores and ColBERT's MaxSim are
@@ -51,10 +52,11 @@ import torch
 
 from distributed_ir.models.onnx_int8 import cpu_flags, file_lock, folder_key
 
-PRECISIONS = ("auto", "fp32", "bf16", "bf16w", "fp16", "int8")
-# the autocast dtype of each variant (None: none); bf16w and int8 run a copy of the model instead
+PRECISIONS = ("auto", "fp32", "bf16", "bf16w", "fp16", "int8", "openvino")
+# the autocast dtype of each variant (None: none); bf16w, int8 and openvino run a copy of the model instead
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "bf16w": None, "fp16": torch.float16,
-                                         "int8": None}
+                                         "int8": None, "openvino": None}
+COPIES = ("int8", "bf16w", "openvino")  # variants that run a copy of the model (the fp32 one is then freed)
 CACHE_ENV = "DIR_PRECISION_CACHE"
 DECISIONS_FILE = "decisions.json"
 
@@ -195,7 +197,7 @@ def candidates(device: torch.device, int8_missing: str | None,
     """Variants worth measuring on ``device``, and those left out with the reason
     (``int8_missing`` / ``bf16w_missing``: why this model has no such variant, None when it has one)."""
     if device.type == "cuda":
-        names, skipped = ["fp32", "fp16"], {"int8": "int8 runs on CPU (ONNX Runtime)"}
+        names, skipped = ["fp32", "fp16"], {"int8": "int8 runs on CPU (ONNX Runtime)", "openvino": "openvino runs on CPU"}
         if not torch.cuda.is_bf16_supported():
             skipped["bf16"] = skipped["bf16w"] = "this GPU has no bfloat16"
         else:
@@ -219,6 +221,13 @@ def candidates(device: torch.device, int8_missing: str | None,
             skipped["int8"] = "onnxruntime is not installed (pip install 'distributed-ir[cpu]')"
         else:
             names.append("int8")
+    from distributed_ir.models.openvino_body import openvino_missing
+
+    why = int8_missing or openvino_missing()
+    if why:
+        skipped["openvino"] = why
+    else:
+        names.append("openvino")
     return names, skipped
 
 
@@ -233,6 +242,14 @@ def check_forced(precision: str, device: torch.device, int8_missing: str | None,
         raise ValueError("int8 runs on CPU (ONNX Runtime); on a GPU use fp16 or bf16")
     if precision == "int8" and int8_missing:
         raise ValueError(f"int8: {int8_missing}")
+    if precision == "openvino":
+        from distributed_ir.models.openvino_body import openvino_missing
+
+        if device.type != "cpu":
+            raise ValueError("openvino runs on CPU; on a GPU use fp16 or bf16")
+        why = int8_missing or openvino_missing()
+        if why:
+            raise ValueError(f"openvino: {why}")
     if precision == "bf16w" and bf16w_missing:
         raise ValueError(f"bf16w: {bf16w_missing}; use fp32 (the model runs in its own dtype) or bf16")
 
@@ -307,10 +324,16 @@ def host_key(device: torch.device) -> dict[str, Any]:
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = None
+    try:
+        import openvino
+
+        ov_version = openvino.__version__
+    except ImportError:
+        ov_version = None
     return {"cpu": cpu, "cpu_flags": hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12],
             "machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "onnxruntime": ort_version}
+            "torch": torch.__version__, "onnxruntime": ort_version, "openvino": ov_version}
 
 
 def model_cache_dir(model_dir: str | Path, policy: PrecisionPolicy) -> Path:
@@ -404,8 +427,7 @@ class PrecisionChoice:
         self.model_dir, self.device, self.policy, self.role = model_dir, device, policy, role
         self.int8_missing = int8_missing(model)
         self.bf16w_missing = bf16w_missing(model)
-        self._int8: torch.nn.Module | None = None
-        self._bf16w: torch.nn.Module | None = None
+        self._copies: dict[str, torch.nn.Module] = {}  # int8 / bf16w / openvino copies built so far
         self.decision: Decision | None = None
         self._reported = False
         if policy.precision != "auto":
@@ -420,30 +442,30 @@ class PrecisionChoice:
         return self.decision is None
 
     def variant(self, name: str) -> tuple[torch.nn.Module, torch.dtype | None]:
-        if name == "int8":
-            if self._int8 is None:
-                from distributed_ir.models.onnx_int8 import int8_model
-
-                self._int8 = int8_model(self.base, self.model_dir, cache_root(self.policy.cache_dir))
-            return self._int8, None
-        if name == "bf16w" and self._bf16w is not None:
-            return self._bf16w, None
+        if name in self._copies:
+            return self._copies[name], None
         if self.base is None:
-            raise RuntimeError("the fp32 model was released when int8 or bf16w was chosen")
-        if name == "bf16w":
-            self._bf16w = bf16_copy(self.base)
-            return self._bf16w, None
-        return self.base, DTYPES[name]
+            raise RuntimeError(f"the fp32 model was released when {self.model_dir} chose a copy ({', '.join(COPIES)})")
+        if name == "int8":
+            from distributed_ir.models.onnx_int8 import int8_model
+
+            self._copies[name] = int8_model(self.base, self.model_dir, cache_root(self.policy.cache_dir))
+        elif name == "openvino":
+            from distributed_ir.models.openvino_body import openvino_model
+
+            self._copies[name] = openvino_model(self.base, self.model_dir, cache_root(self.policy.cache_dir))
+        elif name == "bf16w":
+            self._copies[name] = bf16_copy(self.base)
+        else:
+            return self.base, DTYPES[name]
+        return self._copies[name], None
 
     def apply(self, name: str) -> None:
         self.model, self.dtype = self.variant(name)
-        if name in ("int8", "bf16w"):
-            self.base = None  # the copy (ONNX session, bfloat16 weights) holds its own weights
+        if name in COPIES:
+            self.base = None  # the copy (ONNX / OpenVINO session, bfloat16 weights) holds its own weights
         # measured, not chosen: free them
-        if name != "int8":
-            self._int8 = None
-        if name != "bf16w":
-            self._bf16w = None
+        self._copies = {k: v for k, v in self._copies.items() if k == name}
 
     def calibrate(self, run: Callable[[torch.nn.Module, torch.dtype | None], np.ndarray],
                   quality: Callable[[np.ndarray, np.ndarray], float]) -> Decision:

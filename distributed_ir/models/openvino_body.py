@@ -1,0 +1,90 @@
+"""``openvino`` on CPU: a model's transformer body compiled by OpenVINO from its fp32 ONNX export.
+
+OpenVINO's CPU plugin picks its own inference precision for the host: bfloat16 where the CPU has
+AMX (its default ``INFERENCE_PRECISION_HINT`` there), float32 elsewhere, with its own fused
+attention and layer-norm kernels.  On the 2-core AMX Xeon (BENCHMARKS.md) it encoded 1,500
+SciFact documents at 3.09x fp32 against 2.42x for bfloat16 weights in torch; on other CPUs it may
+be slower, which is why it is one more ``auto`` candidate, measured and gated like the others,
+never assumed.
+
+As with int8 (:mod:`distributed_ir.models.onnx_int8`), only the body runs outside torch:
+tokenisation, instructions, EOS, pooling, normalisation and scoring stay the model's own Python
+code.  The fp32 ONNX export (checked against torch) is cached once per model folder and role
+beside the int8 export, built under the same file lock; every process compiles it for its own
+thread count (seconds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distributed_ir.models.onnx_int8 import build_int8
+
+
+def openvino_missing() -> str | None:
+    """Why this process cannot run OpenVINO (None: it can)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "openvino is not installed (pip install 'distributed-ir[cpu]')"
+    try:
+        import onnxruntime  # noqa: F401  (the export is checked with it)
+    except ImportError:
+        return "onnxruntime is not installed (pip install 'distributed-ir[cpu]')"
+    return None
+
+
+class OpenVinoBody(nn.Module):
+    """An OpenVINO compiled model standing in for a transformer body: ``forward(**inputs)`` returns
+    an object whose ``<output>`` attribute is a CPU float32 tensor, as the Hugging Face model did."""
+
+    def __init__(self, path: str | Path, config: Any, output: str, threads: int = 0):
+        import openvino as ov
+
+        super().__init__()
+        self.config = config  # hidden_size, num_labels: read by the wrapping model
+        # callers find a model's device from its first parameter: an empty CPU one answers them
+        self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
+        core = ov.Core()
+        model = core.read_model(str(path))
+        self.inputs = [p.get_any_name() for p in model.inputs]
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+                                                          "PERFORMANCE_HINT": "LATENCY"})
+        self.request = self.compiled.create_infer_request()
+        self.output = output
+        self.inference_precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+    def forward(self, **inputs: torch.Tensor | None) -> SimpleNamespace:
+        feed = {k: inputs[k].detach().cpu().numpy().astype(np.int64) for k in self.inputs}
+        out = self.request.infer(feed)
+        value = np.asarray(next(iter(out.values())), dtype=np.float32)
+        return SimpleNamespace(**{self.output: torch.from_numpy(value.copy())})
+
+
+def openvino_model(model: nn.Module, model_dir: str | Path, cache_root: Path, threads: int = 0) -> nn.Module:
+    """A copy of ``model`` (embedder, cross-encoder or ColBERT) whose body runs in OpenVINO.
+
+    The model names its body and output (``onnx_body``), gives a padded example batch
+    (``onnx_example()``) and rebuilds itself around another body (``with_body``), as for int8."""
+    spec = getattr(model, "onnx_body", None)
+    if spec is None:
+        raise ValueError(f"openvino is not offered for {type(model).__name__} (encoder models only: embedders, "
+                         "cross-encoders, ColBERT)")
+    missing = openvino_missing()
+    if missing:
+        raise ValueError(f"openvino: {missing}")
+    attr, output = spec
+    body = getattr(model, attr)
+    if next(body.parameters()).device.type != "cpu":
+        raise ValueError("openvino runs on CPU; on a GPU use fp16 or bf16")
+    path, built = build_int8(body, model.onnx_example(), output, model_dir, type(model).__name__.lower(), cache_root,
+                             quantize=False)
+    if built:
+        print(f"[precision] exported {type(model).__name__} to fp32 ONNX for OpenVINO at {path}", flush=True)
+    return model.with_body(OpenVinoBody(path, body.config, output, threads))
