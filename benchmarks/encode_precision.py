@@ -10,13 +10,13 @@ Variants (each over the same length-sorted SciFact documents, batch 64, --thread
   auto            ``EncodeStage(precision=auto)``: what it picks here (its calibration runs first,
                   untimed, in a fresh cache; its decision and calibration time are printed)
   openvino        the fp32 ONNX graph compiled by OpenVINO (its default CPU precision hint: bf16
-                  where the CPU has AMX), when ``openvino`` is installed (``pip install -e '.[openvino]'``)
+                  where the CPU has AMX): ``precision=openvino``, an ``auto`` candidate
   st_fp32, st_autocast_bf16   with --st: ``SentenceTransformer.encode`` (batch 64)
 
 Runs alternate (every variant once per run, order reversed on odd runs); the table gives every
 run's docs/s, the median, the ratio to fp32's median, the minimum cosine to fp32's vectors and
 whether the variant passes the 0.99 gate, then auto against the fastest of its own candidates
-(fp32, autocast_bf16, bf16_weights, ort_int8) that passes it.
+(fp32, autocast_bf16, bf16_weights, ort_int8, openvino) that passes it.
 
     IR_DATA_DIR=../shared/data .venv/bin/python benchmarks/encode_precision.py --docs 300 --runs 5 --st
 """
@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,22 +41,6 @@ from distributed_ir.models.embedder import Embedder, resolve_model_path
 from distributed_ir.models.precision import PrecisionPolicy, min_row_cosine
 
 GATE = 0.99
-
-
-class OpenVinoBody(torch.nn.Module):
-    """The fp32 ONNX graph compiled by OpenVINO, standing in for the body (benchmark only)."""
-
-    def __init__(self, path: Path, config, threads: int):
-        import openvino as ov
-
-        super().__init__()
-        self.config = config
-        self.anchor = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-        self.compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
-
-    def forward(self, input_ids, attention_mask):
-        out = self.compiled({"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
-        return SimpleNamespace(last_hidden_state=torch.from_numpy(np.asarray(out[0])))
 
 
 def load_docs(n: int) -> list[str]:
@@ -74,7 +57,7 @@ def load_docs(n: int) -> list[str]:
 def build_variants(args, docs: list[str], cache: Path) -> tuple[dict[str, Callable[[], np.ndarray]], dict]:
     """Each variant as a zero-argument call encoding ``docs``; plus facts (auto's decision)."""
     from distributed_ir.index.encode import EncodeStage
-    from distributed_ir.models.onnx_int8 import OnnxBody, build_int8, export_onnx
+    from distributed_ir.models.onnx_int8 import OnnxBody, build_int8
 
     order = np.argsort([-len(t) for t in docs], kind="stable")
 
@@ -106,14 +89,12 @@ def build_variants(args, docs: list[str], cache: Path) -> tuple[dict[str, Callab
     facts["auto_calibration_s"] = round(time.perf_counter() - t0, 2)
     facts["auto_decision"] = stage.decision.to_dict()
     variants["auto"] = lambda: stage.encode(docs)
-    try:
-        import openvino  # noqa: F401
+    from distributed_ir.models.openvino_body import openvino_missing, openvino_model
 
-        fp32_onnx = cache / "fp32.onnx"
-        export_onnx(base.backbone, base.onnx_example(), "last_hidden_state", fp32_onnx)
-        variants["openvino"] = ours(base.with_body(OpenVinoBody(fp32_onnx, base.backbone.config, args.threads)))
-    except ImportError:
-        print("openvino not installed: no openvino variant", flush=True)
+    if openvino_missing():
+        print(f"no openvino variant: {openvino_missing()}", flush=True)
+    else:  # what precision=openvino runs (an auto candidate): the cached fp32 export compiled by OpenVINO
+        variants["openvino"] = ours(openvino_model(base, resolve_model_path(args.model), cache, args.threads))
     if args.st:
         from sentence_transformers import SentenceTransformer
 
@@ -174,7 +155,7 @@ def report(speed: dict[str, list[float]], cos: dict[str, float], facts: dict, ar
     print(f"\nauto chose {decision.get('chosen')} (calibration {facts.get('auto_calibration_s')} s on "
           f"{decision.get('calibration_texts')} texts; measured speed-ups {decision.get('speedup_vs_fp32')}; "
           f"not chosen: {decision.get('rejected')})")
-    candidates = ("fp32", "autocast_bf16", "bf16_weights", "ort_int8")  # what auto measures on a CPU
+    candidates = ("fp32", "autocast_bf16", "bf16_weights", "ort_int8", "openvino")  # what auto measures on a CPU
     ours = {k: m for k, m in med.items() if cos[k] >= GATE and k in candidates}
     if "auto" in med and ours:
         best = max(ours, key=ours.get)
