@@ -588,33 +588,24 @@ def _tiny_reranker_and_fp32_scores(kind: str, tmp_path):
     return model, queries, docs, ref
 
 
+@pytest.mark.parametrize("precision", ["int8", "openvino"])
 @pytest.mark.parametrize("kind", ["cross_encoder", "colbert"])
-def test_int8_reranker_scores_pass_the_gate(kind, tmp_path):
+def test_exported_reranker_scores_pass_the_gate(kind, precision, tmp_path):
+    """int8 (ONNX Runtime) and openvino (OpenVINO) run the reranker's exported body."""
     from distributed_ir.eval.rerank import RerankStage
     from distributed_ir.models.onnx_int8 import OnnxBody
-
-    model, queries, docs, ref = _tiny_reranker_and_fp32_scores(kind, tmp_path)
-    stage = RerankStage(str(model), batch_size=4, device="cpu",
-                        precision=PrecisionPolicy("int8", cache_dir=str(tmp_path / "cache")))
-    got = stage.score(queries, docs)
-    body = stage.reranker.model if kind == "cross_encoder" else stage.reranker.backbone
-    assert isinstance(body, OnnxBody)
-    assert ref.std() > 0.05  # the pairs are told apart ...
-    assert 1e-6 < np.abs(got - ref).max() and score_cosine(ref, got) >= 0.99  # ... and int8 keeps the order
-
-
-@pytest.mark.parametrize("kind", ["cross_encoder", "colbert"])
-def test_openvino_reranker_scores_pass_the_gate(kind, tmp_path):
-    from distributed_ir.eval.rerank import RerankStage
     from distributed_ir.models.openvino_body import OpenVinoBody
 
     model, queries, docs, ref = _tiny_reranker_and_fp32_scores(kind, tmp_path)
     stage = RerankStage(str(model), batch_size=4, device="cpu",
-                        precision=PrecisionPolicy("openvino", cache_dir=str(tmp_path / "cache")))
+                        precision=PrecisionPolicy(precision, cache_dir=str(tmp_path / "cache")))
     got = stage.score(queries, docs)
     body = stage.reranker.model if kind == "cross_encoder" else stage.reranker.backbone
-    assert isinstance(body, OpenVinoBody)
-    assert got.dtype == np.float32 and ref.std() > 0.05 and score_cosine(ref, got) >= 0.99
+    assert isinstance(body, OnnxBody if precision == "int8" else OpenVinoBody)
+    assert got.dtype == np.float32 and ref.std() > 0.05  # the pairs are told apart ...
+    assert score_cosine(ref, got) >= 0.99  # ... and the exported body keeps the order
+    if precision == "int8":
+        assert 1e-6 < np.abs(got - ref).max()  # quantised: not the same numbers
 
 
 @pytest.mark.parametrize("kind", ["cross_encoder", "colbert"])

@@ -196,28 +196,43 @@ def build_int8(module: nn.Module, example: dict[str, torch.Tensor], output: str,
     return model_file, True
 
 
-class OnnxBody(nn.Module):
-    """An ONNX Runtime session standing in for a transformer body: ``forward(**inputs)`` returns
-    an object whose ``<output>`` attribute is a CPU float tensor, as the Hugging Face model did."""
+class ExportedBody(nn.Module):
+    """A runtime outside torch standing in for a transformer body: ``forward(**inputs)`` returns an
+    object whose ``<output>`` attribute is a CPU float32 tensor, as the Hugging Face model did.
+    Subclasses set ``self.inputs`` (the graph's input names) and implement :meth:`run`."""
 
-    def __init__(self, path: str | Path, config: Any, output: str, threads: int = 0):
-        import onnxruntime as ort
-
+    def __init__(self, config: Any, output: str):
         super().__init__()
         self.config = config  # hidden_size, num_labels: read by the wrapping model
         # callers find a model's device from its first parameter: an empty CPU one answers them
         self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.output = output
+        self.inputs: list[str] = []
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def forward(self, **inputs: torch.Tensor | None) -> SimpleNamespace:
+        feed = {k: inputs[k].detach().cpu().numpy().astype(np.int64) for k in self.inputs}
+        out = np.array(self.run(feed), dtype=np.float32)  # a copy: runtimes may reuse their buffers
+        return SimpleNamespace(**{self.output: torch.from_numpy(out)})
+
+
+class OnnxBody(ExportedBody):
+    """An ONNX Runtime session standing in for a transformer body."""
+
+    def __init__(self, path: str | Path, config: Any, output: str, threads: int = 0):
+        import onnxruntime as ort
+
+        super().__init__(config, output)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self.output = output
 
-    def forward(self, **inputs: torch.Tensor | None) -> SimpleNamespace:
-        feed = {k: inputs[k].detach().cpu().numpy().astype(np.int64) for k in self.inputs}
-        out = self.session.run([self.output], feed)[0]
-        return SimpleNamespace(**{self.output: torch.from_numpy(out)})
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run([self.output], feed)[0]
 
 
 def int8_model(model: nn.Module, model_dir: str | Path, cache_root: Path, threads: int = 0) -> nn.Module:

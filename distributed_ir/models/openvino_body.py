@@ -17,14 +17,13 @@ thread count (seconds).
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from distributed_ir.models.onnx_int8 import build_int8
+from distributed_ir.models.onnx_int8 import ExportedBody, build_int8
 
 
 def openvino_missing() -> str | None:
@@ -40,31 +39,23 @@ def openvino_missing() -> str | None:
     return None
 
 
-class OpenVinoBody(nn.Module):
-    """An OpenVINO compiled model standing in for a transformer body: ``forward(**inputs)`` returns
-    an object whose ``<output>`` attribute is a CPU float32 tensor, as the Hugging Face model did."""
+class OpenVinoBody(ExportedBody):
+    """An OpenVINO compiled model standing in for a transformer body."""
 
     def __init__(self, path: str | Path, config: Any, output: str, threads: int = 0):
         import openvino as ov
 
-        super().__init__()
-        self.config = config  # hidden_size, num_labels: read by the wrapping model
-        # callers find a model's device from its first parameter: an empty CPU one answers them
-        self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
+        super().__init__(config, output)
         core = ov.Core()
         model = core.read_model(str(path))
         self.inputs = [p.get_any_name() for p in model.inputs]
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
                                                           "PERFORMANCE_HINT": "LATENCY"})
         self.request = self.compiled.create_infer_request()
-        self.output = output
         self.inference_precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
 
-    def forward(self, **inputs: torch.Tensor | None) -> SimpleNamespace:
-        feed = {k: inputs[k].detach().cpu().numpy().astype(np.int64) for k in self.inputs}
-        out = self.request.infer(feed)
-        value = np.asarray(next(iter(out.values())), dtype=np.float32)
-        return SimpleNamespace(**{self.output: torch.from_numpy(value.copy())})
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return next(iter(self.request.infer(feed).values()))
 
 
 def openvino_model(model: nn.Module, model_dir: str | Path, cache_root: Path, threads: int = 0) -> nn.Module:
