@@ -306,7 +306,7 @@ def test_bf16w_leaves_the_callers_model_alone_and_frees_its_weights_once_chosen(
     other = PrecisionChoice(emb, tiny_bert, CPU, PrecisionPolicy(cache_dir=str(tmp_path)), {"role": "x"})
     other.variant("bf16w")
     other.apply("bf16")
-    assert other._bf16w is None and other.model is emb and other.dtype == torch.bfloat16
+    assert "bf16w" not in other._copies and other.model is emb and other.dtype == torch.bfloat16
 
 
 class _Allocations(TorchDispatchMode):
