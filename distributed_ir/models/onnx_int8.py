@@ -235,20 +235,29 @@ class OnnxBody(ExportedBody):
         return self.session.run([self.output], feed)[0]
 
 
-def int8_model(model: nn.Module, model_dir: str | Path, cache_root: Path, threads: int = 0) -> nn.Module:
-    """A copy of ``model`` (embedder, cross-encoder or ColBERT) whose body runs int8 in ONNX Runtime.
+def exported_copy(model: nn.Module, model_dir: str | Path, cache_root: Path, body_cls: type[ExportedBody],
+                  runtime: str, quantize: bool, threads: int = 0) -> nn.Module:
+    """A copy of ``model`` (embedder, cross-encoder or ColBERT) whose body runs in ``body_cls``, from
+    the cached export (int8 when ``quantize``, else fp32).
 
     The model names its body and output (``onnx_body = (attribute, output)``), gives a padded
     example batch (``onnx_example()``) and rebuilds itself around another body (``with_body``)."""
     spec = getattr(model, "onnx_body", None)
     if spec is None:
-        raise ValueError(f"int8 is not offered for {type(model).__name__} (encoder models only: embedders, "
+        raise ValueError(f"{runtime} is not offered for {type(model).__name__} (encoder models only: embedders, "
                          "cross-encoders, ColBERT)")
     attr, output = spec
     body = getattr(model, attr)
     if next(body.parameters()).device.type != "cpu":
-        raise ValueError("int8 runs on CPU (ONNX Runtime); on a GPU use fp16 or bf16")
-    path, built = build_int8(body, model.onnx_example(), output, model_dir, type(model).__name__.lower(), cache_root)
+        raise ValueError(f"{runtime} runs on CPU; on a GPU use fp16 or bf16")
+    path, built = build_int8(body, model.onnx_example(), output, model_dir, type(model).__name__.lower(), cache_root,
+                             quantize=quantize)
     if built:
-        print(f"[precision] exported {type(model).__name__} to int8 ONNX at {path}", flush=True)
-    return model.with_body(OnnxBody(path, body.config, output, threads))
+        print(f"[precision] exported {type(model).__name__} to {'int8' if quantize else 'fp32'} ONNX for {runtime} "
+              f"at {path}", flush=True)
+    return model.with_body(body_cls(path, body.config, output, threads))
+
+
+def int8_model(model: nn.Module, model_dir: str | Path, cache_root: Path, threads: int = 0) -> nn.Module:
+    """A copy of ``model`` whose body runs int8 in ONNX Runtime (see :func:`exported_copy`)."""
+    return exported_copy(model, model_dir, cache_root, OnnxBody, "int8 (ONNX Runtime)", True, threads)

@@ -3,9 +3,9 @@
 OpenVINO's CPU plugin picks its own inference precision for the host: bfloat16 where the CPU has
 AMX (its default ``INFERENCE_PRECISION_HINT`` there), float32 elsewhere, with its own fused
 attention and layer-norm kernels.  On the 2-core AMX Xeon (BENCHMARKS.md) it encoded 1,500
-SciFact documents at 3.09x fp32 against 2.42x for bfloat16 weights in torch; on other CPUs it may
-be slower, which is why it is one more ``auto`` candidate, measured and gated like the others,
-never assumed.
+SciFact documents at 2.37x fp32 against 2.33x for bfloat16 weights in torch (medians of 3; with one
+thread per actor bf16w was faster); other CPUs differ, which is why it is one more ``auto``
+candidate, measured and gated like the others, never assumed.
 
 As with int8 (:mod:`distributed_ir.models.onnx_int8`), only the body runs outside torch:
 tokenisation, instructions, EOS, pooling, normalisation and scoring stay the model's own Python
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distributed_ir.models.onnx_int8 import ExportedBody, build_int8
+from distributed_ir.models.onnx_int8 import ExportedBody, exported_copy
 
 
 def openvino_missing() -> str | None:
@@ -59,23 +59,9 @@ class OpenVinoBody(ExportedBody):
 
 
 def openvino_model(model: nn.Module, model_dir: str | Path, cache_root: Path, threads: int = 0) -> nn.Module:
-    """A copy of ``model`` (embedder, cross-encoder or ColBERT) whose body runs in OpenVINO.
-
-    The model names its body and output (``onnx_body``), gives a padded example batch
-    (``onnx_example()``) and rebuilds itself around another body (``with_body``), as for int8."""
-    spec = getattr(model, "onnx_body", None)
-    if spec is None:
-        raise ValueError(f"openvino is not offered for {type(model).__name__} (encoder models only: embedders, "
-                         "cross-encoders, ColBERT)")
+    """A copy of ``model`` (embedder, cross-encoder or ColBERT) whose body runs in OpenVINO, compiled
+    from the cached fp32 export (see :func:`~distributed_ir.models.onnx_int8.exported_copy`)."""
     missing = openvino_missing()
-    if missing:
+    if missing and getattr(model, "onnx_body", None) is not None:
         raise ValueError(f"openvino: {missing}")
-    attr, output = spec
-    body = getattr(model, attr)
-    if next(body.parameters()).device.type != "cpu":
-        raise ValueError("openvino runs on CPU; on a GPU use fp16 or bf16")
-    path, built = build_int8(body, model.onnx_example(), output, model_dir, type(model).__name__.lower(), cache_root,
-                             quantize=False)
-    if built:
-        print(f"[precision] exported {type(model).__name__} to fp32 ONNX for OpenVINO at {path}", flush=True)
-    return model.with_body(OpenVinoBody(path, body.config, output, threads))
+    return exported_copy(model, model_dir, cache_root, OpenVinoBody, "openvino", False, threads)
