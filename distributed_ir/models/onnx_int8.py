@@ -236,9 +236,10 @@ class OnnxBody(ExportedBody):
 
 
 def exported_copy(model: nn.Module, model_dir: str | Path, cache_root: Path, body_cls: type[ExportedBody],
-                  runtime: str, quantize: bool, threads: int = 0) -> nn.Module:
+                  runtime: str, quantize: bool, threads: int = 0, unavailable: str | None = None) -> nn.Module:
     """A copy of ``model`` (embedder, cross-encoder or ColBERT) whose body runs in ``body_cls``, from
-    the cached export (int8 when ``quantize``, else fp32).
+    the cached export (int8 when ``quantize``, else fp32). ``unavailable``: why the runtime cannot
+    run here (refused once the model itself is known to be exportable).
 
     The model names its body and output (``onnx_body = (attribute, output)``), gives a padded
     example batch (``onnx_example()``) and rebuilds itself around another body (``with_body``)."""
@@ -250,11 +251,13 @@ def exported_copy(model: nn.Module, model_dir: str | Path, cache_root: Path, bod
     body = getattr(model, attr)
     if next(body.parameters()).device.type != "cpu":
         raise ValueError(f"{runtime} runs on CPU; on a GPU use fp16 or bf16")
+    if unavailable:
+        raise ValueError(f"{runtime}: {unavailable}")
     path, built = build_int8(body, model.onnx_example(), output, model_dir, type(model).__name__.lower(), cache_root,
                              quantize=quantize)
     if built:
-        print(f"[precision] exported {type(model).__name__} to {'int8' if quantize else 'fp32'} ONNX for {runtime} "
-              f"at {path}", flush=True)
+        print(f"[precision] exported {type(model).__name__} to {'int8' if quantize else 'fp32'} ONNX at {path} "
+              f"({runtime})", flush=True)
     return model.with_body(body_cls(path, body.config, output, threads))
 
 

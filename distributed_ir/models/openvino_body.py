@@ -61,7 +61,5 @@ class OpenVinoBody(ExportedBody):
 def openvino_model(model: nn.Module, model_dir: str | Path, cache_root: Path, threads: int = 0) -> nn.Module:
     """A copy of ``model`` (embedder, cross-encoder or ColBERT) whose body runs in OpenVINO, compiled
     from the cached fp32 export (see :func:`~distributed_ir.models.onnx_int8.exported_copy`)."""
-    missing = openvino_missing()
-    if missing and getattr(model, "onnx_body", None) is not None:
-        raise ValueError(f"openvino: {missing}")
-    return exported_copy(model, model_dir, cache_root, OpenVinoBody, "openvino", False, threads)
+    return exported_copy(model, model_dir, cache_root, OpenVinoBody, "openvino", False, threads,
+                         unavailable=openvino_missing())
