@@ -16,6 +16,11 @@ network), so this runs the same classes the Ray actors run, in one process:
                uninterrupted run (dropout on, so the CUDA RNG state must be restored), next to
                a resume that skips the CUDA RNG (must differ) and a second uninterrupted run (the
                GPU's own noise floor).
+    llm      : the same loop with DeepSpeed ZeRO-2 (bf16, torch AdamW) and LoRA (all linear layers)
+               on a Qwen2 body of Qwen2-0.5B's shape built in code (24 x 896, GQA 14/2 heads, vocab
+               151,936; random weights, last-token pooling): samples/s, tokens/s (non-padding
+               query + document tokens) and peak GPU memory per batch size.  Needs DeepSpeed
+               (carry its wheel: README "GPU check").
 
 Two steps, because the GPU machine has no copy of the model package or of SciFact:
 
@@ -122,6 +127,7 @@ def base_sized_model(minilm: Path, work: Path) -> Path:
     return dst
 
 
+TOKENIZE_THREADS: list = [None]  # `run --tokenize-threads 1,8`: Embedder.tokenize_threads per cell (None: default)
 DEVICE = "cuda"  # `run --device cpu`: a dry run of this script's code paths on a machine without a GPU
 
 
@@ -132,9 +138,14 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+ENCODE_BATCHES: list = [32, 128, 512]  # `run --encode-batches 128,512`: the MiniLM encode sweep
+PRECISIONS: list = []  # `run --precisions fp16,bf16`: only these (default: every one the device has)
+
+
 def precisions() -> tuple[str, ...]:
     # fp16 is GPU-only here; bf16w: a copy with bfloat16 weights (an auto candidate, like bf16 autocast)
-    return ("fp32", "fp16", "bf16", "bf16w") if DEVICE == "cuda" else ("fp32", "bf16", "bf16w")
+    every = ("fp32", "fp16", "bf16", "bf16w") if DEVICE == "cuda" else ("fp32", "bf16", "bf16w")
+    return tuple(p for p in every if p in PRECISIONS) if PRECISIONS else every
 
 
 def timed(fn, runs: int) -> tuple[float, list[float]]:
@@ -148,20 +159,29 @@ def timed(fn, runs: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
-def encode_section(name: str, model: Path, texts: list[str], batch_sizes: list[int], runs: int) -> list[dict]:
+def encode_section(name: str, model: Path, texts: list[str], batch_sizes: list[int], runs: int,
+                   inline: tuple[str, ...] = ("fp32", "fp16")) -> list[dict]:
     import torch
 
     from distributed_ir.index.encode import EncodeStage
     from distributed_ir.models.precision import PrecisionPolicy, min_row_cosine
 
     rows = []
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     stage0 = EncodeStage(str(model), kind="document", precision="fp32", device=DEVICE)
     lens = stage0.embedder.tokenize(texts, "document")["attention_mask"].sum(1)
     tokens = int(lens.sum())
-    ref = None
+    ref = stage0.encode(texts)  # fp32: the cosine reference
     for bs in batch_sizes:
-        for prec in precisions():
+        # tokenise in line (the loop before session 11) next to the threads that tokenise ahead
+        # (Embedder.tokenize_threads; on a GPU the default is the process's torch CPU threads)
+        cells = ([(prec, t) for t in TOKENIZE_THREADS for prec in precisions()]
+                 + [(p, 0) for p in inline if p in precisions()])
+        for prec, tok_threads in cells:
             stage = EncodeStage(str(model), kind="document", batch_size=bs, precision=prec, device=DEVICE)
+            stage.embedder.tokenize_threads = tok_threads
+            threads_used = stage.embedder._tokenize_threads(stage.embedder.device)
             stage.encode(texts[: bs * 2])  # warm-up (kernels, allocator)
             out = {}
 
@@ -169,15 +189,14 @@ def encode_section(name: str, model: Path, texts: list[str], batch_sizes: list[i
                 out["v"] = stage.encode(texts)
 
             med, times = timed(go, runs)
-            if prec == "fp32" and ref is None:
-                ref = out["v"]
-            cos = min_row_cosine(ref, out["v"]) if ref is not None else float("nan")
+            cos = min_row_cosine(ref, out["v"])
             rows.append({"section": "encode", "model": name, "batch": bs, "precision": prec,
+                         "tokenize_threads": threads_used,
                          "docs_per_s": len(texts) / med, "tokens_per_s": tokens / med,
                          "seconds": times, "min_cosine_vs_fp32": cos,
                          "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else 0.0})
-            print(f"encode {name} bs={bs} {prec}: {len(texts) / med:.0f} docs/s, {tokens / med:.0f} tok/s, "
-                  f"cos {cos:.5f}", flush=True)
+            print(f"encode {name} bs={bs} {prec} tokenize_threads={threads_used}: {len(texts) / med:.0f} docs/s, "
+                  f"{tokens / med:.0f} tok/s, cos {cos:.5f}", flush=True)
             del stage
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
@@ -202,6 +221,7 @@ def rerank_section(minilm: Path, work: Path, queries: list[str], docs: list[str]
     ce = work / "cross_encoder"
     torch.manual_seed(0)
     CrossEncoderReranker.from_pretrained(str(minilm)).save(ce)
+    docs = docs[:1024]  # pairs are tokenised in line: 1,024 fit the check's time budget
     q = [queries[i % len(queries)] for i in range(len(docs))]
     rows, ref = [], None
     for bs in batch_sizes:
@@ -233,10 +253,10 @@ def rerank_section(minilm: Path, work: Path, queries: list[str], docs: list[str]
     return rows
 
 
-def _train(model: Path, records: Path, out: Path, **kw) -> dict:
+def _train(model_path: Path, records: Path, out: Path, /, **kw) -> dict:
     from distributed_ir.train.loop import train_loop
 
-    cfg = {"train_path": str(records), "output_dir": str(out), "model": {"name_or_path": str(model)},
+    cfg = {"train_path": str(records), "output_dir": str(out), "model": {"name_or_path": str(model_path)},
            "scaling": {"use_gpu": DEVICE == "cuda"}, "seed": 7, **kw}
     return train_loop(cfg)
 
@@ -292,16 +312,86 @@ def train_section(minilm: Path, records: Path, work: Path, steps: int, batch: in
     return rows
 
 
+LLM_SHAPE = {"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "intermediate": 4864, "vocab": 151936}
+
+
+def qwen2_body(minilm: Path, work: Path, shape: dict) -> tuple[Path, int]:
+    """A Qwen2 body of the given shape (random weights), MiniLM's tokenizer with [SEP] as EOS."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2Model
+
+    dst = work / "qwen2"
+    tok = AutoTokenizer.from_pretrained(str(minilm))
+    tok.eos_token = tok.sep_token
+    tok.padding_side = "left"
+    cfg = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+                      num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                      intermediate_size=shape["intermediate"], max_position_embeddings=2048,
+                      eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):  # random init on the GPU: seconds, not a minute of CPU
+        model = Qwen2Model(cfg)
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return dst, n
+
+
+def llm_section(minilm: Path, records: Path, work: Path, steps: int, batches: list[int], shape: dict) -> list[dict]:
+    """train_loop at world size 1 with DeepSpeed ZeRO-2 bf16 + LoRA on a Qwen2-0.5B-shaped body."""
+    import torch
+    from transformers import AutoTokenizer
+
+    model, n_params = qwen2_body(minilm, work, shape)
+    print(f"qwen2 body: {n_params / 1e6:.0f}M parameters", flush=True)
+    q_len, d_len = 64, 256
+    # non-padding tokens per record as the loop sees them (query + its positive, truncated; the
+    # loop's query instruction and EOS add a few more, not counted here)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    recs = [json.loads(line) for line in records.read_text().splitlines()]
+    q_tok = [min(q_len, len(tok(r["query"])["input_ids"])) for r in recs]
+    d_tok = [min(d_len, len(tok(r["positive"][0])["input_ids"])) for r in recs]
+    per_record = (sum(q_tok) + sum(d_tok)) / len(recs)
+    rows = []
+    for batch in batches:
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        res = _train(model, records, work / f"llm_{batch}", batch_size=batch, max_steps=steps,
+                     log_every=max(1, steps // 3), checkpoint_every=10**6, bf16=True,
+                     model={"name_or_path": str(model), "query_max_length": q_len, "document_max_length": d_len},
+                     engine={"name": "deepspeed", "zero_stage": 2},
+                     lora={"enabled": True, "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["all-linear"],
+                           "export": "adapter"},
+                     optim={"lr": 1e-4, "warmup_ratio": 0.0})
+        windows = [h["samples_per_s"] for h in res["history"]][1:] or [res["history"][-1]["samples_per_s"]]
+        sps = statistics.median(windows)
+        last = res["history"][-1]
+        rows.append({"section": "llm", "params_m": n_params / 1e6, "batch": batch, "steps": steps,
+                     "samples_per_s": sps, "tokens_per_s": sps * per_record, "windows": windows,
+                     "tokens_per_record": per_record, "final_loss": last["loss"],
+                     "peak_gpu_mb": last.get("peak_gpu_mb") or 0.0, "state_mb": last.get("state_mb")})
+        print(f"llm zero2 bf16 lora bs={batch}: {sps:.1f} samples/s, {sps * per_record:.0f} tok/s, "
+              f"peak {rows[-1]['peak_gpu_mb']:.0f} MiB, loss {last['loss']:.4f}", flush=True)
+    return rows
+
+
 def markdown(env: dict, rows: list[dict]) -> str:
     lines = [f"GPU check on {env['gpu']} ({env['torch']}, transformers {env['transformers']}, "
              f"CUDA {env['cuda']}), {env['date']}", ""]
     enc = [r for r in rows if r["section"] == "encode"]
     if enc:
-        base = {(r["model"], r["batch"]): r["docs_per_s"] for r in enc if r["precision"] == "fp32"}
-        lines += ["| encode model | batch | precision | docs/s | tokens/s | vs fp32 | min cosine vs fp32 | peak GPU MiB |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['batch']} | {r['precision']} | {r['docs_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
-                  f"{r['docs_per_s'] / base[(r['model'], r['batch'])]:.2f}x | {r['min_cosine_vs_fp32']:.5f} | "
+        base = {(r["model"], r["batch"]): r["docs_per_s"] for r in reversed(enc) if r["precision"] == "fp32"}
+        base.update({(r["model"], r["batch"]): r["docs_per_s"] for r in enc
+                     if r["precision"] == "fp32" and r.get("tokenize_threads")})
+        lines += ["| encode model | batch | precision | tokenise threads | docs/s | tokens/s | vs fp32 | "
+                  "min cosine vs fp32 | peak GPU MiB |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['batch']} | {r['precision']} | {r.get('tokenize_threads') or 'in line'} | "
+                  f"{r['docs_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
+                  f"{r['docs_per_s'] / base.get((r['model'], r['batch']), float('nan')):.2f}x | {r['min_cosine_vs_fp32']:.5f} | "
                   f"{r['peak_gpu_mb']:.0f} |" for r in enc]
         lines.append("")
     rr = [r for r in rows if r["section"] == "rerank"]
@@ -323,6 +413,13 @@ def markdown(env: dict, rows: list[dict]) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| {r['precision']} | {r['batch']} | {r['samples_per_s']:.0f} | {r['final_loss']:.4f} | "
                   f"{(r['peak_gpu_mb'] or 0):.0f} |" for r in tr]
+    ll = [r for r in rows if r["section"] == "llm"]
+    if ll:
+        lines += ["", f"| train_loop, DeepSpeed ZeRO-2 bf16 + LoRA r16, Qwen2 {ll[0]['params_m']:.0f}M (world size 1) "
+                      "| batch | samples/s | tokens/s | final loss | peak GPU MiB |", "|---|---|---|---|---|---|"]
+        lines += [f"| q 64 + d 256 tokens max, {r['tokens_per_record']:.0f} per record | {r['batch']} | "
+                  f"{r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['final_loss']:.4f} | {r['peak_gpu_mb']:.0f} |"
+                  for r in ll]
     for r in rows:
         if r["section"] == "resume":
             lines += ["", f"- resume at step 2 of 4 (dropout on), max |weight difference| to the uninterrupted run: "
@@ -336,7 +433,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
 
 
 def run(pack_dir: Path, out: Path, runs: int, docs: int, sections: list[str], args_steps: int = 30,
-        train_batch: int = 128) -> None:
+        train_batch: int = 128, llm_batches: tuple[int, ...] = (32, 128), llm_shape: dict | None = None) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -355,11 +452,13 @@ def run(pack_dir: Path, out: Path, runs: int, docs: int, sections: list[str], ar
     minilm = fp32_model(pack_dir, work)
     rows: list[dict] = []
     parts = {
-        "encode": lambda: encode_section("all-MiniLM-L6-v2", minilm, documents, [32, 128, 512], runs),
+        "encode": lambda: encode_section("all-MiniLM-L6-v2", minilm, documents, ENCODE_BATCHES, runs),
         "encode_base": lambda: encode_section("bert-base-shaped", base_sized_model(minilm, work), documents,
-                                              [128, 512], runs),
+                                              [128, 512], runs, inline=("fp16",)),
         "rerank": lambda: rerank_section(minilm, work, texts["queries"], documents, [32, 128, 512], runs),
         "train": lambda: train_section(minilm, pack_dir / "train.jsonl", work, steps=args_steps, batch=train_batch),
+        "llm": lambda: llm_section(minilm, pack_dir / "train.jsonl", work, steps=max(6, args_steps // 2),
+                                   batches=list(llm_batches), shape=llm_shape or LLM_SHAPE),
     }
     for name in sections:
         t0 = time.perf_counter()
@@ -387,18 +486,31 @@ def main() -> None:
     r.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "outputs/gpu_check")))
     r.add_argument("--runs", type=int, default=3)
     r.add_argument("--docs", type=int, default=4096)
-    r.add_argument("--sections", default="encode,encode_base,rerank,train")
+    r.add_argument("--sections", default="encode,encode_base,rerank,train,llm")
     r.add_argument("--device", default="cuda", help="cpu: a dry run of the code paths (tiny --docs)")
     r.add_argument("--train-steps", type=int, default=30)
     r.add_argument("--train-batch", type=int, default=128)
+    r.add_argument("--llm-batches", default="32,128")
+    r.add_argument("--precisions", default="", help="encode/rerank: only these, e.g. fp16,bf16")
+    r.add_argument("--encode-batches", default="32,128,512")
+    r.add_argument("--tokenize-threads", default="", help="encode: tokenising threads to measure, e.g. 1,4,8 "
+                   "(default: Embedder's own choice)")
+    r.add_argument("--llm-shape", default="", help="hidden,layers,heads,kv_heads,intermediate,vocab (default Qwen2-0.5B's)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = getattr(args, "device", DEVICE)
+    if getattr(args, "precisions", ""):
+        PRECISIONS[:] = args.precisions.split(",")
+    if getattr(args, "encode_batches", ""):
+        ENCODE_BATCHES[:] = [int(b) for b in args.encode_batches.split(",")]
+    if getattr(args, "tokenize_threads", ""):
+        TOKENIZE_THREADS[:] = [int(t) for t in args.tokenize_threads.split(",")]
     if args.cmd == "pack":
         pack(args.out, args.data, args.docs)
     else:
+        shape = dict(zip(LLM_SHAPE, map(int, args.llm_shape.split(",")))) if args.llm_shape else None
         run(args.pack, args.out, args.runs, args.docs, args.sections.split(","), args.train_steps,
-            args.train_batch)
+            args.train_batch, tuple(int(b) for b in args.llm_batches.split(",")), shape)
 
 
 if __name__ == "__main__":

@@ -123,3 +123,32 @@ def test_sentence_transformers_loads_llm_embedder_with_eos_and_per_kind_lengths(
     again = Embedder.load(tmp_path / "st")
     assert again.settings == emb.settings
     np.testing.assert_allclose(again.encode(LONG, "query"), emb.encode(LONG, "query"), atol=1e-6)
+
+
+def test_encode_tokenising_ahead_in_threads_keeps_vectors_and_order(tiny_bert, monkeypatch):
+    """On a GPU ``encode`` tokenises in threads ahead of the forward passes and copies to the host
+    in blocks (``Embedder.tokenize_threads``, ``FLUSH_ROWS``): same vectors, same order as in line."""
+    import threading
+
+    import distributed_ir.models.embedder as embedder_module
+
+    emb = Embedder.from_config(ModelConfig(name_or_path=str(tiny_bert)))
+    assert emb._tokenize_threads(torch.device("cpu")) == 0  # CPU default: the cores run the forward
+    texts = [f"text {i} " + "word " * (i * 7 % 23) for i in range(50)]
+    emb.tokenize_threads = 0
+    inline = emb.encode(texts, "document", batch_size=4)
+    seen = []
+    tokenize = emb.tokenize
+
+    def spy(batch, kind):
+        seen.append(threading.current_thread().name)
+        return tokenize(batch, kind)
+
+    monkeypatch.setattr(emb, "tokenize", spy)
+    monkeypatch.setattr(embedder_module, "FLUSH_ROWS", 6)  # several copies to the host, not one
+    emb.tokenize_threads = 2
+    ahead = emb.encode(texts, "document", batch_size=4)
+    assert len(seen) == 13 and all(name.startswith("tokenize") for name in seen)
+    np.testing.assert_array_equal(ahead, inline)
+    for i in (0, 17, 49):  # row i is text i's vector
+        np.testing.assert_allclose(ahead[i], emb.encode([texts[i]], "document")[0], atol=1e-5)

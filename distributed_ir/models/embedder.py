@@ -144,8 +144,41 @@ def resolve_settings(cfg: ModelSettings, path: str) -> EmbedderSettings:
     return settings
 
 
+FLUSH_ROWS = 65536  # encode: embeddings held on the device before one copy to the host
+
+
+def prefetch(fn, items, threads: int):
+    """``fn(item)`` for each item, in order; with ``threads`` > 0 up to ``2 * threads`` calls run
+    ahead in a thread pool (tokenisation: the fast tokenizer releases the GIL while it encodes)."""
+    if threads <= 0:
+        for item in items:
+            yield fn(item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="tokenize") as pool:
+        ahead: deque = deque()
+        for item in items:
+            ahead.append(pool.submit(fn, item))
+            if len(ahead) > 2 * threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
+def _flush(pending: list, out: np.ndarray) -> None:
+    """Copy the held embeddings into ``out`` (one device-to-host copy) and forget them."""
+    if pending:
+        rows = np.concatenate([idx for idx, _ in pending])
+        out[rows] = torch.cat([emb for _, emb in pending]).cpu().numpy()
+        pending.clear()
+
+
 class Embedder(nn.Module):
     """``forward(input_ids, attention_mask) -> [batch, dim]`` pooled (and normalised) vectors."""
+
+    tokenize_threads: int | None = None  # encode: threads tokenising ahead (None: see _tokenize_threads)
 
     def __init__(self, backbone: nn.Module, tokenizer: Any, settings: EmbedderSettings):
         super().__init__()
@@ -257,18 +290,42 @@ class Embedder(nn.Module):
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         device = self.device
         autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-        starts = range(0, len(texts), batch_size)
+        batches = [order[start : start + batch_size] for start in range(0, len(texts), batch_size)]
         if progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc=f"encode {kind}s", unit="batch")
+            batches = tqdm(batches, desc=f"encode {kind}s", unit="batch")
+        threads = self._tokenize_threads(device)
+        tokenized = prefetch(lambda idx: self._tokenize_for(texts, idx, kind, device), batches, threads)
+        pending: list[tuple[np.ndarray, torch.Tensor]] = []  # embeddings not yet copied into ``out``
         with torch.inference_mode(), autocast:
-            for start in starts:
-                idx = order[start : start + batch_size]
-                batch = {k: v.to(device, non_blocking=True) for k, v in self.tokenize([texts[i] for i in idx], kind).items()}
-                out[idx] = self(**batch).float().cpu().numpy()
+            for idx, features in tokenized:
+                # no copy to the host per batch (on a GPU a sync): the next batches are tokenised
+                # while the device computes this one; copied FLUSH_ROWS rows at a time
+                pending.append((idx, self(**{k: v.to(device, non_blocking=True) for k, v in features.items()}).float()))
+                if sum(len(i) for i, _ in pending) >= FLUSH_ROWS:
+                    _flush(pending, out)
+            _flush(pending, out)
         self.train(was_training)
         return out
+
+    def _tokenize_threads(self, device: torch.device) -> int:
+        """Threads that tokenise ahead of the forward passes (0: tokenise in line): ``tokenize_threads``
+        when set; else on a GPU this host's CPUs per GPU, at most 4 (an H200 with MiniLM: 1 thread
+        1,200 docs/s, 4 threads 2,900, 8 or 16 no more; BENCHMARKS.md), and none on CPU, where
+        they would take the forward pass's cores."""
+        if self.tokenize_threads is not None:
+            return self.tokenize_threads
+        if device.type != "cuda":
+            return 0
+        return max(1, min(4, (os.cpu_count() or 1) // max(1, torch.cuda.device_count())))
+
+    def _tokenize_for(self, texts: list[str], idx: np.ndarray, kind: str,
+                      device: torch.device) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        features = self.tokenize([texts[i] for i in idx], kind)
+        if device.type == "cuda":  # page-locked, so the copy to the GPU does not block the host
+            features = {k: v.pin_memory() for k, v in features.items()}
+        return idx, features
 
     # ------------------------------------------------------------------ saving
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
