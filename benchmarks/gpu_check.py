@@ -175,7 +175,7 @@ def encode_section(name: str, model: Path, texts: list[str], batch_sizes: list[i
     ref = stage0.encode(texts)  # fp32: the cosine reference
     for bs in batch_sizes:
         # tokenise in line (the loop before session 11) next to the threads that tokenise ahead
-        # (Embedder.tokenize_threads; on a GPU the default is the process's torch CPU threads)
+        # (Embedder.tokenize_threads; on a GPU the default is the host's CPUs per GPU, at most 4)
         cells = ([(prec, t) for t in TOKENIZE_THREADS for prec in precisions()]
                  + [(p, 0) for p in inline if p in precisions()])
         for prec, tok_threads in cells:
@@ -384,14 +384,13 @@ def markdown(env: dict, rows: list[dict]) -> str:
              f"CUDA {env['cuda']}), {env['date']}", ""]
     enc = [r for r in rows if r["section"] == "encode"]
     if enc:
-        base = {(r["model"], r["batch"]): r["docs_per_s"] for r in reversed(enc) if r["precision"] == "fp32"}
-        base.update({(r["model"], r["batch"]): r["docs_per_s"] for r in enc
-                     if r["precision"] == "fp32" and r.get("tokenize_threads")})
+        # vs fp32: the fp32 cell with the same model, batch and tokenising threads (nan: none measured)
+        base = {(r["model"], r["batch"], r["tokenize_threads"]): r["docs_per_s"] for r in enc if r["precision"] == "fp32"}
         lines += ["| encode model | batch | precision | tokenise threads | docs/s | tokens/s | vs fp32 | "
                   "min cosine vs fp32 | peak GPU MiB |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['batch']} | {r['precision']} | {r.get('tokenize_threads') or 'in line'} | "
                   f"{r['docs_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
-                  f"{r['docs_per_s'] / base.get((r['model'], r['batch']), float('nan')):.2f}x | {r['min_cosine_vs_fp32']:.5f} | "
+                  f"{r['docs_per_s'] / base.get((r['model'], r['batch'], r['tokenize_threads']), float('nan')):.2f}x | {r['min_cosine_vs_fp32']:.5f} | "
                   f"{r['peak_gpu_mb']:.0f} |" for r in enc]
         lines.append("")
     rr = [r for r in rows if r["section"] == "rerank"]

@@ -3,7 +3,8 @@
 # needed; DeepSpeed only for the `llm` section), from the repo root with the pack made here first:
 #   python benchmarks/gpu_check.py pack --out .gpu_pack --data $IR_DATA_DIR/scifact
 #   OUT=outputs/gpu_check bash benchmarks/gpu_check.sh
-# (EXTRA_PYTHONPATH: where carried wheels were installed, e.g. /tmp/site.)  About 5 minutes on an H200.
+# (EXTRA_PYTHONPATH: where carried wheels were installed, e.g. /tmp/site.)  On an H200, sections
+# llm,encode,encode_base at --docs 2048 took 305 s (BENCHMARKS.md, session 11).
 # 1. benchmarks/gpu_check.py run: encode / rerank / train_loop throughput per precision, auto's
 #    decision, exact resume (CUDA RNG), DeepSpeed ZeRO-2 bf16 + LoRA on a Qwen2-0.5B-shaped body;
 # 2. the CUDA variants of the tests that have one (GradCache equality and dropout replay, RNG files);

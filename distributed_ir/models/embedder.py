@@ -298,13 +298,16 @@ class Embedder(nn.Module):
         threads = self._tokenize_threads(device)
         tokenized = prefetch(lambda idx: self._tokenize_for(texts, idx, kind, device), batches, threads)
         pending: list[tuple[np.ndarray, torch.Tensor]] = []  # embeddings not yet copied into ``out``
+        held = 0
         with torch.inference_mode(), autocast:
             for idx, features in tokenized:
                 # no copy to the host per batch (on a GPU a sync): the next batches are tokenised
                 # while the device computes this one; copied FLUSH_ROWS rows at a time
                 pending.append((idx, self(**{k: v.to(device, non_blocking=True) for k, v in features.items()}).float()))
-                if sum(len(i) for i, _ in pending) >= FLUSH_ROWS:
+                held += len(idx)
+                if held >= FLUSH_ROWS:
                     _flush(pending, out)
+                    held = 0
             _flush(pending, out)
         self.train(was_training)
         return out
