@@ -249,12 +249,13 @@ class Embedder(nn.Module):
         template = self.settings.query_instruction if kind == "query" else self.settings.document_instruction
         return [template.replace("{}", t) for t in texts]
 
-    def tokenize(self, texts: list[str], kind: str) -> dict[str, torch.Tensor]:
-        """Apply the instruction template, truncate to the kind's max length, append EOS."""
+    def tokenize(self, texts: list[str], kind: str, max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Apply the instruction template, truncate to the kind's max length (``max_length``: this
+        call's instead, e.g. training's shorter documents), append EOS."""
         if kind not in ("query", "document"):
             raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
         s = self.settings
-        max_len = s.query_max_length if kind == "query" else s.document_max_length
+        max_len = max_length or (s.query_max_length if kind == "query" else s.document_max_length)
         texts = self.format(texts, kind)
         if not s.append_eos or self._tokenizer_adds_eos:
             enc = self.tokenizer(texts, max_length=max_len, truncation=True, padding=True, return_tensors="pt")

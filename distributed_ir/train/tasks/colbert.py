@@ -49,7 +49,8 @@ class ColBERTTask(RerankerTask):
         s = reranker.settings
         q = reranker.tokenizer(batch.queries, truncation=True, max_length=s.query_max_length, padding=True,
                                return_tensors="pt")
-        d = reranker.tokenizer(batch.positives + batch.negatives, truncation=True, max_length=s.document_max_length,
+        d = reranker.tokenizer(batch.positives + batch.negatives, truncation=True,
+                               max_length=self.cfg.train_document_max_length or s.document_max_length,
                                padding=True, return_tensors="pt")
         pick = ("input_ids", "attention_mask")
         keys = batch.key_tensors() if self.cfg.loss.mask_shared_positives else {}

@@ -105,7 +105,8 @@ class EmbedderTask(TrainTask):
         embedder: Embedder = module.embedder
         out: dict[str, Any] = {
             "query": embedder.tokenize(batch.queries, "query"),
-            "document": embedder.tokenize(batch.positives + batch.negatives, "document"),
+            "document": embedder.tokenize(batch.positives + batch.negatives, "document",
+                                          max_length=self.cfg.train_document_max_length or None),
             "num_queries": len(batch.queries),
         }
         if batch.labels is not None:
