@@ -226,7 +226,7 @@ class TrainConfig:
         "task embedder / colbert: cut documents to this many tokens while training only (0 = the model's own "
         "document max length); the saved model keeps model.document_max_length (embedder) or "
         "reranker.document_max_length (ColBERT) for encoding and scoring. Shorter training documents train faster "
-        "(SciFact, BENCHMARKS.md: 192 instead of 256 trained 2.3x faster, encoded at 256)", default=0)
+        "(SciFact MiniLM, BENCHMARKS.md: 192 instead of 256 trained 1.8x faster and, encoded at 256, lost nothing)", default=0)
     grad_cache_chunk: int = config_field(
         "GradCache (cached in-batch negatives, task embedder): 0 = off; N = encode each worker's batch in chunks of "
         "N texts and back-propagate through cached embedding gradients, so batch_size can exceed what fits in "
