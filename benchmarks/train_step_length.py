@@ -1,74 +1,47 @@
-"""Seconds per training step of the demo's embedder step, one process, by precision and document length.
+"""Training throughput of the demo's embedder by training document length (``train_document_max_length``).
 
-The demo's per-worker shape: 16 queries (max 64 tokens) and their 16 positives + 16 hard negatives
-(max ``LEN`` tokens), real SciFact training records, InfoNCE on the normalised
-[CLS] states (the cost is the encoder's forward and backward), AdamW. Run it pinned to one core to
-see one Ray Train worker's step (the demo runs 2 workers x 1 thread):
+Runs the project's own per-worker loop (:func:`distributed_ir.train.loop.train_loop`: world size 1,
+no Ray) with the train section of the demo's config on its mined records, one run per length,
+pinned to one core: one of the demo's 2 Ray Train workers (16 queries + 16 positives + 16 hard
+negatives per step). Prints the samples/s of ``--steps`` measured steps after as many warm-up steps;
+list the lengths alternated so the machine's noise falls on all of them:
 
-    taskset -c 0 .venv/bin/python benchmarks/train_step_length.py outputs/scifact_minilm/train_records.jsonl \\
-        bf16:256 bf16:192 bf16:256 bf16:192 fp32:256 bf16:128
-
-Each ``PRECISION:LEN`` builds a fresh model, runs 2 warm-up steps and prints the median of 5 timed
-steps; alternate the variants so the machine's noise falls on both.
+    taskset -c 0 .venv/bin/python benchmarks/train_step_length.py \\
+        --records outputs/scifact_minilm/train_records.jsonl --lengths 256,192,256,192
 """
 
 from __future__ import annotations
 
-import json
-import sys
-import time
+import argparse
+import tempfile
 
-import torch
+from distributed_ir.config import PipelineConfig
+from distributed_ir.config_loader import load_config, to_dict
+from distributed_ir.train.loop import train_loop
 
 
-def main(records_path: str, variants: list[str]) -> None:
-    from transformers import AutoModel, AutoTokenizer
+def samples_per_s(config: str, records: str, length: int, steps: int) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [f"train.train_path={records}", f"train.output_dir={out}", f"train.max_steps={2 * steps}",
+                     f"train.log_every={steps}", "train.checkpoint_every=0", "train.scaling.num_workers=1",
+                     "train.scaling.cpus_per_worker=1", "train.scaling.torch_threads=1",
+                     f"train.train_document_max_length={length}"]
+        cfg = load_config(PipelineConfig, config, overrides).train
+        return float(train_loop(to_dict(cfg))["samples_per_s"])  # the last window: the measured steps
 
-    from distributed_ir.models.embedder import resolve_model_path
 
-    torch.set_num_threads(1)
-    path = resolve_model_path("default")
-    tok = AutoTokenizer.from_pretrained(path)
-    recs = [json.loads(line) for line in open(records_path)]
-
-    def batch(i: int) -> tuple[list[str], list[str]]:
-        rs = recs[i * 16:(i + 1) * 16]
-        return [r["query"] for r in rs], [r["positive"][0] for r in rs] + [r["negative"][0] for r in rs]
-
-    def run(precision: str, doc_len: int, steps: int = 5, warm: int = 2) -> tuple[float, tuple]:
-        torch.manual_seed(0)
-        model = AutoModel.from_pretrained(path)
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        times, shape = [], ()
-        for i in range(warm + steps):
-            q, d = batch(i)
-            qe = tok(q, truncation=True, max_length=64, padding=True, return_tensors="pt")
-            de = tok(d, truncation=True, max_length=doc_len, padding=True, return_tensors="pt")
-            shape = tuple(de["input_ids"].shape)
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                qv = model(**qe).last_hidden_state[:, 0]
-                dv = model(**de).last_hidden_state[:, 0]
-                norm = torch.nn.functional.normalize
-                s = norm(qv.float(), dim=-1) @ norm(dv.float(), dim=-1).T / 0.05
-            loss = torch.nn.functional.cross_entropy(s, torch.arange(len(q)))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            if i >= warm:
-                times.append(time.perf_counter() - t0)
-        times.sort()
-        return times[len(times) // 2], shape
-
-    print("| precision | document tokens | document batch | median s/step |\n|---|---|---|---|")
-    for v in variants:
-        precision, length = v.split(":")
-        t, shape = run(precision, int(length))
-        print(f"| {precision} | {length} | {shape} | {t:.2f} |", flush=True)
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="jobs/configs/scifact_minilm.yaml")
+    ap.add_argument("--records", required=True, help="triplet records, e.g. a demo's train_records.jsonl")
+    ap.add_argument("--lengths", default="256,192,256,192", help="training document lengths, in run order")
+    ap.add_argument("--steps", type=int, default=5, help="measured steps (after as many warm-up steps)")
+    args = ap.parse_args()
+    rows = [(n, samples_per_s(args.config, args.records, n, args.steps)) for n in map(int, args.lengths.split(","))]
+    print("\n| training document tokens | samples/s | s/step (16 queries) |\n|---|---|---|")
+    for n, sps in rows:
+        print(f"| {n} | {sps:.2f} | {16 / sps:.2f} |")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2:])
+    main()

@@ -127,8 +127,10 @@ class ColBERTReranker(RerankerBase):
         d, d_mask = self.encode(**document)
         return maxsim(q, q_mask, d, d_mask, all_pairs=all_pairs)
 
-    def tokenize(self, texts: Sequence[str], kind: str) -> dict[str, torch.Tensor]:
-        max_len = self.settings.query_max_length if kind == "query" else self.settings.document_max_length
+    def tokenize(self, texts: Sequence[str], kind: str, max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Ids and mask on the model's device, cut to the kind's max length (``max_length``: this
+        call's instead, e.g. training's shorter documents)."""
+        max_len = max_length or (self.settings.query_max_length if kind == "query" else self.settings.document_max_length)
         enc = self.tokenizer(list(texts), truncation=True, max_length=max_len, padding=True, return_tensors="pt")
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 

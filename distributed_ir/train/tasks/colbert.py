@@ -46,12 +46,8 @@ class ColBERTTask(RerankerTask):
 
     def inputs(self, module: nn.Module, batch: TextBatch) -> dict[str, Any]:
         reranker: ColBERTReranker = module.reranker
-        s = reranker.settings
-        q = reranker.tokenizer(batch.queries, truncation=True, max_length=s.query_max_length, padding=True,
-                               return_tensors="pt")
-        d = reranker.tokenizer(batch.positives + batch.negatives, truncation=True,
-                               max_length=self.cfg.train_document_max_length or s.document_max_length,
-                               padding=True, return_tensors="pt")
-        pick = ("input_ids", "attention_mask")
+        q = reranker.tokenize(batch.queries, "query")
+        d = reranker.tokenize(batch.positives + batch.negatives, "document",
+                              max_length=self.cfg.train_document_max_length or None)
         keys = batch.key_tensors() if self.cfg.loss.mask_shared_positives else {}
-        return {"query": {k: q[k] for k in pick}, "document": {k: d[k] for k in pick}, **keys}
+        return {"query": q, "document": d, **keys}
